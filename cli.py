@@ -1,0 +1,23 @@
+"""The one way every fastpix command reports bad input: a line that says what to fix, exit code 2.
+
+Commands raise `UsageError` anywhere below `main`; `run` turns it into that line, so no user ever sees a
+traceback for a mistake they can fix. Real bugs still raise normally.
+"""
+import sys
+
+
+class UsageError(Exception):
+    """Bad input the user can fix; the message is the one line they will read."""
+
+
+def run(main, argv=None):
+    """Call main(argv) and exit with its code; UsageError -> one line on stderr and exit 2."""
+    try:
+        code = main(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)

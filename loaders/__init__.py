@@ -1,0 +1,29 @@
+"""One interface over every way to feed batches: `make_loader(name, data_dir, split, ...)`.
+
+Backends are imported lazily so that a user of one never pays the import of the others.
+"""
+import importlib
+
+from cli import UsageError
+
+BACKENDS = {  # --loader name -> module defining `build(data_dir, split, **kwargs)`
+    "dali": "loaders.dali",
+    "ffcv": "loaders.ffcv",
+    "torch": "loaders.tvision",
+    "folder": "loaders.folder",
+    "resident": "loaders.resident",
+}
+
+
+def make_loader(name, data_dir, split, *, batch_size, res=224, device="auto", seed=0, rank=0, world=1,
+                workers=None, **options):
+    """An iterable of (images, labels) batches with len() and set_epoch(epoch); see loaders.common."""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown loader {name!r}: choose one of {', '.join(BACKENDS)}")
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown split {split!r}: choose train or test")
+    if batch_size < 1 or res < 8:
+        raise UsageError(f"batch size ({batch_size}) must be >= 1 and res ({res}) >= 8")
+    backend = importlib.import_module(BACKENDS[name])
+    return backend.build(data_dir, split, batch_size=batch_size, res=res, device=device, seed=seed,
+                         rank=rank, world=world, workers=workers, **options)

@@ -1,0 +1,48 @@
+"""What every loader backend shares: the batch contract, normalisation constants, device choice and the
+split of sample ids across ranks.
+
+Every backend yields `(images, labels)`: images float32 NCHW (channels_last memory format), normalised
+with the ImageNet mean/std, on the loader's device; labels int64 on the same device. Train batches are
+RandomResizedCrop(res) + random horizontal flip, reshuffled every epoch from (seed, epoch); test batches
+are resize(shorter side = res / 0.875) + center crop(res), each of this rank's samples exactly once, in
+id order, last batch partial.
+"""
+import torch
+
+from cli import UsageError
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # on the 0-255 scale the decoders produce
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+TEST_CROP_RATIO = 0.875  # resize shorter side to res / 0.875, then center-crop res (the usual ImageNet eval)
+RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop area share and aspect ratio, torchvision's defaults
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def test_resize(res):
+    """Shorter side before the center crop of the test path."""
+    return round(res / TEST_CROP_RATIO)
+
+
+def resolve_device(device="auto"):
+    """'auto' -> cuda when present, else cpu; asking for a GPU that is not there is a UsageError."""
+    device = torch.device("cuda" if device in (None, "auto") and torch.cuda.is_available() else
+                          "cpu" if device in (None, "auto") else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
+    return device
+
+
+def rank_ids(num_samples, rank, world):
+    """The contiguous block of sample positions that `rank` of `world` owns: disjoint, covering, no padding.
+
+    Contiguous blocks match DALI's shard_id/num_shards, so all backends split the same way."""
+    if not 0 <= rank < world:
+        raise UsageError(f"rank {rank} is outside world size {world}")
+    return range(num_samples * rank // world, num_samples * (rank + 1) // world)
+
+
+def normalize_(images):
+    """uint8/float NCHW on any device -> normalised float32 channels_last, in as few kernels as possible."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
