@@ -5,8 +5,15 @@ Every backend yields `(images, labels)`: images float32 NCHW (channels_last memo
 with the ImageNet mean/std, on the loader's device; labels int64 on the same device. Train batches are
 RandomResizedCrop(res) + random horizontal flip, reshuffled every epoch from (seed, epoch); test batches
 are resize(shorter side = res / 0.875) + center crop(res), each of this rank's samples exactly once, in
-id order, last batch partial.
+id order, last batch partial. Train epochs also give each of this rank's samples exactly once (last batch
+partial). The order of an epoch is a function of (seed, epoch) alone, where epoch is the last value given
+to set_epoch (default 0): iterating twice without set_epoch repeats the order, like DistributedSampler.
+
+Option `with_ids=True` (a check for tests and debugging, not the hot path) makes a backend yield
+`(images, labels, ids)`, ids being int64 sample ids (row numbers of `<split>.csv`) on the CPU, so that tests
+can see which samples came out rather than infer it.
 """
+import numpy as np
 import torch
 
 from cli import UsageError
@@ -21,6 +28,11 @@ RRC_RATIO = (3 / 4, 4 / 3)
 def test_resize(res):
     """Shorter side before the center crop of the test path."""
     return round(res / TEST_CROP_RATIO)
+
+
+def epoch_seed(seed, epoch):
+    """A 31-bit seed for one epoch, hashed from (seed, epoch): seed + epoch would repeat across runs."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
 
 
 def resolve_device(device="auto"):
