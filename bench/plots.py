@@ -1,0 +1,111 @@
+"""The pictures people would rather look at than read: throughput bars annotated with accuracy, the study's
+rolling loss curves, accuracy per epoch and per setting. Agg backend: no display needed.
+"""
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
+
+from bench.results import atomic_write  # noqa: E402
+
+ROLLING_WINDOW = 50  # the study smoothed per-iteration loss over 50 iterations
+
+
+def save(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def rolling(values, window=ROLLING_WINDOW):
+    """(x, mean, std) over a trailing window; a series shorter than the window uses its own length."""
+    values = np.asarray(values, dtype=np.float64)
+    window = max(1, min(window, len(values)))
+    if len(values) == 0:
+        return np.array([]), np.array([]), np.array([])
+    views = sliding_window_view(values, window)
+    return np.arange(window - 1, len(values)), views.mean(axis=1), views.std(axis=1)
+
+
+def throughput_bars(rows, path, title):
+    """One bar pair per cell (end-to-end and loader-only images/s), annotated with accuracy and the ratio to
+    the baseline, so speed is never read without the accuracy it bought."""
+    labels = [r["cell"] for r in rows]
+    e2e = [r.get("images_per_sec") or 0 for r in rows]
+    loader = [r.get("loader_images_per_sec") or 0 for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 0.9 * len(rows) + 1.5))
+    ax.barh(y - 0.2, e2e, 0.4, label="end-to-end training")
+    ax.barh(y + 0.2, loader, 0.4, label="loader only", alpha=0.6)
+    right = max(e2e + loader + [1])
+    for i, r in enumerate(rows):
+        if r.get("error"):
+            note = f"failed: {r['error'][:60]}"
+        else:
+            ratio = r.get("ratio_to_baseline")
+            note = f"acc {r['test_acc']:.3f}" if r.get("test_acc") is not None else "acc –"
+            note += f"   {ratio:.2f}× baseline" if ratio else ""
+        ax.text(e2e[i] + right * 0.01, i - 0.2, note, va="center", fontsize=8)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, right * 1.45)
+    ax.set_xlabel("images / s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    save(fig, path)
+
+
+def loss_curves(series, path, title, window=ROLLING_WINDOW):
+    """series: {name: per-iteration losses}. Rolling mean and rolling std, one panel each, as in the study."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for name, losses in series.items():
+        x, mean, std = rolling(losses, window)
+        top.plot(x, mean, label=name)
+        bottom.plot(x, std, label=name)
+    top.set_ylabel(f"loss, rolling mean ({window} it)")
+    bottom.set_ylabel(f"loss, rolling std ({window} it)")
+    bottom.set_xlabel("iteration")
+    top.set_title(title, fontsize=10)
+    top.legend(fontsize=8)
+    save(fig, path)
+
+
+def accuracy_curves(series, path, title):
+    """series: {name: {"train": [...], "test": [...]}} per epoch; test solid, train dashed in the same colour."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, acc) in enumerate(series.items()):
+        colour = f"C{i}"
+        for split, style in (("train", "--"), ("test", "-")):
+            values = [v for v in acc.get(split, []) if v is not None]
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, color=colour, marker="o", ms=3,
+                        label=f"{name} {split}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    save(fig, path)
+
+
+def setting_bars(rows, path, title):
+    """rows: [{"setting", "test_acc", "test_acc_ci", "images_per_sec"}]: accuracy with its interval and speed
+    per setting, side by side, for the stride and filter-size grids."""
+    labels = [r["setting"] for r in rows]
+    acc = np.array([r.get("test_acc") or 0 for r in rows])
+    lo = np.array([(r.get("test_acc_ci") or (a, a))[0] for r, a in zip(rows, acc)])
+    hi = np.array([(r.get("test_acc_ci") or (a, a))[1] for r, a in zip(rows, acc)])
+    x = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(x, acc, yerr=[np.clip(acc - lo, 0, None), np.clip(hi - acc, 0, None)], capsize=3)
+    left.set_ylabel("test accuracy (95 % interval)")
+    right.bar(x, [r.get("images_per_sec") or 0 for r in rows], color="C1")
+    right.set_ylabel("training images / s")
+    for ax in (left, right):
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    save(fig, path)

@@ -1,0 +1,141 @@
+"""One results folder per bench or study run: the figures together with the exact config and versions that
+produced them, written atomically so that a killed run never leaves a half-written table behind.
+"""
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, is_dataclass
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_ROOT = Path("results")
+PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "scikit-learn", "pillow", "webdataset")
+
+
+def new_results_dir(kind, root=RESULTS_ROOT):
+    """results/<kind>-YYYYmmdd-HHMMSS, unique even when two runs start in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{kind}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{kind}-{stamp}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+def atomic_write(path, data):
+    """Write text or bytes to path via a temp file in the same folder + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(_plain(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def _plain(obj):
+    """Dataclasses, Paths and tuples -> what json writes."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def environment():
+    """Package versions and the machine, read from metadata so that nothing heavy is imported."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    machine = {"python": platform.python_version(), "platform": platform.platform(),
+               "cpu_count": os.cpu_count(), "gpu": None}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            machine["gpu"] = torch.cuda.get_device_name(0)
+            machine["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return {"versions": versions, "machine": machine}
+
+
+def machine_label(env):
+    """'2-core CPU, no GPU' or '16-core CPU, NVIDIA H200': how tables say where they were measured."""
+    m = env["machine"]
+    return f"{m['cpu_count']}-core CPU, {m['gpu'] or 'no GPU'}"
+
+
+def write_config(out_dir, config, **extra):
+    """config.json: the exact config, versions and machine, written first so that partial results are labelled."""
+    write_json(Path(out_dir) / "config.json", {"config": config, **environment(), **extra})
+
+
+def fmt(value, digits=3):
+    """A table cell: numbers rounded, missing values as an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}".rstrip("0").rstrip(".") or "0"
+    return str(value)
+
+
+def fmt_ci(value, ci):
+    """0.412 [0.351, 0.470]: a metric with its 95 % interval."""
+    if value is None:
+        return "–"
+    if not ci:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown_table(rows, columns):
+    """rows: list of dicts; columns: list of (header, function row -> cell text)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell(row)) for _, cell in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path, rows, fields):
+    """Flat CSV of the chosen fields; intervals are split into _lo/_hi columns so spreadsheets can use them."""
+    buf = io.StringIO()
+    header = []
+    for f in fields:
+        header += [f"{f}_lo", f"{f}_hi"] if f.endswith("_ci") else [f]
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for row in rows:
+        line = []
+        for f in fields:
+            v = row.get(f)
+            if f.endswith("_ci"):
+                line += list(v) if v else ["", ""]
+            else:
+                line.append("" if v is None else v)
+        writer.writerow(line)
+    atomic_write(path, buf.getvalue())
