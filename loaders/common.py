@@ -58,3 +58,25 @@ def normalize_(images):
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's sample positions: shuffled from (seed, epoch) for train, in order for test.
+
+    A Sampler (rather than a list) so one DataLoader with persistent workers serves every epoch: the order is
+    drawn in the main process when an epoch starts, after `set_epoch`."""
+
+    def __init__(self, positions, seed, shuffle):
+        self.positions, self.seed, self.shuffle, self.epoch = torch.as_tensor(list(positions)), seed, shuffle, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(self.positions.tolist())
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(self.positions[torch.randperm(len(self.positions), generator=gen)].tolist())
