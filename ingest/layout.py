@@ -25,6 +25,7 @@ SPLITS = ("train", "test")
 DEFAULT_SRC = Path("data/demo-500px")
 DEFAULT_OUT = Path("data/ingested")
 MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.csv"
 
 
 def beton_path(data_dir, split):

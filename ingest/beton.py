@@ -1,0 +1,56 @@
+"""Write a split's FFCV .beton from the already encoded JPEGs, without FFCV re-encoding them.
+
+FFCV's RGBImageField encodes pixels with OpenCV; we want the very bytes the tar shards hold. The field's
+`encode` is therefore replaced on the instance rather than in a subclass: FFCV records a field's type id
+from its exact class, and a subclass would be written as 'unknown', which every reader would then need
+`custom_fields` for. The file stays a plain RGBImageField (mode jpg) + IntField beton.
+"""
+import os
+
+import numpy as np
+
+from ingest.atomic import atomic_path
+
+
+class _Encoded:
+    """Indexable view FFCV's writer reads: sample i -> ((jpeg bytes, width, height), label)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        with open(s.cached, "rb") as f:
+            data = np.frombuffer(f.read(), np.uint8)
+        return (data, s.width, s.height), s.label
+
+
+def _store_jpeg(destination, value, malloc):
+    """RGBImageField.encode for bytes already JPEG: the metadata FFCV's decoders need, then the bytes."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    data, width, height = value
+    destination["mode"] = IMAGE_MODES["jpg"]
+    destination["width"], destination["height"] = width, height
+    destination["data_ptr"], storage = malloc(data.nbytes)
+    storage[:] = data
+
+
+def write_beton(path, samples):
+    """samples (Checked, in id order) -> FFCV file at `path`, record i = sample i, written atomically."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+
+    # a page must hold the biggest sample; beyond that, small pages keep small datasets small
+    biggest = max((os.path.getsize(s.cached) for s in samples), default=0)
+    page_size = max(MIN_PAGE_SIZE, 1 << (4 * biggest).bit_length())
+    image = RGBImageField(write_mode="jpg")
+    image.encode = _store_jpeg
+    with atomic_path(path) as tmp:
+        # one writer process: records land in id order, so the same input gives the same file
+        DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=1,
+                      page_size=page_size).from_indexed_dataset(
+            _Encoded(samples), chunksize=256)

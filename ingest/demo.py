@@ -1,0 +1,246 @@
+"""A 500px-like demo dataset, generated deterministically, because the real 500px photos are not ours to ship.
+
+Each of the 28 categories gets a fixed visual recipe (palette, texture, shapes) drawn from its name; every
+photo varies it (jitter, noise, a distractor texture from another class), so a small CNN learns it but
+cannot be perfect. People/Celebrities and Landscapes/Travel share a recipe up to a small shift, like the
+confusable pairs of the study. Sizes, aspect ratios, JPEG qualities and progressive encoding vary, and a
+scraped folder's junk is sprinkled in: grayscale, CMYK, PNG-with-alpha named .jpg, EXIF-rotated, a within-
+class and a cross-class duplicate, one truncated JPEG, one empty file, one non-image and a hidden file.
+
+`.demo.json` (hidden, so ingest ignores it) is written last: it marks a complete folder and says which file
+is which kind of junk, for the tests. `python ingest/demo.py --out DIR [--per-class N] [--seed S]`.
+"""
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script: import from the repo root, never from ingest/ itself
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from cli import UsageError, run  # noqa: E402
+from ingest import layout  # noqa: E402
+from ingest.atomic import write_bytes  # noqa: E402
+
+CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
+           "Concert", "Family", "Fashion", "Film", "Fine Art", "Food", "Journalism", "Landscapes", "Macro",
+           "Nature", "Night", "People", "Performing Arts", "Sport", "Still Life", "Street", "Transportation",
+           "Travel", "Underwater", "Urban Exploration", "Wedding", "Aerial")
+CONFUSABLE = {"Celebrities": "People", "Travel": "Landscapes"}  # class -> the class whose recipe it shifts
+MARKER = ".demo.json"
+CANVAS = 96  # long side the texture is drawn at; upscaling to photo size is PIL's (C) work, not numpy's
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    per_class: int = 50  # images per class: ~1,400 in all, a CPU demo in minutes (the study had ~1,000)
+    seed: int = 0
+    long_side: tuple = (300, 1500)  # px, drawn uniformly per photo; aspect ratio 3:4 .. 16:9, either way up
+    classes: tuple = CLASSES
+    junk: bool = True  # sprinkle the junk a scraped folder holds
+
+
+def _rng(*keys):
+    """A generator seeded from strings/ints, so a class's recipe depends on its name only."""
+    digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _recipe(name):
+    base = CONFUSABLE.get(name, name)
+    rng = _rng("recipe", base)
+    recipe = {
+        "palette": rng.uniform(0, 255, (3, 3)),
+        "kind": int(rng.integers(5)),  # stripes, rings, checker, waves, blobs
+        "freq": rng.uniform(2, 9),
+        "angle": rng.uniform(0, np.pi),
+        "shapes": int(rng.integers(0, 6)),
+        "gray": name == "Black and White",
+    }
+    if name in CONFUSABLE:  # the same look, slightly shifted: separable, but only just
+        recipe["freq"] *= 1.25
+        recipe["palette"] = np.clip(recipe["palette"] + [[18, -12, 10]], 0, 255)
+    return recipe
+
+
+def _texture(recipe, h, w, rng):
+    """Pattern value in [0, 1] on an h x w grid."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    angle = recipe["angle"] + rng.normal(0, 0.3)
+    freq = recipe["freq"] * rng.uniform(0.8, 1.2)
+    u = x * np.cos(angle) + y * np.sin(angle)
+    v = -x * np.sin(angle) + y * np.cos(angle)
+    phase = rng.uniform(0, 2 * np.pi)
+    kind = recipe["kind"]
+    if kind == 0:
+        t = np.sin(2 * np.pi * freq * u + phase)
+    elif kind == 1:
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        t = np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase)
+    elif kind == 2:
+        t = np.sign(np.sin(2 * np.pi * freq * u + phase) * np.sin(2 * np.pi * freq * v))
+    elif kind == 3:
+        t = np.sin(2 * np.pi * freq * u + 2 * np.sin(2 * np.pi * freq / 2 * v) + phase)
+    else:
+        t = np.zeros_like(u)
+        for cy, cx in rng.uniform(0, 1, (int(freq), 2)):
+            t += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) * freq * 20)
+        t = 2 * np.clip(t, 0, 1) - 1
+    return (t + 1) / 2
+
+
+def _draw(name, h, w, rng, all_classes):
+    """One photo-like RGB array: class texture, class shapes, a distractor texture, jitter and noise."""
+    recipe = _recipe(name)
+    palette = recipe["palette"] + rng.normal(0, 20, (3, 3))
+    t = _texture(recipe, h, w, rng)[..., None]
+    img = palette[0] * (1 - t) + palette[1] * t
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    for _ in range(recipe["shapes"]):
+        cy, cx = rng.uniform(0, 1, 2) * (h / max(h, w), w / max(h, w))
+        r = rng.uniform(0.05, 0.2)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = palette[2]
+    other = all_classes[int(rng.integers(len(all_classes)))]
+    if rng.random() < 0.4:  # a distractor: what keeps a CNN from 100 %
+        alpha = rng.uniform(0.2, 0.6)
+        o = _recipe(other)
+        ot = _texture(o, h, w, rng)[..., None]
+        img = (1 - alpha) * img + alpha * (o["palette"][0] * (1 - ot) + o["palette"][1] * ot)
+    img = img * rng.uniform(0.6, 1.3) + rng.normal(0, 12, img.shape)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if recipe["gray"]:
+        img = np.repeat(img.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    return img
+
+
+def _photo(cfg, name, index):
+    """(PIL image at photo size, jpeg quality, progressive) for photo `index` of class `name`."""
+    rng = _rng("photo", cfg.seed, name, index)
+    long_side = int(rng.integers(cfg.long_side[0], cfg.long_side[1] + 1))
+    aspect = rng.uniform(4 / 3, 16 / 9) if rng.random() < 0.8 else 1.0
+    short_side = max(1, round(long_side / aspect))
+    w, h = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
+    scale = CANVAS / max(w, h)
+    small = _draw(name, max(8, round(h * scale)), max(8, round(w * scale)), rng, cfg.classes)
+    image = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+    return image, int(rng.integers(60, 96)), bool(rng.random() < 0.15)
+
+
+def _write_photo(job):
+    """Worker: render and save one photo (atomically); returns its path."""
+    cfg, name, index, path, variant = job
+    image, quality, progressive = _photo(cfg, name, index)
+    buf = io.BytesIO()
+    if variant == "gray":
+        image.convert("L").save(buf, "JPEG", quality=quality)
+    elif variant == "cmyk":
+        image.convert("CMYK").save(buf, "JPEG", quality=quality)
+    elif variant == "png_alpha":  # a PNG with transparency, misnamed .jpg
+        rgba = image.convert("RGBA")
+        alpha = np.full((image.height, image.width), 255, np.uint8)
+        alpha[: image.height // 3] = 0
+        rgba.putalpha(Image.fromarray(alpha))
+        rgba.save(buf, "PNG")
+    elif variant == "exif_rotated":  # pixels stored rotated; the EXIF tag says how to turn them upright
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = 6  # "rotate 90 CW to view": stored = upright rotated 90 CCW
+        image.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=quality, exif=exif)
+    else:
+        image.save(buf, "JPEG", quality=quality, progressive=progressive or variant == "progressive")
+    write_bytes(path, buf.getvalue())
+    return path
+
+
+def _plan(cfg, out):
+    """Every photo to render as (cfg, class, index, path, variant), plus the junk kinds by relative path."""
+    variants = ["gray", "cmyk", "png_alpha", "exif_rotated", "progressive"] if cfg.junk else []
+    jobs, junk = [], {}
+    for c, name in enumerate(cfg.classes):
+        for i in range(cfg.per_class):
+            k = c * cfg.per_class + i
+            # one of each variant early on (so even a tiny demo has them), then ~1 in 25 photos
+            variant = variants[k // 2] if k % 2 == 0 and k // 2 < len(variants) else (
+                variants[k % len(variants)] if variants and k % 25 == 12 else None)
+            path = out / name / f"{i:05d}.jpg"
+            jobs.append((cfg, name, i, path, variant))
+            if variant:
+                junk.setdefault(variant, []).append(f"{name}/{path.name}")
+    return jobs, junk
+
+
+def _sprinkle_junk(cfg, out, junk):
+    """The files a scraper leaves behind, each named like a photo."""
+    first, second = cfg.classes[0], cfg.classes[1]
+    n = cfg.per_class
+    photo = (out / first / f"{0:05d}.jpg").read_bytes()
+    files = {
+        "truncated": (f"{first}/{n:05d}.jpg", photo[: len(photo) // 2]),
+        "empty": (f"{first}/{n + 1:05d}.jpg", b""),
+        "not_an_image": (f"{second}/{n:05d}.jpg", b"<html><body>404 Not Found</body></html>\n"),
+        "duplicate": (f"{first}/{n + 2:05d}.jpg", (out / first / f"{1:05d}.jpg").read_bytes()),
+        "cross_class": (f"{second}/{n + 1:05d}.jpg", (out / first / f"{2:05d}.jpg").read_bytes()),
+        "hidden": (f"{second}/.DS_Store", b"\0\0\0\1Bud1"),
+    }
+    for kind, (rel, data) in files.items():
+        write_bytes(out / rel, data)
+        junk[kind] = [rel]
+    junk["duplicate"].insert(0, f"{first}/{1:05d}.jpg")  # the original first, then its copy
+    junk["cross_class"].insert(0, f"{first}/{2:05d}.jpg")
+
+
+def generate(out, cfg=DemoConfig(), workers=None, progress=True):
+    """Write the demo into `out` unless a complete one with the same config is already there; returns the
+    marker's content ({config, junk: {kind: [relative paths]}})."""
+    out = Path(out)
+    marker = out / MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done["config"] == json.loads(json.dumps(asdict(cfg))):
+            return done
+        raise UsageError(f"{out} holds a demo made with other settings: delete it or choose another --out")
+    if cfg.per_class < 3 or not 0 < cfg.long_side[0] <= cfg.long_side[1] or not cfg.classes:
+        raise UsageError("the demo needs --per-class >= 3, 0 < min long side <= max long side and classes")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} is not empty and holds no complete demo: delete it or choose another --out")
+    for name in cfg.classes:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    jobs, junk = _plan(cfg, out)
+    workers = workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        bar = tqdm(pool.map(_write_photo, jobs, chunksize=8), total=len(jobs), desc="demo", unit="img",
+                   disable=not progress)
+        for _ in bar:
+            pass
+    if cfg.junk:
+        _sprinkle_junk(cfg, out, junk)
+    done = {"config": json.loads(json.dumps(asdict(cfg))), "junk": junk}
+    write_bytes(marker, json.dumps(done, indent=1).encode())
+    return done
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=layout.DEFAULT_SRC, help="folder to create")
+    p.add_argument("--per-class", type=int, default=DemoConfig.per_class, help="photos per class")
+    p.add_argument("--seed", type=int, default=DemoConfig.seed, help="same seed, same photos")
+    p.add_argument("--long-side", type=int, nargs=2, default=DemoConfig.long_side, metavar=("MIN", "MAX"),
+                   help="range of the photos' long side in px")
+    args = p.parse_args(argv)
+    cfg = DemoConfig(per_class=args.per_class, seed=args.seed, long_side=tuple(args.long_side))
+    generate(args.out, cfg)
+    print(f"demo: {len(cfg.classes)} classes x {cfg.per_class} photos (+ junk) in {args.out}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,92 @@
+"""Find every file under the source and sort it into candidates, ignored and (for links) quarantined, cheaply:
+only directory listings and stat calls, so an unchanged source is recognised in well under a second."""
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli import UsageError
+
+
+@dataclass
+class Scan:
+    classes: list  # sorted class names; label = index
+    candidates: list = field(default_factory=list)  # (relative path, label) of regular files to validate
+    ignored: list = field(default_factory=list)  # relative paths: hidden files, files outside class folders
+    quarantined: list = field(default_factory=list)  # (relative path, reason) decided without reading
+    stats: list = field(default_factory=list)  # (relative path, size, mtime_ns): what the fingerprint covers
+
+    @property
+    def found(self):
+        return len(self.candidates) + len(self.ignored) + len(self.quarantined)
+
+    def fingerprint(self, params):
+        """A hash of every entry's path, size and mtime plus the params: equal means nothing to do."""
+        blob = json.dumps([params, sorted(self.stats)]).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _hidden(name):
+    return name.startswith(".")
+
+
+def scan(src):
+    """Scan `src` (absolute): class = immediate non-hidden subfolder; files below it (any depth) are its."""
+    src = Path(src)
+    classes = sorted(e.name for e in os.scandir(src) if e.is_dir(follow_symlinks=False) and not _hidden(e.name))
+    if not classes:
+        raise UsageError(f"--src {src} has no class folders: put each class's photos in a subfolder named after it")
+    result = Scan(classes)
+    for entry in os.scandir(src):
+        if not entry.is_dir(follow_symlinks=False) and not entry.is_dir():
+            result.ignored.append(entry.name)
+            result.stats.append((entry.name, *_size_mtime(entry.path)))
+        elif entry.is_symlink():  # a linked class folder: its files may be anywhere, so it is not scanned
+            result.ignored.append(entry.name)
+            result.stats.append((entry.name, 0, 0))
+    for label, name in enumerate(classes):
+        for root, dirs, files in os.walk(src / name):
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                dirs.remove(d)  # os.walk would not follow it anyway; account for it as one entry
+                files.append(d)
+            for fname in sorted(files):
+                path = os.path.join(root, fname)
+                rel = os.path.relpath(path, src)
+                result.stats.append((rel, *_size_mtime(path)))
+                if _hidden(fname):
+                    result.ignored.append(rel)
+                    continue
+                reason = _link_or_special(path, src)
+                if reason:
+                    result.quarantined.append((rel, reason))
+                else:
+                    result.candidates.append((rel, label))
+    return result
+
+
+def _size_mtime(path):
+    try:
+        st = os.stat(path)
+    except OSError:  # a broken link: its own lstat still changes when it is re-pointed
+        st = os.lstat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _link_or_special(path, src):
+    """A reason to quarantine without reading: a link leaving the tree, a broken link, a non-regular file."""
+    if os.path.islink(path):
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(src):
+            return f"symlink leaves the source: points to {target}"
+        if not target.exists():
+            return "unreadable: broken symlink"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None

@@ -1,0 +1,111 @@
+"""Turn one source file into either a normalised baseline JPEG or a quarantine reason, in a worker process.
+
+Every accepted image is fully decoded, made RGB (gray, CMYK, palette; alpha composited on white), turned
+upright from its EXIF orientation, shrunk so its shorter side is the store size (never enlarged) and
+re-encoded once as baseline JPEG, which every decoder we feed (DALI CPU and nvJPEG hardware, FFCV's
+libjpeg-turbo, PIL) accepts. The result lands in a cache keyed by the file's content hash and the
+parameters, so a killed or repeated run never redoes a file.
+"""
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps
+
+from ingest.atomic import write_bytes
+
+Image.MAX_IMAGE_PIXELS = None  # our own --max-pixels check below replaces PIL's fixed limit
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey
+
+
+@dataclass(frozen=True)
+class Checked:
+    rel: str
+    label: int
+    sha256: str  # of the source file's bytes: what duplicates are found by
+    reason: str = ""  # empty = accepted
+    width: int = 0  # of the stored image
+    height: int = 0
+    cached: str = ""  # cache file holding the stored JPEG
+
+
+def cache_file(cache_dir, sha256, params):
+    key = hashlib.sha256(f"{sha256}:{params}".encode()).hexdigest()
+    return Path(cache_dir) / key[:2] / key
+
+
+def check(task):
+    """Worker entry point: task = (cfg, rel, label) -> Checked. Cached results are reused as they are."""
+    cfg, rel, label = task
+    data = (cfg.src / rel).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    base = cache_file(cfg.out / ".cache", sha, cfg.cache_params())
+    jpg, bad = base.with_suffix(".jpg"), base.with_suffix(".bad")
+    if jpg.is_file():
+        with Image.open(jpg) as im:  # header only
+            return Checked(rel, label, sha, width=im.width, height=im.height, cached=str(jpg))
+    if bad.is_file():
+        return Checked(rel, label, sha, reason=bad.read_text())
+    try:
+        encoded, size = normalise(data, cfg)
+    except Rejected as why:
+        write_bytes(bad, str(why).encode())
+        return Checked(rel, label, sha, reason=str(why))
+    write_bytes(jpg, encoded)
+    return Checked(rel, label, sha, width=size[0], height=size[1], cached=str(jpg))
+
+
+class Rejected(Exception):
+    """A file that must not reach a shard; the message is its quarantine reason."""
+
+
+def normalise(data, cfg):
+    """Source bytes -> (baseline JPEG bytes, (width, height)), or Rejected with the reason."""
+    if not data:
+        raise Rejected("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image") from None
+    except Exception as err:  # a header PIL recognises but cannot parse
+        raise Rejected(f"undecodable: {err}") from None
+    w, h = image.size
+    if w * h > cfg.max_pixels:
+        raise Rejected(f"decompression bomb: {w}x{h} = {w * h} pixels > --max-pixels {cfg.max_pixels}")
+    if min(w, h) < cfg.min_side:
+        raise Rejected(f"too small: {w}x{h}, shorter side < --min-side {cfg.min_side}")
+    # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for no less than the store size on both sides
+    image.draft("RGB", (cfg.store_size, cfg.store_size))
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _rgb(image)
+    except OSError as err:
+        reason = "truncated" if "truncated" in str(err) else "undecodable"
+        raise Rejected(f"{reason}: {err}") from None
+    except Exception as err:  # corrupt data surfaces as many exception types inside the decoders
+        raise Rejected(f"undecodable: {err}") from None
+    image = _shrink(image, cfg.store_size)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=cfg.quality, progressive=False, optimize=False)  # no EXIF: already upright
+    return out.getvalue(), image.size
+
+
+def _rgb(image):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if image.mode.startswith("I;16"):  # 16-bit gray: convert("RGB") would clip, so scale to 8 bits first
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _shrink(image, store_size):
+    w, h = image.size
+    scale = store_size / min(w, h)
+    if scale >= 1:
+        return image
+    size = (store_size, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), store_size)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+

@@ -1,0 +1,30 @@
+"""Shared test data, generated once per session and kept tiny so the whole suite stays fast on 2 cores.
+
+`tiny_src`: a demo source folder (6 classes x 12 photos, long side 120-300 px, plus the demo's junk; which
+file is which junk is in `tiny_src / ".demo.json"`). `ingested`: that folder ingested at store size 64.
+Treat both as read-only; a test that changes data copies it first.
+"""
+import pytest
+
+from ingest.build import build
+from ingest.config import IngestConfig
+from ingest.demo import DemoConfig, generate
+
+TINY_CLASSES = ("Abstract", "Celebrities", "Food", "Landscapes", "People", "Travel")
+TINY_DEMO = DemoConfig(per_class=12, seed=0, long_side=(120, 300), classes=TINY_CLASSES)
+TINY_STORE = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_src(tmp_path_factory):
+    src = tmp_path_factory.mktemp("tiny-src")
+    generate(src, TINY_DEMO, workers=2, progress=False)
+    return src
+
+
+@pytest.fixture(scope="session")
+def ingested(tiny_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-ingested")
+    build(IngestConfig(src=tiny_src, out=out, store_size=TINY_STORE, shard_size=32, workers=2),
+          progress=False, log=lambda *_: None)
+    return out
