@@ -1,0 +1,93 @@
+"""`folder` backend: the baseline every figure is measured against, i.e. what a user writes without fastpix.
+
+ImageFolder-style: the split's ORIGINAL source files (manifest `source` + the paths of `<split>.csv`), opened
+with PIL (EXIF orientation applied, converted to RGB), the classic torchvision transforms on PIL images
+(ToTensor + Normalize per image, in the workers) and a DataLoader with workers and pinned memory on a GPU.
+It deliberately ignores the ingested shards, so its cost is the one ingesting removes.
+
+Ranks get a contiguous block of sample ids (loaders.common.rank_ids) instead of a DistributedSampler,
+which would pad ranks by repeating samples.
+"""
+import csv
+import os
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from cli import UsageError
+from ingest.layout import csv_path, read_manifest
+from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, rank_ids,
+                            resolve_device, test_resize)
+
+
+def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+    """A PIL + DataLoader loader over this rank's block of the split's source files."""
+    source = Path(read_manifest(data_dir)["source"])
+    with open(csv_path(data_dir, split), newline="") as f:
+        rows = [(source / row["path"], int(row["label"])) for row in csv.DictReader(f)]
+    missing = next((path for path, _ in rows if not path.is_file()), None)
+    if missing is not None:
+        raise UsageError(f"source file {missing} of {data_dir} is gone: the folder baseline reads the original "
+                         "photos, so restore them or ingest again")
+    positions = rank_ids(len(rows), rank, world)
+    if not positions:
+        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
+    return FolderLoader(SourceFiles(rows, source_transform(split == "train", res)), positions,
+                        train=split == "train", batch_size=batch_size, device=resolve_device(device), seed=seed,
+                        workers=os.cpu_count() if workers is None else workers, with_ids=with_ids)
+
+
+def source_transform(train, res):
+    """The usual ImageNet recipe on PIL images, ending in a normalised float tensor."""
+    scale = (T.ToTensor(), T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]))
+    if train:
+        return T.Compose([T.RandomResizedCrop(res, scale=RRC_SCALE, ratio=RRC_RATIO), T.RandomHorizontalFlip(),
+                          *scale])
+    return T.Compose([T.Resize(test_resize(res)), T.CenterCrop(res), *scale])
+
+
+def open_rgb(path):
+    """A photo as the user sees it: EXIF rotation applied, RGB."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+class SourceFiles(Dataset):
+    """(path, label) rows -> (transformed image, label, sample id)."""
+
+    def __init__(self, rows, transform):
+        self.rows, self.transform = rows, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        path, label = self.rows[i]
+        return self.transform(open_rgb(path)), label, i
+
+
+class FolderLoader:
+    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+
+    def __init__(self, files, positions, *, train, batch_size, device, seed, workers, with_ids):
+        self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
+        self.num_samples = len(positions)
+        self.sampler = EpochSampler(positions, seed, shuffle=train)
+        self.loader = DataLoader(files, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        for images, labels, ids in self.loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            batch = (images, labels.to(self.device, non_blocking=True))
+            yield batch + (ids,) if self.with_ids else batch

@@ -1,0 +1,131 @@
+"""`torch` backend: torchvision alone over the ingested webdataset shards, no DALI or FFCV needed.
+
+The shards are indexed once (tar headers -> byte offset of each JPEG), so a map-style Dataset reads any
+sample with one pread and the per-epoch order is an ordinary Sampler. On the CPU, DataLoader workers decode
+with libjpeg-turbo (torchvision.io.decode_jpeg) and crop with torchvision.transforms.v2 on uint8 tensors;
+with a GPU the workers only read bytes and decode_jpeg(device="cuda") decodes a whole batch with nvJPEG.
+Normalisation always runs on the loader's device, after the (small, uint8) batch got there.
+
+Ranks get a contiguous block of shard positions (loaders.common.rank_ids), as DALI's shard_id/num_shards.
+"""
+import os
+import tarfile
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from cli import UsageError
+from ingest.layout import read_manifest, shard_paths
+from loaders.common import RRC_RATIO, RRC_SCALE, EpochSampler, normalize_, rank_ids, resolve_device, test_resize
+
+
+def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+    """A torchvision loader over `<split>-*.tar` for this rank's block of samples."""
+    read_manifest(data_dir)  # a missing or unfinished ingest is a UsageError, not a tarfile traceback
+    device = resolve_device(device)
+    samples = ShardSamples(data_dir, split)
+    positions = rank_ids(len(samples), rank, world)
+    if not positions:
+        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
+    on_gpu = device.type == "cuda"
+    # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
+    samples.transform = None if on_gpu else image_transform(split == "train", res)
+    return TorchLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
+                       device=device, seed=seed, workers=os.cpu_count() if workers is None else workers,
+                       with_ids=with_ids)
+
+
+def image_transform(train, res):
+    """uint8 CHW tensor -> uint8 3 x res x res: RRC + flip for train, resize + center crop for test."""
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(res, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
+                           v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(test_resize(res), antialias=True), v2.CenterCrop(res)])
+
+
+class ShardSamples(Dataset):
+    """A split's samples in shard order; item -> (decoded image or raw JPEG bytes, label, sample id).
+
+    Indexing reads only tar headers and the tiny `.cls` members; JPEG bytes are read on demand, so memory
+    does not grow with the dataset and forked workers share nothing but the index."""
+
+    def __init__(self, data_dir, split, transform=None):
+        self.tars = [str(t) for t in shard_paths(data_dir, split)[0]]
+        self.transform = transform
+        jpegs, labels, ids = [], [], []
+        for t, tar in enumerate(self.tars):
+            with tarfile.open(tar) as archive:
+                for member in archive:
+                    key, _, ext = member.name.partition(".")
+                    if ext == "jpg":
+                        jpegs.append((t, member.offset_data, member.size))
+                        ids.append(int(key))
+                    elif ext == "cls":
+                        labels.append(int(archive.extractfile(member).read()))
+        if len(labels) != len(jpegs):
+            raise UsageError(f"{data_dir}: {split} shards hold {len(jpegs)} images but {len(labels)} labels: "
+                             "ingest again with python ingest/build.py")
+        self.jpegs, self.labels, self.ids = jpegs, torch.tensor(labels), torch.tensor(ids)
+        self._fds = {}
+
+    def __len__(self):
+        return len(self.jpegs)
+
+    def __getstate__(self):  # file descriptors do not survive pickling (spawned workers reopen them)
+        return {**self.__dict__, "_fds": {}}
+
+    def read(self, position):
+        """The stored JPEG bytes of the sample at `position`, as a uint8 tensor (no copy after the read)."""
+        t, offset, size = self.jpegs[position]
+        if t not in self._fds:
+            self._fds[t] = os.open(self.tars[t], os.O_RDONLY)
+        data = bytearray(size)
+        if os.preadv(self._fds[t], [data], offset) != size:
+            raise UsageError(f"{self.tars[t]} is truncated: ingest again with python ingest/build.py")
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+    def __getitem__(self, position):
+        data = self.read(position)
+        if self.transform is not None:
+            data = self.transform(decode_jpeg(data, mode=ImageReadMode.RGB))
+        return data, self.labels[position], self.ids[position]
+
+
+def collate_bytes(batch):
+    """Keep JPEG byte strings as a list (they differ in length) for one batched GPU decode."""
+    data, labels, ids = zip(*batch)
+    return list(data), torch.stack(labels), torch.stack(ids)
+
+
+class TorchLoader:
+    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+
+    def __init__(self, samples, positions, *, train, batch_size, res, device, seed, workers, with_ids):
+        self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
+        self.num_samples = len(positions)
+        self.sampler = EpochSampler(positions, seed, shuffle=train)
+        self.gpu_transform = image_transform(train, res) if samples.transform is None else None
+        on_gpu = device.type == "cuda"
+        self.loader = DataLoader(
+            samples, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_bytes if on_gpu else None, pin_memory=on_gpu,
+            persistent_workers=workers > 0,  # workers start once, not every epoch
+            generator=torch.Generator().manual_seed(seed))  # worker RNG (crop, flip) follows the seed
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        for data, labels, ids in self.loader:
+            if self.gpu_transform is None:
+                images = data.to(self.device, non_blocking=True)
+            else:  # nvJPEG decodes the batch in one call; crops differ in size per image, so they go one by one
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                images = torch.stack([self.gpu_transform(image) for image in decoded])
+            batch = (normalize_(images), labels.to(self.device, non_blocking=True))
+            yield batch + (ids,) if self.with_ids else batch
