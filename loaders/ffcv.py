@@ -1,0 +1,87 @@
+"""FFCV backend: crop-decode the `.beton` in numba-compiled, multithreaded code, then hand torch a batch.
+
+The decoders crop before they resize (train: RandomResizedCrop; test: a center crop of 0.875 of the
+shorter side resized to res, the same picture as resize-then-crop). The first epoch of each Loader spends
+seconds compiling with numba; benches absorb it in a warm-up epoch. The file stays in the page cache
+(`os_cache=True`), which suits datasets that fit in RAM and several loaders reading one file.
+
+Ranks get a contiguous block of sample ids through `indices=` (loaders.common.rank_ids) instead of FFCV's
+`distributed=True`, which pads ranks to equal length by repeating samples. Order is FFCV's RANDOM from
+`Loader(seed=...)` and the epoch number (we set it before each pass), SEQUENTIAL for test. Normalisation
+is loaders.common.normalize_ on the output device: FFCV's GPU NormalizeImage needs cupy, which we do not
+ship.
+"""
+import os
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.pipeline_spec import PipelineSpec
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from cli import UsageError
+from ingest import layout
+from loaders.common import RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, normalize_, rank_ids, resolve_device
+
+
+def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+    """An FFCV loader over `<split>.beton` for this rank's block of samples."""
+    manifest = layout.read_manifest(data_dir)
+    beton = layout.beton_path(data_dir, split)
+    if not beton.is_file():
+        raise UsageError(f"{beton} is missing: run python ingest/build.py again")
+    ids = np.array(rank_ids(manifest["splits"][split]["count"], rank, world))
+    if len(ids) == 0:
+        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
+    return FfcvLoader(str(beton), ids, train=split == "train", batch_size=batch_size, res=res,
+                      device=resolve_device(device), seed=seed, workers=workers or os.cpu_count(),
+                      with_ids=with_ids)
+
+
+class SampleIdDecoder(IntDecoder):
+    """Decodes the id of each sample instead of a field value: the with_ids check of what came out."""
+
+    def generate_code(self):
+        def decoder(indices, destination, metadata, storage_state):
+            for ix, sample_id in enumerate(indices):
+                destination[ix] = sample_id
+            return destination[:len(indices)]
+
+        return decoder
+
+
+class FfcvLoader:
+    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+
+    def __init__(self, beton, ids, *, train, batch_size, res, device, seed, workers, with_ids):
+        self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
+        self.num_samples = len(ids)
+        self.epoch = 0
+        on_gpu = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+        decoder = (RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
+                   else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
+        pipelines = {
+            "image": [decoder] + ([RandomHorizontalFlip()] if train else [])
+                     + [ToTensor()] + on_gpu + [ToTorchImage(channels_last=True)],
+            "label": [IntDecoder(), ToTensor(), Squeeze()] + on_gpu,
+        }
+        if with_ids:
+            pipelines["id"] = PipelineSpec("label", decoder=SampleIdDecoder(), transforms=[ToTensor(), Squeeze()])
+        self.loader = Loader(beton, batch_size=batch_size, num_workers=workers, os_cache=True,
+                             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
+                             indices=ids, pipelines=pipelines, drop_last=False)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.loader.next_epoch = self.epoch  # FFCV's RANDOM order is drawn from seed + next_epoch
+        for images, labels, *ids in self.loader:
+            # FFCV reuses its output buffers a few batches later: the batch we hand out must own its memory.
+            batch = (normalize_(images), labels.clone())
+            yield batch + (ids[0].clone(),) if self.with_ids else batch
