@@ -6,7 +6,6 @@ Every file found is accounted for as written, quarantined or ignored. A rerun ov
 a no-op; a run killed at any point is finished by the next one with the same result. Without --src the
 500px-like demo is generated (once) into data/demo-500px and ingested.
 """
-import argparse
 import csv
 import io
 import json
@@ -26,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
 from cli import UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.atomic import write_text  # noqa: E402
-from ingest.config import IngestConfig  # noqa: E402
+from ingest.config import IngestConfig, Parser  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
 from ingest.scan import scan  # noqa: E402
 from ingest.split import split  # noqa: E402
@@ -39,10 +38,14 @@ def build(cfg, progress=True, log=print):
     """Ingest cfg.src into cfg.out; returns the manifest (dict). Raises UsageError for bad input."""
     cfg = cfg.checked()
     found = scan(cfg.src)
-    fingerprint = found.fingerprint(_params(cfg))
+    fingerprint = found.fingerprint({**_params(cfg), "source": str(cfg.src)})
     if not cfg.force and _up_to_date(cfg.out, fingerprint):
         log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
         return layout.read_manifest(cfg.out)
+    try:
+        (cfg.out / CACHE).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {cfg.out} cannot be created: {err.strerror}") from None
     if cfg.force:
         _clear_cache(cfg.out / CACHE)
 
@@ -163,7 +166,7 @@ def _clear_cache(cache):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     d = IngestConfig
     p.add_argument("--src", type=Path, help="folder with one subfolder per class (default: the generated demo)")
     p.add_argument("--out", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset folder")

@@ -1,4 +1,5 @@
 """The one typed config of an ingest run, checked up front so that bad numbers fail before anything is written."""
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class IngestConfig:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")
         existing = next(p for p in (out, *out.parents) if p.exists())
+        if not existing.is_dir():
+            raise UsageError(f"--out {self.out} cannot be created: {existing} is a file")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"--out {self.out} is not writable ({existing} denies it)")
         workers = self.workers or len(os.sched_getaffinity(0))
@@ -55,3 +58,10 @@ class IngestConfig:
     def cache_params(self):
         """What decides the bytes a source file becomes (not the split, not the sharding)."""
         return f"v{PIPELINE_VERSION}:{self.store_size}:{self.quality}:{self.min_side}:{self.max_pixels}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are UsageErrors: one line, exit 2, like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(message)

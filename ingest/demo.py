@@ -10,7 +10,6 @@ class and a cross-class duplicate, one truncated JPEG, one empty file, one non-i
 `.demo.json` (hidden, so ingest ignores it) is written last: it marks a complete folder and says which file
 is which kind of junk, for the tests. `python ingest/demo.py --out DIR [--per-class N] [--seed S]`.
 """
-import argparse
 import hashlib
 import io
 import json
@@ -31,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
 from cli import UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.atomic import write_bytes  # noqa: E402
+from ingest.config import Parser  # noqa: E402
 
 CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
            "Concert", "Family", "Fashion", "Film", "Fine Art", "Food", "Journalism", "Landscapes", "Macro",
@@ -230,7 +230,7 @@ def generate(out, cfg=DemoConfig(), workers=None, progress=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=layout.DEFAULT_SRC, help="folder to create")
     p.add_argument("--per-class", type=int, default=DemoConfig.per_class, help="photos per class")
     p.add_argument("--seed", type=int, default=DemoConfig.seed, help="same seed, same photos")
