@@ -189,14 +189,14 @@ def _sprinkle_junk(cfg, out, junk):
         "empty": (f"{first}/{n + 1:05d}.jpg", b""),
         "not_an_image": (f"{second}/{n:05d}.jpg", b"<html><body>404 Not Found</body></html>\n"),
         "duplicate": (f"{first}/{n + 2:05d}.jpg", (out / first / f"{1:05d}.jpg").read_bytes()),
-        "cross_class": (f"{second}/{n + 1:05d}.jpg", (out / first / f"{2:05d}.jpg").read_bytes()),
+        "cross_class": (f"{second}/{n + 1:05d}.jpg", (out / first / f"{3:05d}.jpg").read_bytes()),
         "hidden": (f"{second}/.DS_Store", b"\0\0\0\1Bud1"),
     }
     for kind, (rel, data) in files.items():
         write_bytes(out / rel, data)
         junk[kind] = [rel]
     junk["duplicate"].insert(0, f"{first}/{1:05d}.jpg")  # the original first, then its copy
-    junk["cross_class"].insert(0, f"{first}/{2:05d}.jpg")
+    junk["cross_class"].insert(0, f"{first}/{3:05d}.jpg")
 
 
 def generate(out, cfg=DemoConfig(), workers=None, progress=True):
