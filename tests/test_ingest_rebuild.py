@@ -1,0 +1,156 @@
+"""Ingest runs over time: crash and rerun, up to date, changed source, --force, and bad command lines."""
+import hashlib
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+from conftest import TINY_STORE
+from ingest import build as build_module
+from ingest import demo, layout
+from ingest.build import build
+from ingest.config import IngestConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SILENT = dict(progress=False, log=lambda *_: None)
+
+
+def tiny_cfg(src, out, **kw):
+    """The settings the `ingested` fixture was built with (see conftest)."""
+    return IngestConfig(src=src, out=out, **{"store_size": TINY_STORE, "shard_size": 32, "workers": 2, **kw})
+
+
+def outputs(out):
+    """{file name: sha256} of everything a loader may read (not the hidden cache)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(out).iterdir())
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def test_killed_run_is_finished_by_a_rerun_with_the_same_result(tiny_src, ingested, tmp_path, monkeypatch):
+    from webdataset import TarWriter
+
+    out = tmp_path / "out"
+    real_write, calls = TarWriter.write, []
+
+    def dies_midway(self, sample):
+        calls.append(1)
+        if len(calls) == 40:  # inside the second train shard, after the betons and csvs
+            raise KeyboardInterrupt
+        return real_write(self, sample)
+
+    monkeypatch.setattr(TarWriter, "write", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny_cfg(tiny_src, out), **SILENT)
+    monkeypatch.undo()
+    assert not (out / layout.MANIFEST).exists()
+    # what a SIGKILL would leave besides: temp files, a half-filled cache, shards of an earlier bigger build
+    (out / ".train-00000.tar.tmp4242").write_bytes(b"partial")
+    (out / "train-00009.tar").write_bytes(b"stale")
+    (out / "train-00009.idx").write_bytes(b"stale")
+    cached = sorted((out / ".cache").glob("*/*"))
+    for path in cached[::2]:
+        path.unlink()
+    cached[1].with_name(f".{cached[1].name}.tmp77").write_bytes(b"partial")
+
+    build(tiny_cfg(tiny_src, out, workers=1), **SILENT)  # another worker count too: must not matter
+    assert outputs(out) == outputs(ingested)
+    assert not list(out.glob(".*.tmp*")) and not list((out / ".cache").glob("*/.*"))
+
+
+def test_unchanged_source_is_up_to_date_and_untouched(tiny_src, ingested, monkeypatch):
+    before = {p.name: p.stat().st_mtime_ns for p in ingested.iterdir()}
+    monkeypatch.setattr(build_module, "validate_all", lambda *a: pytest.fail("validated an up-to-date source"))
+    said = []
+    build(tiny_cfg(tiny_src, ingested), progress=False, log=said.append)
+    assert "up to date" in said[0]
+    assert {p.name: p.stat().st_mtime_ns for p in ingested.iterdir()} == before
+
+
+def test_script_says_up_to_date(tiny_src, ingested):
+    """The real entry point, run as a script from the repo root."""
+    done = subprocess.run([sys.executable, "ingest/build.py", "--src", str(tiny_src), "--out", str(ingested),
+                           "--store-size", str(TINY_STORE), "--shard-size", "32", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout
+
+
+def test_changed_source_rebuilds_and_force_rebuilds_identically(tiny_src, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny_src, src, symlinks=True)
+    first = build(tiny_cfg(src, out), **SILENT)
+    photo, _, _ = demo._photo(demo.DemoConfig(seed=7), "Food", 0)
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG")
+    (src / "Food" / "new.jpg").write_bytes(buf.getvalue())
+    second = build(tiny_cfg(src, out), **SILENT)
+    assert second["fingerprint"] != first["fingerprint"]
+    assert (second["found"], second["written"]) == (first["found"] + 1, first["written"] + 1)
+    assert "Food/new.jpg" in (out / "train.csv").read_text() + (out / "test.csv").read_text()
+    before = outputs(out)
+    forced = []
+    build(tiny_cfg(src, out, force=True), progress=False, log=forced.append)
+    assert "up to date" not in forced[-1] and outputs(out) == before
+
+
+# --- bad command lines: one line, exit 2, nothing written ----------------------------------------------
+
+def _bad_cases(tiny_src, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    src = ["--src", str(tiny_src)]
+    return {
+        "missing --src": (["--src", str(tmp_path / "nope")], "does not exist"),
+        "--src is a file": (["--src", str(a_file)], "not a directory"),
+        "no class folders": (["--src", str(empty)], "no class folders"),
+        "--out inside --src": (src + ["--out", str(tiny_src / "out")], "inside --src"),
+        "--out under a file": (src + ["--out", str(a_file / "out")], "cannot be created"),
+        "quality 0": (src + ["--quality", "0"], "--quality must be 1..100"),
+        "test share 1.5": (src + ["--test-share", "1.5"], "--test-share must be between 0 and 1"),
+        "not a number": (src + ["--store-size", "big"], "invalid int value"),
+        "unknown flag": (src + ["--frobnicate"], "unrecognized arguments"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing --src", "--src is a file", "no class folders", "--out inside --src",
+                                  "--out under a file", "quality 0", "test share 1.5", "not a number",
+                                  "unknown flag"])
+def test_bad_arguments_are_one_line_exit_2_and_write_nothing(tiny_src, tmp_path, capsys, case):
+    argv, message = _bad_cases(tiny_src, tmp_path)[case]
+    out = tmp_path / "out"
+    if "--out" not in argv:
+        argv = argv + ["--out", str(out)]
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(build_module.main, argv + ["--quiet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not out.exists() and not (tiny_src / "out").exists()
+
+
+def test_class_without_two_valid_images_is_named_and_nothing_is_written(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for name, count in (("cats", 3), ("dogs", 1)):
+        (src / name).mkdir(parents=True)
+        for i in range(count):
+            photo, _, _ = demo._photo(demo.DemoConfig(long_side=(150, 200)), name, i)
+            photo.save(src / name / f"{i}.jpg")
+    (src / "dogs" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(build_module.main, ["--src", str(src), "--out", str(out), "--quiet"])
+    assert exit_.value.code == 2
+    assert "dogs has fewer than 2 valid images" in capsys.readouterr().err
+    assert outputs(out) == {}  # the per-file cache may stay, to speed up the fixed rerun
+
+
+def test_script_reports_bad_input_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "ingest/build.py", "--src", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
