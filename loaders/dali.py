@@ -116,6 +116,10 @@ class DaliLoader:
 
     def __iter__(self):
         for (batch,) in self._epoch_iterator():
+            if len(batch["labels"]) == 0:
+                # The reader pads every shard to the batch count of the largest one; PARTIAL trims a
+                # rank's all-padding batch to nothing.
+                continue
             images = batch["images"].permute(0, 3, 1, 2)
             labels = batch["labels"].view(-1)
             yield (images, labels, _sample_ids(batch["ids"])) if self.with_ids else (images, labels)

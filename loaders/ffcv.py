@@ -65,10 +65,10 @@ class FfcvLoader:
         pipelines = {
             "image": [decoder] + ([RandomHorizontalFlip()] if train else [])
                      + [ToTensor()] + on_gpu + [ToTorchImage(channels_last=True)],
-            "label": [IntDecoder(), ToTensor(), Squeeze()] + on_gpu,
+            "label": [IntDecoder(), ToTensor(), Squeeze(1)] + on_gpu,  # Squeeze() would make a batch of 1 0-d
         }
         if with_ids:
-            pipelines["id"] = PipelineSpec("label", decoder=SampleIdDecoder(), transforms=[ToTensor(), Squeeze()])
+            pipelines["id"] = PipelineSpec("label", decoder=SampleIdDecoder(), transforms=[ToTensor(), Squeeze(1)])
         self.loader = Loader(beton, batch_size=batch_size, num_workers=workers, os_cache=True,
                              order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
                              indices=ids, pipelines=pipelines, drop_last=False)

@@ -1,0 +1,154 @@
+"""What every loader backend promises (loaders.common), checked on each: the batch format, each sample once
+per epoch with its own label, an order fixed by (seed, epoch) that changes between epochs, ranks that
+partition a split, and one-line errors for bad input.
+
+Add a backend by adding its name to BACKENDS; one whose module is not written yet is skipped. Samples are
+identified by the backends' `with_ids=True` output, which each backend reads from its own storage (DALI:
+the tar member name; FFCV: the record index; torch/folder: their sample table), so a shuffled or dropped
+sample shows rather than being inferred. Each loader configuration is built once per module and shared by
+the tests, with workers=1: an FFCV loader spends seconds compiling with numba on its first epoch.
+"""
+import csv
+import importlib
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import loaders
+from cli import UsageError, run
+from ingest import layout
+from loaders import make_loader
+from loaders.common import rank_ids
+
+BACKENDS = ["dali", "ffcv", "torch", "folder", "resident"]
+# A numba finalizer of FFCV prints a harmless KeyError when a process holds several Loaders (DEPENDENCIES.md).
+pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+RES, BATCH = 32, 16  # 65 train samples (the `ingested` fixture) -> 5 batches, the last one partial
+
+
+def require(name):
+    """Skip the test when the backend's module (or a library it needs) cannot be imported here."""
+    module = loaders.BACKENDS[name]
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        pytest.skip(f"{module} cannot be imported: {err}")
+
+
+def csv_labels(data_dir, split):
+    with open(layout.csv_path(data_dir, split), newline="") as f:
+        return [int(row["label"]) for row in csv.DictReader(f)]
+
+
+@dataclass
+class Epoch:
+    ids: list
+    labels: list
+
+
+class Runs:
+    """Epochs of loaders built once per configuration; `instance` asks for a second, independent loader."""
+
+    def __init__(self, data_dir):
+        self.data_dir, self.cache = data_dir, {}
+
+    def epochs(self, name, split, epochs=(0,), *, seed=0, rank=0, world=1, instance=0):
+        key = (name, split, epochs, seed, rank, world, instance)
+        if key not in self.cache:
+            require(name)
+            loader = make_loader(name, self.data_dir, split, batch_size=BATCH, res=RES, device="cpu", seed=seed,
+                                 rank=rank, world=world, workers=1, with_ids=True)
+            self.cache[key] = [self._epoch(loader, epoch) for epoch in epochs]
+        return self.cache[key]
+
+    @staticmethod
+    def _epoch(loader, epoch):
+        """One epoch's ids and labels, checking every batch against the format of loaders.common."""
+        loader.set_epoch(epoch)
+        ids, labels, sizes = [], [], []
+        for images, batch_labels, batch_ids in loader:
+            n = len(batch_ids)
+            assert images.shape == (n, 3, RES, RES) and images.dtype == torch.float32
+            assert images.is_contiguous(memory_format=torch.channels_last)
+            assert batch_labels.shape == (n,) and batch_labels.dtype == torch.int64
+            assert batch_ids.dtype == torch.int64
+            assert -3 < images.mean() < 3 and images.std() > 0.1  # normalised, not 0-255 nor blank
+            ids += batch_ids.tolist()
+            labels += batch_labels.tolist()
+            sizes.append(n)
+        assert len(sizes) == len(loader) and len(ids) == loader.num_samples
+        assert all(s == BATCH for s in sizes[:-1]) and 0 < sizes[-1] <= BATCH  # only the last one partial
+        return Epoch(ids, labels)
+
+
+@pytest.fixture(scope="module")
+def runs(ingested):
+    return Runs(ingested)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_train_epoch_gives_each_sample_once_with_its_label(name, runs, ingested):
+    truth = csv_labels(ingested, "train")
+    for epoch in runs.epochs(name, "train", (0, 1, 0)):
+        assert sorted(epoch.ids) == list(range(len(truth)))
+        assert epoch.labels == [truth[i] for i in epoch.ids]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_train_order_changes_each_epoch_and_follows_seed_and_epoch(name, runs):
+    first, second, first_again = runs.epochs(name, "train", (0, 1, 0))
+    assert first.ids != second.ids
+    assert first_again.ids == first.ids  # epoch 0 after epoch 1: the order does not depend on history
+    (resumed,) = runs.epochs(name, "train", (1,), instance=1)
+    assert resumed.ids == second.ids  # a fresh loader with the same seed, started at epoch 1 (a resume)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_two_ranks_partition_the_split(name, split, runs, ingested):
+    count = len(csv_labels(ingested, split))
+    ranks = [runs.epochs(name, split, rank=r, world=2)[0].ids for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(count))
+    if split == "test":  # in id order, each rank a contiguous block, so metrics can be gathered by id
+        assert ranks == [list(rank_ids(count, r, 2)) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_not_ingested_folder_is_one_line_pointing_at_ingest(name, tmp_path, capsys):
+    require(name)
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda argv: make_loader(name, tmp_path, "train", batch_size=4))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python ingest/build.py" in err
+
+
+@pytest.mark.parametrize("name", ["dali", "ffcv", "torch"])  # the backends that read the ingested binaries
+def test_missing_shards_are_a_usage_error(name, tmp_path, ingested):
+    require(name)
+    for kept in (layout.MANIFEST, "train.csv", "test.csv"):
+        shutil.copy(ingested / kept, tmp_path / kept)
+    with pytest.raises(UsageError, match="ingest/build.py"):
+        make_loader(name, tmp_path, "train", batch_size=4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_cuda_asked_without_gpu_is_a_usage_error(name, ingested):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    require(name)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        make_loader(name, ingested, "test", batch_size=4, device="cuda")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gpu_batches_stay_on_the_gpu(name, ingested):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    require(name)
+    images, labels = next(iter(make_loader(name, ingested, "train", batch_size=4, res=RES, device="cuda")))
+    assert images.is_cuda and labels.is_cuda and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
