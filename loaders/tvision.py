@@ -56,14 +56,18 @@ class ShardSamples(Dataset):
         self.transform = transform
         jpegs, labels, ids = [], [], []
         for t, tar in enumerate(self.tars):
-            with tarfile.open(tar) as archive:
-                for member in archive:
-                    key, _, ext = member.name.partition(".")
-                    if ext == "jpg":
-                        jpegs.append((t, member.offset_data, member.size))
-                        ids.append(int(key))
-                    elif ext == "cls":
-                        labels.append(int(archive.extractfile(member).read()))
+            try:
+                with tarfile.open(tar) as archive:
+                    for member in archive:
+                        key, _, ext = member.name.partition(".")
+                        if ext == "jpg":
+                            jpegs.append((t, member.offset_data, member.size))
+                            ids.append(int(key))
+                        elif ext == "cls":
+                            labels.append(int(archive.extractfile(member).read()))
+            except (OSError, tarfile.TarError) as err:
+                raise UsageError(f"shard {tar} is missing or unreadable ({err.__class__.__name__}): ingest again "
+                                 "with python ingest/build.py") from None
         if len(labels) != len(jpegs):
             raise UsageError(f"{data_dir}: {split} shards hold {len(jpegs)} images but {len(labels)} labels: "
                              "ingest again with python ingest/build.py")
