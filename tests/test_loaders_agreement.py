@@ -28,7 +28,7 @@ from loaders.common import IMAGENET_MEAN, IMAGENET_STD
 from loaders.common import test_resize as shorter_side  # a test_ name would be collected as a test
 from test_loaders import csv_labels, require
 
-AGREEING = ["dali", "ffcv", "torch"]
+AGREEING = ["dali", "ffcv", "torch", "resident"]
 RES = 48  # from the stored shorter side 64: resize to 55, then crop 48, a real downscale
 MEAN_BOUND = 7.0  # levels, mean absolute error over the whole split
 MAX_BOUND = 80.0  # levels, any one pixel and channel
