@@ -11,6 +11,7 @@ import io
 import json
 import multiprocessing
 import platform
+import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,10 +35,13 @@ from ingest.validate import check  # noqa: E402
 CACHE = ".cache"
 
 
-def build(cfg, progress=True, log=print):
-    """Ingest cfg.src into cfg.out; returns the manifest (dict). Raises UsageError for bad input."""
+def build(cfg, progress=True, log=print, timings=None):
+    """Ingest cfg.src into cfg.out; returns the manifest (dict). Raises UsageError for bad input.
+    `timings`, a dict if given, receives the seconds spent per stage (for bench/ingest.py)."""
+    clock = _Clock(timings)
     cfg = cfg.checked()
     found = scan(cfg.src)
+    clock.lap("scan")
     fingerprint = found.fingerprint({**_params(cfg), "source": str(cfg.src)})
     if not cfg.force and _up_to_date(cfg.out, fingerprint):
         log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
@@ -50,6 +54,7 @@ def build(cfg, progress=True, log=print):
         _clear_cache(cfg.out / CACHE)
 
     checked = validate_all(cfg, found.candidates, progress)
+    clock.lap("validate")
     kept, duplicates = dedup([c for c in checked if not c.reason], found.classes)
     quarantine = sorted(found.quarantined + [(c.rel, c.reason) for c in checked if c.reason] + duplicates)
     splits = split(kept, found.classes, cfg.seed, cfg.test_share)  # may raise: nothing written yet
@@ -65,11 +70,31 @@ def build(cfg, progress=True, log=print):
     _remove_stale(cfg.out, manifest)
     write_text(cfg.out / layout.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _prune_cache(cfg.out / CACHE, [s.cached for part in splits.values() for s in part])
+    clock.lap("write")
 
     counts = manifest
     log(f"{counts['written']} written + {counts['quarantined']} quarantined + {counts['ignored']} ignored "
         f"= {counts['found']} found; train {len(splits['train'])}, test {len(splits['test'])} -> {cfg.out}")
     return manifest
+
+
+class _Clock:
+    """Wall seconds per stage, and CPU seconds of the stage's finished child processes (the workers)."""
+
+    def __init__(self, laps):
+        self.laps, self.last, self.last_cpu = laps, time.perf_counter(), _children_cpu()
+
+    def lap(self, name):
+        now, cpu = time.perf_counter(), _children_cpu()
+        if self.laps is not None:
+            self.laps[name] = now - self.last
+            self.laps[f"{name}_workers_cpu"] = cpu - self.last_cpu
+        self.last, self.last_cpu = now, cpu
+
+
+def _children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def validate_all(cfg, candidates, progress=True):
