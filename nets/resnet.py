@@ -8,12 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet18
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cli import UsageError
 
 
 def build_resnet18(num_classes, *, pretrained=None, freeze=False):
-    model = resnet18(weights=None)  # the 1000-class ImageNet head, so an ImageNet state dict loads strictly
+    """freeze: the backbone's batch norms become FrozenBatchNorm2d, so the frozen features normalise with
+    the pretrained statistics instead of drifting with ours (same state-dict keys, minus the counters)."""
+    # The 1000-class ImageNet head first, so an ImageNet state dict loads strictly.
+    model = resnet18(weights=None, norm_layer=FrozenBatchNorm2d if freeze else None)
     if pretrained is not None:
         model.load_state_dict(_read_state_dict(pretrained, model))
     elif freeze:
@@ -35,9 +39,10 @@ def _read_state_dict(path, model):
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint that wraps the state dict
     expected = model.state_dict()
-    if not isinstance(state, dict) or set(state) != set(expected):
+    counters = lambda keys: {k for k in keys if not k.endswith("num_batches_tracked")}  # noqa: E731
+    if not isinstance(state, dict) or counters(state) != counters(expected):
         raise UsageError(f"--pretrained {path} does not hold torchvision resnet18 weights (different keys)")
-    wrong = [k for k, v in state.items() if tuple(getattr(v, "shape", ())) != tuple(expected[k].shape)]
+    wrong = [k for k in counters(state) if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
     if wrong:
         raise UsageError(f"--pretrained {path} does not match resnet18: {wrong[0]} has shape "
                          f"{tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")

@@ -69,6 +69,9 @@ def test_transfer_loads_a_local_state_dict_and_replaces_the_head(tmp_path):
     assert torch.equal(model.layer4[1].bn2.running_mean, imagenet.layer4[1].bn2.running_mean)
     assert model.fc.out_features == 4
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    # A frozen backbone keeps the pretrained normalisation even in train mode.
+    model.train()(torch.randn(4, 3, 32, 32))
+    assert torch.equal(model.layer1[0].bn1.running_var, imagenet.layer1[0].bn1.running_var)
     assert all(p.requires_grad for p in nets.build("resnet18", 4, pretrained=path).parameters())
 
 
