@@ -24,3 +24,19 @@ def write_bytes(path, data):
 
 def write_text(path, text):
     write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def exclusive(lock_path):
+    """Hold an exclusive lock on `lock_path` (created if needed): two builds of one folder take turns, and the
+    second then finds the work done instead of racing the first."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
 
 from cli import UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
-from ingest.atomic import write_text  # noqa: E402
+from ingest.atomic import exclusive, write_text  # noqa: E402
 from ingest.config import IngestConfig, Parser  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
 from ingest.scan import scan  # noqa: E402
@@ -40,16 +40,21 @@ def build(cfg, progress=True, log=print, timings=None):
     `timings`, a dict if given, receives the seconds spent per stage (for bench/ingest.py)."""
     clock = _Clock(timings)
     cfg = cfg.checked()
-    found = scan(cfg.src)
+    found = scan(cfg.src)  # before creating --out: a source without classes leaves nothing behind
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {cfg.out} cannot be created: {err.strerror}") from None
+    with exclusive(cfg.out / ".lock"):
+        return _build(cfg, found, clock, progress, log)
+
+
+def _build(cfg, found, clock, progress, log):
     clock.lap("scan")
     fingerprint = found.fingerprint({**_params(cfg), "source": str(cfg.src)})
     if not cfg.force and _up_to_date(cfg.out, fingerprint):
         log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
         return layout.read_manifest(cfg.out)
-    try:
-        (cfg.out / CACHE).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {cfg.out} cannot be created: {err.strerror}") from None
     if cfg.force:
         _clear_cache(cfg.out / CACHE)
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
 
 from cli import UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
-from ingest.atomic import write_bytes  # noqa: E402
+from ingest.atomic import exclusive, write_bytes  # noqa: E402
 from ingest.config import Parser  # noqa: E402
 
 CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
@@ -203,6 +203,11 @@ def generate(out, cfg=DemoConfig(), workers=None, progress=True):
     """Write the demo into `out` unless a complete one with the same config is already there; returns the
     marker's content ({config, junk: {kind: [relative paths]}})."""
     out = Path(out)
+    with exclusive(out.with_name(f".{out.name}.lock")):  # two first runs in one tree: one generates, one waits
+        return _generate(out, cfg, workers, progress)
+
+
+def _generate(out, cfg, workers, progress):
     marker = out / MARKER
     if marker.is_file():
         done = json.loads(marker.read_text())

@@ -154,3 +154,14 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
                            str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
+def test_two_builds_of_one_folder_take_turns(tiny_src, ingested, tmp_path):
+    """Developers share a working tree: a second `ingest/build.py` waits, then finds the work done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, said = tmp_path / "out", []
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: build(tiny_cfg(tiny_src, out), progress=False, log=said.append), range(2)))
+    assert sum("up to date" in line for line in said) == 1
+    assert outputs(out) == outputs(ingested)
