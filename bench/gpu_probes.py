@@ -110,10 +110,10 @@ def p_torch_gpu_decode(args):
 
 
 def p_channels_last(args):
-    from nets import build_net
+    import nets
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    net = build_net("flat", num_classes=28).to(device)
+    net = nets.build("flat", 28).to(device)
     x = torch.randn(8, 3, 128, 128, device=device)
     ref = net(x).float()
     net = net.to(memory_format=torch.channels_last)

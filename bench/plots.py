@@ -8,7 +8,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
 
 from bench.results import atomic_write  # noqa: E402
 
@@ -20,16 +19,6 @@ def save(fig, path):
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buf.getvalue())
-
-
-def rolling(values, window=ROLLING_WINDOW):
-    """(x, mean, std) over a trailing window; a series shorter than the window uses its own length."""
-    values = np.asarray(values, dtype=np.float64)
-    window = max(1, min(window, len(values)))
-    if len(values) == 0:
-        return np.array([]), np.array([]), np.array([])
-    views = sliding_window_view(values, window)
-    return np.arange(window - 1, len(values)), views.mean(axis=1), views.std(axis=1)
 
 
 def throughput_bars(rows, path, title):
@@ -61,10 +50,12 @@ def throughput_bars(rows, path, title):
 
 
 def loss_curves(series, path, title, window=ROLLING_WINDOW):
-    """series: {name: per-iteration losses}. Rolling mean and rolling std, one panel each, as in the study."""
+    """series: {name: (iterations, losses)}. Rolling mean and rolling std, one panel each, as in the study;
+    the rolling window is train.py's, so these curves match the per-run loss.png."""
+    from train import rolling
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for name, losses in series.items():
-        x, mean, std = rolling(losses, window)
+    for name, (x, losses) in series.items():
+        mean, std = rolling(losses, window)
         top.plot(x, mean, label=name)
         bottom.plot(x, std, label=name)
     top.set_ylabel(f"loss, rolling mean ({window} it)")

@@ -1,0 +1,289 @@
+"""The 500px study, reproducible: each experiment is one command, resumable, and writes its plots and table.
+
+    python -m bench.study nets|strides|kernels|optimizers|transfer|all [--data DIR] [--out DIR] ...
+
+1. nets: alexnet, flat and narrow; loss per iteration (rolling mean and std over 50 iterations), train/test
+   accuracy per epoch.  2. strides and 3. kernels of flat: a small grid, accuracy and images/s per setting.
+4. optimizers: one epoch of plain SGD, checkpointed, then continued from that checkpoint with SGD+momentum,
+   Adam and RMSprop for the same number of epochs.  5. transfer: resnet18 from local ImageNet weights
+   (--pretrained PATH), head only vs full fine-tune; skipped with a note when no weights are given.
+
+Every run is cached in <out>/runs/<run>.json with the exact train.Config it ran (its run folder is
+<out>/train/<run>/); a rerun reuses a cached run whose config is unchanged, and continues (train --resume)
+one that was interrupted. Experiments share runs: flat with AlexNet's strides and kernels is trained once.
+The defaults fit the demo data on a 2-core CPU well under an hour; raise --epochs/--res for a GPU.
+"""
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.results import atomic_write, environment, fmt, fmt_ci, machine_label, markdown_table, read_json, \
+    write_config, write_json
+from cli import UsageError
+from ingest.layout import DEFAULT_OUT, read_manifest
+
+EXPERIMENTS = ("nets", "strides", "kernels", "optimizers", "transfer")
+
+
+@dataclass
+class StudyConfig:
+    data: Path = DEFAULT_OUT  # an ingested dataset
+    out: Path = Path("results/study")  # one folder per experiment below it
+    loader: str = "dali"  # fastest CPU backend here; the loader does not change what is learnt
+    epochs: int = 4  # per run; the demo's accuracy has mostly levelled off by then at this size
+    batch_size: int = 64  # ~20 steps per epoch on the demo data: enough iterations for the rolling curves
+    res: int = 112  # the study used 224; 112 keeps the whole study under an hour on 2 CPU cores
+    lr: float = 0.01  # SGD peak learning rate
+    adaptive_lr: float = 1e-4  # Adam and RMSprop: 0.01 makes AlexNet-size nets diverge
+    device: str = "auto"
+    amp: str = "auto"
+    seed: int = 0
+    workers: int = None  # loader workers; None: the backend's choice
+    nets: tuple = ("alexnet", "flat", "narrow")
+    strides: tuple = ((2, 1, 1), (4, 1, 1), (6, 1, 1))  # flat's first-conv stride around AlexNet's 4
+    kernels: tuple = ((7, 5, 3), (11, 5, 3), (15, 5, 3))  # flat's first-conv kernel around AlexNet's 11
+    warm_epochs: int = 1  # the plain-SGD epoch every optimizer continues from
+    optimizers: tuple = ("sgd+momentum", "adam", "rmsprop")  # continuations compared (see OPTIMIZERS)
+    pretrained: Path = None  # resnet18 ImageNet state dict (local file; nothing is downloaded)
+    bootstrap: int = 1000  # resamples for the 95 % intervals
+
+
+# ---------------------------------------------------------------- runs (cached, resumable)
+
+def run(study, name, **overrides):
+    """One training run, reusing its cached result when the config is unchanged. Runs are shared by all
+    experiments (flat with AlexNet's strides is the same run in nets, strides and kernels), so names say
+    what a run is, never which experiment asked for it."""
+    import train
+    runs_dir = Path(study.out) / "train"
+    base = dict(loader=study.loader, data=str(study.data), res=study.res, batch_size=study.batch_size,
+                epochs=study.epochs, lr=study.lr, amp=study.amp, device=study.device, seed=study.seed,
+                workers=study.workers, bootstrap=study.bootstrap, name=name, runs_dir=str(runs_dir))
+    cfg = train.Config(**{**base, **overrides})
+    cache = Path(study.out) / "runs" / f"{name}.json"
+    wanted = _plain_config(cfg)
+    if cache.is_file() and read_json(cache)["config"] == wanted:
+        return read_json(cache)
+    run_dir = runs_dir / name
+    if (run_dir / train.CHECKPOINT).is_file() and (run_dir / "config.json").is_file() and \
+            read_json(run_dir / "config.json")["config"] == wanted:
+        summary = train.train(replace(cfg, resume=str(run_dir)))  # interrupted earlier: continue it exactly
+    else:
+        if run_dir.exists():  # a different or checkpoint-less attempt of this run: start it afresh
+            shutil.rmtree(run_dir)
+        summary = train.train(cfg)
+    steps, epochs = train.read_metrics(summary["run_dir"])
+    result = {"config": wanted, "summary": summary,
+              "loss": {"step": [s["step"] for s in steps], "loss": [s["loss"] for s in steps]},
+              "epochs": [{k: e[k] for k in ("epoch", "train_acc", "test_acc", "test_acc_ci", "images_per_sec")}
+                         for e in epochs]}
+    write_json(cache, result)
+    return result
+
+
+def _plain_config(cfg):
+    """The config as it reads back from JSON (tuples as lists), so cached and new compare equal."""
+    import json
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def row(setting, result):
+    s = result["summary"]
+    return {"setting": setting, "epochs": s["epochs"], "images_per_sec": s["images_per_sec"],
+            "train_acc": s["train_acc"], "test_acc": s["test_acc"], "test_acc_ci": s["test_acc_ci"],
+            "macro_precision": s["macro_precision"], "macro_precision_ci": s["macro_precision_ci"],
+            "final_loss": s["final_loss"], "run_dir": s["run_dir"]}
+
+
+COLUMNS = [
+    ("setting", lambda r: r["setting"]),
+    ("epochs", lambda r: r["epochs"]),
+    ("train img/s", lambda r: fmt(r["images_per_sec"], 1)),
+    ("final loss", lambda r: fmt(r["final_loss"], 3)),
+    ("train acc", lambda r: fmt(r["train_acc"], 3)),
+    ("test acc [95 % CI]", lambda r: fmt_ci(r["test_acc"], r["test_acc_ci"])),
+    ("macro precision [95 % CI]", lambda r: fmt_ci(r["macro_precision"], r["macro_precision_ci"])),
+]
+
+
+def write_experiment(study, exp, title, rows, note=""):
+    """table.md + summary.json of one experiment; returns the table's markdown (with its heading)."""
+    folder = Path(study.out) / exp
+    text = f"### {title}\n\n" + (f"{note}\n\n" if note else "") + (markdown_table(rows, COLUMNS) if rows else "")
+    atomic_write(folder / "table.md", text)
+    write_json(folder / "summary.json", {"experiment": exp, "title": title, "note": note, "rows": rows,
+                                         "study": study})
+    return text
+
+
+def curves(results):
+    """{name: (iterations, losses)} and {name: {train, test}} for the plots."""
+    loss = {n: (r["loss"]["step"], r["loss"]["loss"]) for n, r in results.items()}
+    acc = {n: {"train": [e["train_acc"] for e in r["epochs"]], "test": [e["test_acc"] for e in r["epochs"]]}
+           for n, r in results.items()}
+    return loss, acc
+
+
+# ---------------------------------------------------------------- the five experiments
+
+def exp_nets(study):
+    from bench.plots import accuracy_curves, loss_curves
+    results = {net: run(study, net, net=net) for net in tqdm(study.nets, desc="nets", leave=False)}
+    loss, acc = curves(results)
+    folder = Path(study.out) / "nets"
+    loss_curves(loss, folder / "loss.png", "Three nets: training loss per iteration")
+    accuracy_curves(acc, folder / "accuracy.png", "Three nets: accuracy per epoch (train dashed, test solid)")
+    return write_experiment(study, "nets", "1. Three nets (alexnet, flat, narrow)",
+                            [row(n, r) for n, r in results.items()])
+
+
+def _grid(study, exp, param, settings, title):
+    from bench.plots import setting_bars
+    from nets.alexnet import LAYOUTS
+    default = tuple(getattr(LAYOUTS["flat"], param))
+    rows = []
+    for setting in tqdm(settings, desc=exp, leave=False):
+        label = ",".join(map(str, setting))
+        if tuple(setting) == default:  # the net's own layout: the very run the nets experiment trains
+            result = run(study, "flat", net="flat")
+        else:
+            result = run(study, f"flat-{param}-{label.replace(',', '-')}", net="flat", **{param: tuple(setting)})
+        rows.append(row(f"{param} {label}", result))
+    setting_bars(rows, Path(study.out) / exp / "grid.png", title)
+    return write_experiment(study, exp, title, rows)
+
+
+def exp_strides(study):
+    return _grid(study, "strides", "strides", study.strides, "2. Strides of flat's conv layers")
+
+
+def exp_kernels(study):
+    return _grid(study, "kernels", "kernels", study.kernels, "3. Filter sizes of flat's conv layers")
+
+
+def exp_optimizers(study):
+    import train
+    from bench.plots import loss_curves
+    base = run(study, "flat-sgd-start", net="flat", optimizer="sgd", momentum=0.0, epochs=study.warm_epochs)
+    start = str(Path(base["summary"]["run_dir"]) / train.CHECKPOINT)
+    results = {name: run(study, f"flat-from-sgd-{name.replace('+', '-')}", net="flat", init_from=start,
+                         **OPTIMIZERS[name](study))
+               for name in tqdm(study.optimizers, desc="optimizers", leave=False)}
+    loss, _ = curves(results)
+    loss_curves(loss, Path(study.out) / "optimizers" / "loss.png",
+                f"Optimizers, all continuing from {study.warm_epochs} epoch(s) of plain SGD")
+    note = (f"Every optimizer starts from the same checkpoint: {study.warm_epochs} epoch(s) of plain SGD "
+            f"(test acc {fmt(base['summary']['test_acc'], 3)}); SGD lr {study.lr}, Adam/RMSprop lr "
+            f"{study.adaptive_lr}.")
+    return write_experiment(study, "optimizers", "4. Optimizers from one shared checkpoint",
+                            [row(n, r) for n, r in results.items()], note)
+
+
+def exp_transfer(study):
+    from bench.plots import accuracy_curves
+    title = "5. Transfer learning: resnet18, head only vs full fine-tune"
+    if not study.pretrained:
+        return write_experiment(study, "transfer", title, [], "Skipped: no --pretrained PATH given (a local "
+                                "resnet18 ImageNet state dict; fastpix never downloads weights).")
+    results = {"head only": run(study, "resnet18-head", net="resnet18", pretrained=str(study.pretrained),
+                                freeze=True),
+               "full fine-tune": run(study, "resnet18-full", net="resnet18", pretrained=str(study.pretrained),
+                                     lr=study.lr / 10)}
+    _, acc = curves(results)
+    accuracy_curves(acc, Path(study.out) / "transfer" / "accuracy.png", title)
+    return write_experiment(study, "transfer", title, [row(n, r) for n, r in results.items()],
+                            f"Weights: {study.pretrained}; full fine-tune at lr {study.lr / 10}.")
+
+
+OPTIMIZERS = {  # the continuations compared, each from the shared plain-SGD checkpoint
+    "sgd+momentum": lambda study: dict(optimizer="sgd", momentum=0.9, lr=study.lr),
+    "adam": lambda study: dict(optimizer="adam", lr=study.adaptive_lr),
+    "rmsprop": lambda study: dict(optimizer="rmsprop", momentum=0.0, lr=study.adaptive_lr),
+}
+
+RUNNERS = {"nets": exp_nets, "strides": exp_strides, "kernels": exp_kernels, "optimizers": exp_optimizers,
+           "transfer": exp_transfer}
+
+
+def study_main(study, which):
+    """Run the chosen experiments and write <out>/summary.md (every table, labelled with the machine)."""
+    read_manifest(study.data)
+    if study.pretrained and not Path(study.pretrained).is_file():
+        raise UsageError(f"--pretrained {study.pretrained} is not a file")
+    env = environment()
+    write_config(Path(study.out), study, experiments=which)
+    start = time.perf_counter()
+    tables = [RUNNERS[exp](study) for exp in which]
+    done = [e for e in EXPERIMENTS if (Path(study.out) / e / "table.md").is_file()]
+    header = (f"## Study results ({machine_label(env)}; {study.epochs} epochs, res {study.res}, batch "
+              f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
+    atomic_write(Path(study.out) / "summary.md",
+                 header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
+    print("\n".join(tables))
+    print(f"study: {', '.join(which)} in {time.perf_counter() - start:.0f} s; tables and plots in {study.out}")
+    return 0
+
+
+def int_tuples(text):
+    """'4,1,1 2,1,1' -> ((4, 1, 1), (2, 1, 1))."""
+    try:
+        return tuple(tuple(int(v) for v in part.split(",")) for part in text.split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected space-separated groups like 4,1,1, got {text!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes are usage errors too: one line, exit 2
+        raise UsageError(message)
+
+
+def parse_args(argv):
+    d = StudyConfig()
+    p = Parser(prog="python -m bench.study", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", choices=EXPERIMENTS + ("all",), help="which experiment to run")
+    p.add_argument("--data", type=Path, default=d.data, help="ingested dataset")
+    p.add_argument("--out", type=Path, default=d.out, help="results folder (runs cached there)")
+    p.add_argument("--loader", default=d.loader, help="loader backend for every run")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per run")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
+    p.add_argument("--res", type=int, default=d.res, help="training resolution")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD peak learning rate")
+    p.add_argument("--adaptive-lr", type=float, default=d.adaptive_lr, help="Adam/RMSprop learning rate")
+    p.add_argument("--device", default=d.device, help="auto|cpu|cuda")
+    p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every run")
+    p.add_argument("--workers", type=int, default=d.workers, help="loader workers (default: backend's)")
+    p.add_argument("--strides", type=int_tuples, default=d.strides, metavar="'4,1,1 2,1,1'",
+                   help="stride settings of flat to compare")
+    p.add_argument("--kernels", type=int_tuples, default=d.kernels, metavar="'11,5,3 7,5,3'",
+                   help="kernel-size settings of flat to compare")
+    p.add_argument("--warm-epochs", type=int, default=d.warm_epochs, help="plain-SGD epochs before the optimizers")
+    p.add_argument("--optimizers", type=lambda t: tuple(t.split(",")), default=d.optimizers,
+                   help="continuations to compare, from " + ",".join(OPTIMIZERS))
+    p.add_argument("--pretrained", type=Path, default=d.pretrained, help="resnet18 ImageNet state dict (local)")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the intervals")
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.warm_epochs < 1:
+        raise UsageError("--epochs and --warm-epochs must be >= 1")
+    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
+    if unknown:
+        raise UsageError(f"unknown optimizer {unknown[0]!r}: choose from {', '.join(OPTIMIZERS)}")
+    names = {f.name for f in fields(StudyConfig)}
+    study = StudyConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return study, (EXPERIMENTS if args.experiment == "all" else (args.experiment,))
+
+
+def main(argv=None):
+    study, which = parse_args(sys.argv[1:] if argv is None else argv)
+    return study_main(study, which)
+
+
+if __name__ == "__main__":
+    from cli import run as run_cli
+    run_cli(main)

@@ -1,0 +1,58 @@
+"""The study end to end in a tiny configuration: every experiment writes its table, summary and plots, and
+a rerun reuses the finished runs instead of training again."""
+import json
+
+import pytest
+
+from bench import study as study_mod
+from bench.study import StudyConfig, parse_args, study_main
+from cli import UsageError
+
+
+def tiny(ingested, out, **kw):
+    return StudyConfig(**{**dict(data=ingested, out=out, loader="torch", epochs=1, batch_size=16, res=64, workers=0,
+                                 nets=("flat",), strides=((4, 1, 1),), kernels=((11, 5, 3),), optimizers=("adam",),
+                                 bootstrap=50), **kw})
+
+
+def test_every_experiment_writes_tables_and_plots_and_reruns_are_reused(ingested, tmp_path, monkeypatch):
+    cfg = tiny(ingested, tmp_path / "study")
+    assert study_main(cfg, study_mod.EXPERIMENTS) == 0
+    out = cfg.out
+    for exp, plots in {"nets": ["loss.png", "accuracy.png"], "strides": ["grid.png"], "kernels": ["grid.png"],
+                       "optimizers": ["loss.png"], "transfer": []}.items():
+        summary = json.loads((out / exp / "summary.json").read_text())
+        assert (out / exp / "table.md").read_text().startswith("### ")
+        for png in plots:
+            assert (out / exp / png).read_bytes()[:4] == b"\x89PNG", (exp, png)
+        for row in summary["rows"]:
+            assert 0 <= row["test_acc"] <= 1 and row["test_acc_ci"][0] <= row["test_acc"] <= row["test_acc_ci"][1]
+            assert row["images_per_sec"] > 0 and row["macro_precision_ci"] is not None
+    assert [r["setting"] for r in json.loads((out / "optimizers" / "summary.json").read_text())["rows"]] == ["adam"]
+    adam = json.loads((out / "runs" / "flat-from-sgd-adam.json").read_text())["config"]
+    assert adam["optimizer"] == "adam" and adam["init_from"].endswith("flat-sgd-start/last.pt")
+    # flat with its own strides and kernels is one run shared by three experiments.
+    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == ["flat", "flat-from-sgd-adam", "flat-sgd-start"]
+    transfer = json.loads((out / "transfer" / "summary.json").read_text())
+    assert transfer["rows"] == [] and "no --pretrained" in transfer["note"]
+    summary_md = (out / "summary.md").read_text()
+    assert "no GPU" in summary_md or "GPU" in summary_md
+    assert all(f"{i}. " in summary_md for i in range(1, 6))
+
+    # A rerun reuses every finished run; a grid with one more setting trains only that one.
+    import train
+    trained, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda c: trained.append(c.name) or real(c))
+    assert study_main(cfg, study_mod.EXPERIMENTS) == 0
+    assert trained == []
+    study_main(tiny(ingested, out, kernels=((11, 5, 3), (7, 5, 3))), ("kernels",))
+    assert trained == ["flat-kernels-7-5-3"]
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError):
+        parse_args(["nope"])
+    with pytest.raises(UsageError, match="groups like 4,1,1"):
+        parse_args(["strides", "--strides", "4,x"])
+    with pytest.raises(UsageError, match="not an ingested dataset"):
+        study_main(StudyConfig(data=tmp_path, out=tmp_path / "o"), ("nets",))
