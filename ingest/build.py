@@ -71,7 +71,7 @@ def _build(cfg, found, clock, progress, log):
             ("path", "label", "sha256", "width", "height"),
             [(s.rel, s.label, s.sha256, s.width, s.height) for s in samples]))
     write_text(cfg.out / layout.QUARANTINE, _csv(("path", "reason"), quarantine))
-    _write_formats(cfg, splits, manifest, progress)
+    _write_formats(cfg, splits, manifest)
     _remove_stale(cfg.out, manifest)
     write_text(cfg.out / layout.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _prune_cache(cfg.out / CACHE, [s.cached for part in splits.values() for s in part])
@@ -112,11 +112,11 @@ def validate_all(cfg, candidates, progress=True):
                          unit="img", disable=not progress))
 
 
-def _write_formats(cfg, splits, manifest, progress):
+def _write_formats(cfg, splits, manifest):
     from ingest.beton import write_beton  # imports torch and numba: only when there is work
     from ingest.shards import write_shards
 
-    for name, samples in tqdm(splits.items(), desc="write", unit="split", disable=not progress):
+    for name, samples in splits.items():  # FFCV's writer shows its own progress bar
         write_beton(layout.beton_path(cfg.out, name), samples)
         manifest["splits"][name]["shards"] = write_shards(cfg.out, name, samples, cfg.seed, cfg.shard_size)
 
