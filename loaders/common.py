@@ -55,9 +55,11 @@ def rank_ids(num_samples, rank, world):
 
 def normalize_(images):
     """uint8/float NCHW on any device -> normalised float32 channels_last, in as few kernels as possible."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+    scale = 1 / torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    shift = -torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * scale
+    # One new buffer (the cast also sets the layout) updated in place: half the time of (x - mean) / std,
+    # which allocates a float tensor per step; that was the limit of CPU loaders at res 224.
+    return images.to(torch.float32, memory_format=torch.channels_last, copy=True).mul_(scale).add_(shift)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -59,6 +59,8 @@ class FfcvLoader:
         self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
         self.num_samples = len(ids)
         self.epoch = 0
+        if device.type == "cuda" and device.index is None:  # FFCV allocates its buffers on this exact device
+            device = torch.device("cuda", torch.cuda.current_device())
         on_gpu = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         decoder = (RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
                    else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
