@@ -1,0 +1,314 @@
+"""Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline and the decode
+ceiling measured in the same run on the same cores.
+
+`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--backends dali,torch]`
+Each (backend, split) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
+row): build the loader (time reported: DALI pipeline build, resident decode or cache load), one warm-up epoch
+(worker start, numba compilation: reported, not counted), then `--epochs` timed epochs; the figure is their
+median. The decode ceiling is decode-only of the stored JPEG bytes with libjpeg-turbo (torchvision.io), in as
+many worker processes as the loaders get, no augmentation, nothing sent back; on a GPU it is a batched nvJPEG
+decode. Output under the results folder: table.md, results.json (+ config.json) and throughput.png.
+"""
+import argparse
+import gc
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as `python bench/loaders.py`: make the repository importable
+    sys.path.insert(0, str(REPO))
+
+from cli import UsageError, run  # noqa: E402
+
+BASELINE, CEILING = "folder", "decode"
+SPLITS = ("train", "test")
+
+
+# ---------------------------------------------------------------- measuring (in this process)
+
+def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device="auto", workers=None, epochs=3,
+            seed=0):
+    """Loader-only throughput of one backend in this process: {images_per_sec (median of `epochs` timed epochs
+    after a warm-up epoch), epoch_images_per_sec, warmup_s, build_s, samples, peak_rss_mb, peak_worker_rss_mb}.
+
+    backend "decode" is the decode ceiling. Peak RSS is this process's high-water mark so far, so it is the
+    backend's own only in a fresh process (see isolated)."""
+    import torch
+    from loaders import BACKENDS, make_loader
+    from loaders.common import resolve_device
+
+    if epochs < 1:
+        raise UsageError(f"--epochs must be >= 1 (got {epochs})")
+    device = resolve_device(device)
+    if backend != CEILING:
+        importlib.import_module(BACKENDS[backend])  # module import (seconds for torchvision) is not build time
+    started = time.perf_counter()
+    if backend == CEILING:
+        loader = DecodeOnly(data_dir, split, batch_size=batch_size, device=device, workers=workers)
+    else:
+        loader = make_loader(backend, data_dir, split, batch_size=batch_size, res=res, device=str(device),
+                             seed=seed, workers=workers)
+    build_s = time.perf_counter() - started
+    seconds, batch = [], None
+    with WorkerRss() as workers_rss:
+        for epoch in range(epochs + 1):
+            loader.set_epoch(epoch)
+            started = time.perf_counter()
+            for batch in loader:
+                pass  # loader only: each batch is ready (on the device) when the loader hands it over
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - started)
+    samples = loader.num_samples
+    del loader, batch
+    gc.collect()
+    rates = [samples / s for s in seconds[1:]]
+    return {"backend": backend, "split": split, "images_per_sec": statistics.median(rates),
+            "epoch_images_per_sec": rates, "warmup_s": seconds[0], "build_s": build_s, "samples": samples,
+            "device": str(device), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_worker_rss_mb": workers_rss.peak_mb or None}
+
+
+class WorkerRss:
+    """Peak summed RSS of this process's children (DataLoader workers), sampled every `interval` s.
+
+    getrusage(RUSAGE_CHILDREN) cannot say it: importing torch already runs a large child. Reading
+    /proc/<pid>/statm is cheap enough not to disturb the timing; pages shared between workers count once
+    per worker, so this is an upper bound."""
+
+    def __init__(self, interval=0.2):
+        self.interval, self.peak_mb, self._stop = interval, 0.0, threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        import psutil
+        me = psutil.Process()
+        while not self._stop.wait(self.interval):
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:  # a worker that just exited
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+
+def _decoded_shape(image):
+    """What a decode-only worker sends back: the image's shape, so IPC costs nothing next to the decode."""
+    import torch
+    return torch.tensor(image.shape)
+
+
+class DecodeOnly:
+    """The decode ceiling, shaped like a loader: every stored JPEG of the split decoded once per epoch."""
+
+    def __init__(self, data_dir, split, *, batch_size, device, workers):
+        from torch.utils.data import DataLoader
+        from loaders.tvision import ShardSamples, collate_bytes
+
+        samples = ShardSamples(data_dir, split)
+        self.device, self.num_samples = device, len(samples)
+        on_gpu = device.type == "cuda"
+        samples.transform = None if on_gpu else _decoded_shape
+        workers = os.cpu_count() if workers is None else workers
+        self.loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
+                                 persistent_workers=workers > 0, collate_fn=collate_bytes if on_gpu else None)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        from torchvision.io import ImageReadMode, decode_jpeg
+        for data, labels, _ in self.loader:
+            if self.device.type == "cuda":
+                data = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            yield data, labels
+
+
+def isolated(backend, data_dir, split, timeout=1800, **kwargs):
+    """measure() in a fresh `python -m bench.loaders --child` process; a failure becomes {error: last line}."""
+    with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
+        out = Path(tmp) / "row.json"
+        params = {"backend": backend, "data_dir": str(Path(data_dir).resolve()), "split": split, **kwargs}
+        try:
+            done = subprocess.run([sys.executable, "-m", "bench.loaders", "--child", json.dumps(params), str(out)],
+                                  capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        except subprocess.TimeoutExpired:
+            return {"backend": backend, "split": split, "error": f"timed out after {timeout} s"}
+        if done.returncode == 0 and out.is_file():
+            return json.loads(out.read_text())
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
+        return {"backend": backend, "split": split, "error": lines[-1][:300]}
+
+
+# ---------------------------------------------------------------- the report
+
+def add_ratios(rows):
+    """Each row's ratio to the folder baseline and share of the decode ceiling, of the same split."""
+    ok = {(r["backend"], r["split"]): r["images_per_sec"] for r in rows if not r.get("error")}
+    for r in rows:
+        base, ceiling = ok.get((BASELINE, r["split"])), ok.get((CEILING, r["split"]))
+        rate = r.get("images_per_sec")
+        r["vs_folder"] = rate / base if rate and base else None
+        r["vs_ceiling"] = rate / ceiling if rate and ceiling else None
+    return rows
+
+
+def targets(rows, split="train"):
+    """The issue's targets on one split: best backend vs folder and vs the ceiling, the slowest vs folder."""
+    loaders = [r for r in rows if r["split"] == split and r.get("vs_folder") and r["backend"] not in (BASELINE,
+                                                                                                     CEILING)]
+    if not loaders:
+        return {}
+    best, slowest = max(loaders, key=lambda r: r["vs_folder"]), min(loaders, key=lambda r: r["vs_folder"])
+    resident = next((r["vs_folder"] for r in loaders if r["backend"] == "resident"), None)
+    return {"split": split, "best": best["backend"], "best_vs_folder": best["vs_folder"],
+            "best_vs_ceiling": best["vs_ceiling"], "slowest": slowest["backend"],
+            "slowest_vs_folder": slowest["vs_folder"], "resident_vs_folder": resident}
+
+
+def table(rows):
+    from bench.results import markdown_table
+
+    def number(key, form):
+        return lambda r: form.format(r[key]) if r.get(key) is not None else "–"
+
+    columns = [("backend", lambda r: r["backend"] + (" (ceiling)" if r["backend"] == CEILING else "")),
+               ("split", lambda r: r["split"]),
+               ("img/s (median)", lambda r: f"failed: {r['error'][:80]}" if r.get("error") else
+                f"{r['images_per_sec']:,.0f}"),
+               ("× folder", number("vs_folder", "{:.2f}×")),
+               ("of ceiling", lambda r: f"{100 * r['vs_ceiling']:.0f} %" if r.get("vs_ceiling") else "–"),
+               ("build s", number("build_s", "{:.2f}")),
+               ("warm-up epoch s", number("warmup_s", "{:.2f}")),
+               ("peak RSS MB", number("peak_rss_mb", "{:,.0f}")),
+               ("workers' RSS MB", number("peak_worker_rss_mb", "{:,.0f}"))]
+    return markdown_table(rows, columns)
+
+
+def plot(rows, path, title):
+    """Horizontal bars, train and test side by side per backend, each labelled with its ratio to folder."""
+    import numpy as np
+    from bench.plots import plt, save
+
+    names = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 0.8 * len(names) + 1.5))
+    y = np.arange(len(names))
+    right = max([r.get("images_per_sec") or 0 for r in rows] + [1])
+    for shift, split in ((-0.2, "train"), (0.2, "test")):
+        by_name = {r["backend"]: r for r in rows if r["split"] == split}
+        rates = [by_name.get(n, {}).get("images_per_sec") or 0 for n in names]
+        ax.barh(y + shift, rates, 0.4, label=split)
+        for i, n in enumerate(names):
+            row = by_name.get(n, {})
+            note = "failed" if row.get("error") else f"{row['vs_folder']:.1f}× folder" if row.get("vs_folder") else ""
+            ax.text(rates[i] + right * 0.01, i + shift, note, va="center", fontsize=8)
+    ax.set_yticks(y, [n + (" (ceiling)" if n == CEILING else "") for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, right * 1.3)
+    ax.set_xlabel("images / s (loader only, median over epochs)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    save(fig, path)
+
+
+# ---------------------------------------------------------------- command line
+
+def parse(argv):
+    from loaders import BACKENDS
+    p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path("data/ingested"), help="an ingested dataset (ingest/build.py)")
+    p.add_argument("--res", type=int, default=224, help="output resolution, px (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one (default %(default)s)")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated; folder and the decode ceiling are always added (default: all)")
+    p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: each backend's)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default results/loaders-<time>)")
+    p.add_argument("--quick", action="store_true", help="1 timed epoch: a smoke run, not a measurement")
+    p.add_argument("--in-process", action="store_true",
+                   help="no fresh process per row: faster, but peak RSS then accumulates over rows")
+    p.add_argument("--child", nargs=2, metavar=("PARAMS", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    names = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(BACKENDS)}")
+    args.backends = [CEILING, BASELINE] + [b for b in names if b != BASELINE]
+    args.splits = [s for s in args.splits.split(",") if s]
+    if not args.splits or set(args.splits) - set(SPLITS):
+        raise UsageError(f"--splits must be a comma-separated subset of {', '.join(SPLITS)}")
+    if args.quick:
+        args.epochs = 1
+    if args.epochs < 1 or args.batch_size < 1 or args.res < 8:
+        raise UsageError("--epochs and --batch-size must be >= 1 and --res >= 8")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.child:
+        from bench.results import write_json
+        write_json(args.child[1], measure(**json.loads(args.child[0])))
+        return 0
+    from tqdm import tqdm
+
+    from bench.results import environment, machine_label, new_results_dir, write_config, write_json, atomic_write
+    from ingest.layout import read_manifest
+    from loaders.common import resolve_device
+
+    manifest = read_manifest(args.data)
+    device = str(resolve_device(args.device))
+    out = args.out or new_results_dir("loaders")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(batch_size=args.batch_size, res=args.res, device=device, workers=args.workers, epochs=args.epochs)
+    write_config(out, {**settings, "data": str(args.data), "backends": args.backends, "in_process": args.in_process})
+    rows = []
+    cells = [(b, s) for b in args.backends for s in args.splits]
+    for backend, split in tqdm(cells, desc="bench.loaders", unit="row", disable=None):
+        if args.in_process:
+            try:
+                rows.append(measure(backend, args.data, split, **settings))
+            except Exception as err:  # one failing backend costs one row, as in a fresh process
+                rows.append({"backend": backend, "split": split, "error": f"{type(err).__name__}: {err}"})
+        else:
+            rows.append(isolated(backend, args.data, split, **settings))
+    add_ratios(rows)
+    env = environment()
+    title = (f"loader only, res {args.res}, batch {args.batch_size}, {manifest['splits']['train']['count']} train "
+             f"images stored at {manifest['store_size']} px, {machine_label(env)}, device {device}")
+    summary = {s: targets(rows, s) for s in args.splits}
+    write_json(out / "results.json", {"title": title, "settings": settings, "rows": rows, "targets": summary})
+    text = f"# {title}\n\n{table(rows)}\n" + "".join(
+        f"- {s}: best {t['best']} {t['best_vs_folder']:.2f}× folder, "
+        f"{100 * t['best_vs_ceiling']:.0f} % of the decode ceiling; slowest {t['slowest']} "
+        f"{t['slowest_vs_folder']:.2f}× folder"
+        + (f"; resident {t['resident_vs_folder']:.2f}× folder" if t.get("resident_vs_folder") else "") + "\n"
+        for s, t in summary.items() if t and t.get("best_vs_ceiling"))
+    atomic_write(out / "table.md", text)
+    plot(rows, out / "throughput.png", title)
+    print(text + f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
