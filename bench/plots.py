@@ -22,30 +22,32 @@ def save(fig, path):
 
 
 def throughput_bars(rows, path, title):
-    """One bar pair per cell (end-to-end and loader-only images/s), annotated with accuracy and the ratio to
-    the baseline, so speed is never read without the accuracy it bought."""
+    """End-to-end and loader-only images/s per cell, one panel each (their scales differ by orders of
+    magnitude on a CPU), annotated with accuracy and the ratio to the baseline, so speed is never read
+    without the accuracy it bought."""
     labels = [r["cell"] for r in rows]
-    e2e = [r.get("images_per_sec") or 0 for r in rows]
-    loader = [r.get("loader_images_per_sec") or 0 for r in rows]
     y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 0.9 * len(rows) + 1.5))
-    ax.barh(y - 0.2, e2e, 0.4, label="end-to-end training")
-    ax.barh(y + 0.2, loader, 0.4, label="loader only", alpha=0.6)
-    right = max(e2e + loader + [1])
-    for i, r in enumerate(rows):
-        if r.get("error"):
-            note = f"failed: {r['error'][:60]}"
-        else:
-            ratio = r.get("ratio_to_baseline")
-            note = f"acc {r['test_acc']:.3f}" if r.get("test_acc") is not None else "acc –"
-            note += f"   {ratio:.2f}× baseline" if ratio else ""
-        ax.text(e2e[i] + right * 0.01, i - 0.2, note, va="center", fontsize=8)
-    ax.set_yticks(y, labels)
-    ax.invert_yaxis()
-    ax.set_xlim(0, right * 1.45)
-    ax.set_xlabel("images / s")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.7 * len(rows) + 1.8), sharey=True)
+    panels = (("images_per_sec", "ratio_to_baseline", "end-to-end training images / s"),
+              ("loader_images_per_sec", "loader_ratio_to_baseline", "loader-only images / s"))
+    for ax, (key, ratio_key, xlabel), colour in zip(axes, panels, ("C0", "C1")):
+        values = [r.get(key) or 0 for r in rows]
+        ax.barh(y, values, 0.6, color=colour)
+        right = max(values + [1])
+        for i, r in enumerate(rows):
+            if r.get("error"):
+                note = f"failed: {r['error'][:50]}"
+            else:
+                ratio = r.get(ratio_key)
+                note = f"{ratio:.2f}× baseline" if ratio else ""
+                if key == "images_per_sec" and r.get("test_acc") is not None:
+                    note = f"acc {r['test_acc']:.3f}   " + note
+            ax.text(values[i] + right * 0.02, i, note, va="center", fontsize=8)
+        ax.set_xlim(0, right * 1.6)
+        ax.set_xlabel(xlabel)
+    axes[0].set_yticks(y, labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
     save(fig, path)
 
 

@@ -99,7 +99,7 @@ def fmt(value, digits=3):
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}".rstrip("0").rstrip(".") or "0"
+        return f"{value:,.{digits}f}"
     return str(value)
 
 
