@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.results import atomic_write, environment, machine_label, new_results_dir, write_json
-from cli import run
+from cli import UsageError, run
 from ingest import demo
 from ingest.atomic import atomic_path
 from ingest.build import build
@@ -51,6 +51,8 @@ def main(argv=None):
     p.add_argument("--store-size", type=int, default=256, help="shorter side stored, px")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
     args = p.parse_args(argv)
+    if args.repeats < 1 or min(args.workers) < 1:
+        raise UsageError("--repeats and every --workers value must be >= 1")
     src = DATA / f"bench-demo-{args.per_class}"
     demo.generate(src, demo.DemoConfig(per_class=args.per_class))
     out_dir = new_results_dir("ingest")
@@ -80,7 +82,7 @@ def main(argv=None):
     env = environment()
     lines = [f"Ingest, {args.per_class * len(demo.CLASSES)} demo photos + junk, store {args.store_size} px, "
              f"median of {args.repeats} cold runs, {machine_label(env)}", "",
-             "| workers | validate img/s | per worker | per worker CPU-second | end to end img/s | write s | speed-up |",
+             "| workers | validate img/s | per worker | per worker CPU-s | end to end img/s | write s | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['workers']} | {row['validate_img_s']:.0f} | {row['per_worker_img_s']:.0f} | "

@@ -22,8 +22,9 @@ def split(samples, classes, seed, test_share):
         per_class[s.label].append(s)
     few = [classes[i] for i in range(len(classes)) if len(per_class[i]) < 2]
     if few:
-        raise UsageError(f"class{'es' if len(few) > 1 else ''} {', '.join(few)} "
-                         f"{'have' if len(few) > 1 else 'has'} fewer than 2 valid images: add photos or remove the folder")
+        many = len(few) > 1
+        raise UsageError(f"class{'es' if many else ''} {', '.join(few)} {'have' if many else 'has'} fewer than 2 "
+                         "valid images: add photos or remove the folder")
     out = {"train": [], "test": []}
     for members in per_class.values():
         members.sort(key=lambda s: _rank(seed, s.rel))

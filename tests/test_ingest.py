@@ -9,7 +9,6 @@ import random
 import struct
 import tarfile
 import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
