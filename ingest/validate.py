@@ -38,7 +38,10 @@ def cache_file(cache_dir, sha256, params):
 def check(task):
     """Worker entry point: task = (cfg, rel, label) -> Checked. Cached results are reused as they are."""
     cfg, rel, label = task
-    data = (cfg.src / rel).read_bytes()
+    try:
+        data = (cfg.src / rel).read_bytes()
+    except OSError as err:  # removed or locked since the scan: a reason, not a crash of the whole run
+        return Checked(rel, label, "", reason=f"unreadable: {err.strerror}")
     sha = hashlib.sha256(data).hexdigest()
     base = cache_file(cfg.out / ".cache", sha, cfg.cache_params())
     jpg, bad = base.with_suffix(".jpg"), base.with_suffix(".bad")

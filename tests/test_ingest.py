@@ -278,3 +278,10 @@ def test_dali_pipeline_reads_every_sample_once_with_its_label(ingested):
             assert seen.setdefault(key, label) == label  # padding repeats a sample, never mislabels it
             assert img.at(k).shape[2] == 3 and min(img.at(k).shape[:2]) == TINY_STORE
     assert [seen[i] for i in range(len(want))] == want and len(seen) == len(want)
+
+
+def test_file_gone_since_the_scan_is_quarantined_not_a_crash(tmp_path):
+    from ingest.validate import check
+
+    cfg = IngestConfig(src=tmp_path / "src", out=tmp_path / "out")
+    assert check((cfg, "a/vanished.jpg", 0)).reason == "unreadable: No such file or directory"
