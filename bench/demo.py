@@ -27,10 +27,10 @@ def make_demo_data(out, per_class=None, src=None, progress=True):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset (made if missing)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of the demo training run")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the demo training run")
     p.add_argument("--res", type=int, default=112, help="training resolution (the study used 224)")
     p.add_argument("--loader", default="dali", help="loader of the demo training run")
-    p.add_argument("--bench-loaders", default="folder,dali,torch",
+    p.add_argument("--bench-loaders", default="folder,dali",
                    help="loaders the demo bench compares (python -m bench for all of them)")
     args = p.parse_args(argv)
     if args.epochs < 2:

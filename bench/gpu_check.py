@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class Step:
     timeout: int
     needs: tuple = ()  # names of steps that must be ok first
     env: dict = field(default_factory=dict)
+    parallel: bool = False  # may run alongside its parallel neighbours (correctness probes, never timings)
+    skip: str = ""  # a reason to report this step as skipped without running it
 
 
 def tail_line(log_path):
@@ -96,18 +99,35 @@ def run_checks(steps, out_dir, budget_s=BUDGET_S, mode="gpu", env=None):
     report = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start_wall)),
               "budget_s": budget_s, "checks": []}
     status = {}
-    for step in steps:
+
+    def one(step):
         unmet = [n for n in step.needs if status.get(n) != "ok"]
-        if unmet:
-            entry = {"name": step.name, "what": step.what, "status": "skipped", "seconds": 0.0, "log": None,
-                     "message": "needs " + ", ".join(f"{n} ({status.get(n, 'not run')})" for n in unmet)}
-        else:
-            entry = run_step(step, log_dir, deadline, base_env)
-        status[step.name] = entry["status"]
-        report["checks"].append(entry)
-        print(f"[{entry['status']:>7}] {step.name} ({entry['seconds']:.1f} s) {entry['message']}", flush=True)
+        if step.skip or unmet:
+            return {"name": step.name, "what": step.what, "status": "skipped", "seconds": 0.0, "log": None,
+                    "message": step.skip or "needs " + ", ".join(f"{n} ({status.get(n, 'not run')})" for n in unmet)}
+        return run_step(step, log_dir, deadline, base_env)
+
+    for batch in batches(steps):
+        # Probes that only check correctness share the GPU and the cores: minutes saved, nothing distorted.
+        with ThreadPoolExecutor(len(batch)) as pool:
+            entries = list(pool.map(one, batch))
+        for step, entry in zip(batch, entries):
+            status[step.name] = entry["status"]
+            report["checks"].append(entry)
+            print(f"[{entry['status']:>7}] {step.name} ({entry['seconds']:.1f} s) {entry['message']}", flush=True)
         finish(report, out_dir, start)
     return report
+
+
+def batches(steps):
+    """Consecutive parallel steps form one batch; every other step is a batch of its own."""
+    out = []
+    for step in steps:
+        if step.parallel and out and out[-1][-1].parallel:
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
 
 
 def finish(report, out_dir, start):
@@ -145,7 +165,7 @@ def install_step(name, what, python, wheels, packages, needs=()):
 
 def probe(python, name, data, device, what, timeout, needs):
     return Step(name, what, [python, "-m", "bench.gpu_probes", name, "--data", data, "--device", device],
-                timeout, needs)
+                timeout, needs, parallel=True)
 
 
 def plan(args):
@@ -191,19 +211,22 @@ def plan(args):
              "--batch-size", "64", "--res", "128", "--runs-dir", str(runs)]
     steps += [
         Step("amp_bf16", "training step under bf16 autocast", train + ["--amp", "bf16", "--name", "amp-bf16"], 90,
-             need),
+             need, parallel=True),
         Step("amp_fp16", "training step under fp16 autocast with the gradient scaler",
-             train + ["--amp", "fp16", "--name", "amp-fp16"], 90, need),
+             train + ["--amp", "fp16", "--name", "amp-fp16"], 90, need, parallel=True,
+             skip="fp16 with a gradient scaler needs a GPU" if args.cpu_dry_run else ""),
         Step("compile", "torch.compile of the net (includes compile time)",
-             train + ["--amp", "auto", "--compile", "--name", "compile"], 150, need),
-        Step("torchrun_nccl", "1-GPU DDP through torchrun (NCCL backend on the GPU)",
+             train + ["--amp", "auto", "--compile", "--name", "compile"], 150, need, parallel=True),
+        Step("torchrun_nccl", "1-GPU DDP through torchrun (NCCL backend on the GPU; gloo in a CPU dry run)",
              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] + train[1:]
-             + ["--name", "ddp"], 120, need),
-        Step("bench_loaders", "loader-only bench of every backend", [py, "-m", "bench.loaders", "--quick", "--data",
-                                                                     data, "--device", dev], 150, need),
-        Step("bench_e2e", "short end-to-end bench, every loader", [py, "-m", "bench", "--quick", "--data", data,
-                                                                   "--device", dev, "--out", str(out / "bench")],
-             240, need),
+             + ["--name", "ddp"], 120, need, parallel=True),
+        # Timings run alone, after the probes, so nothing else competes for the GPU or the cores.
+        Step("bench_loaders", "loader-only bench of every backend (train split, 1 timed epoch)",
+             [py, "-m", "bench.loaders", "--quick", "--splits", "train", "--data", data, "--device", dev,
+              "--out", str(out / "bench-loaders")], 120, need),
+        Step("bench_e2e", "short end-to-end bench, every loader against the folder baseline",
+             [py, "-m", "bench", "--quick", "--data", data, "--device", dev, "--out", str(out / "bench-e2e")], 180,
+             need),
     ]
     if args.only:
         keep = set(args.only.split(","))

@@ -82,3 +82,14 @@ def test_without_a_gpu_the_gpu_checks_fail_with_the_reason(tmp_path):
 def test_script_usage_error_is_one_line():
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
+
+
+def test_parallel_probes_run_together_and_keep_their_order(tmp_path):
+    sleep = [PY, "-c", "import time; time.sleep(1.5); print('OK slept')"]
+    steps = [Step("a", "x", sleep, 30, parallel=True), Step("b", "x", sleep, 30, parallel=True),
+             Step("c", "x", sleep, 30, parallel=True, skip="fp16 needs a GPU")]
+    report = run_checks(steps, tmp_path, budget_s=30)
+    assert [c["name"] for c in report["checks"]] == ["a", "b", "c"]
+    assert [c["status"] for c in report["checks"]] == ["ok", "ok", "skipped"]
+    assert report["checks"][2]["message"] == "fp16 needs a GPU"
+    assert report["seconds"] < 2.9  # together, not one after the other
