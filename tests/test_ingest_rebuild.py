@@ -1,9 +1,12 @@
 """Ingest runs over time: crash and rerun, up to date, changed source, --force, and bad command lines."""
 import hashlib
 import io
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,23 @@ def test_killed_run_is_finished_by_a_rerun_with_the_same_result(tiny_src, ingest
     build(tiny_cfg(tiny_src, out, workers=1), **SILENT)  # another worker count too: must not matter
     assert outputs(out) == outputs(ingested)
     assert not list(out.glob(".*.tmp*")) and not list((out / ".cache").glob("*/.*"))
+
+
+def test_sigkilled_run_is_finished_by_a_rerun(tiny_src, ingested, tmp_path):
+    """A real kill -9 of the script and its workers, mid-validation, then a rerun."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "ingest/build.py", "--src", str(tiny_src), "--out", str(out),
+                             "--store-size", str(TINY_STORE), "--shard-size", "32", "--quiet"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".cache/*/*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the group we started: the script and its workers
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    assert not (out / layout.MANIFEST).exists()
+    build(tiny_cfg(tiny_src, out), **SILENT)
+    assert outputs(out) == outputs(ingested)
 
 
 def test_unchanged_source_is_up_to_date_and_untouched(tiny_src, ingested, monkeypatch):
