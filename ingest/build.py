@@ -65,21 +65,20 @@ def _build(cfg, found, clock, progress, log):
     splits = split(kept, found.classes, cfg.seed, cfg.test_share)  # may raise: nothing written yet
 
     (cfg.out / layout.MANIFEST).unlink(missing_ok=True)  # from here the folder is incomplete until the end
-    manifest = _manifest(cfg, found, fingerprint, quarantine, splits)
     for name, samples in splits.items():
         write_text(layout.csv_path(cfg.out, name), _csv(
             ("path", "label", "sha256", "width", "height"),
             [(s.rel, s.label, s.sha256, s.width, s.height) for s in samples]))
     write_text(cfg.out / layout.QUARANTINE, _csv(("path", "reason"), quarantine))
-    _write_formats(cfg, splits, manifest)
+    manifest = _manifest(cfg, found, fingerprint, quarantine, splits, shards=_write_formats(cfg, splits))
     _remove_stale(cfg.out, manifest)
     write_text(cfg.out / layout.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _prune_cache(cfg.out / CACHE, [s.cached for part in splits.values() for s in part])
     clock.lap("write")
 
-    counts = manifest
-    log(f"{counts['written']} written + {counts['quarantined']} quarantined + {counts['ignored']} ignored "
-        f"= {counts['found']} found; train {len(splits['train'])}, test {len(splits['test'])} -> {cfg.out}")
+    m = manifest
+    log(f"{m['written']} written + {m['quarantined']} quarantined + {m['ignored']} ignored = {m['found']} found; "
+        f"train {len(splits['train'])}, test {len(splits['test'])} -> {cfg.out}")
     return manifest
 
 
@@ -112,13 +111,16 @@ def validate_all(cfg, candidates, progress=True):
                          unit="img", disable=not progress))
 
 
-def _write_formats(cfg, splits, manifest):
+def _write_formats(cfg, splits):
+    """Beton and shards of every split; returns {split: the shards' manifest entries}."""
     from ingest.beton import write_beton  # imports torch and numba: only when there is work
     from ingest.shards import write_shards
 
+    shards = {}
     for name, samples in splits.items():  # FFCV's writer shows its own progress bar
         write_beton(layout.beton_path(cfg.out, name), samples)
-        manifest["splits"][name]["shards"] = write_shards(cfg.out, name, samples, cfg.seed, cfg.shard_size)
+        shards[name] = write_shards(cfg.out, name, samples, cfg.seed, cfg.shard_size)
+    return shards
 
 
 def _params(cfg):
@@ -127,7 +129,7 @@ def _params(cfg):
             "pipeline": cfg.cache_params()}
 
 
-def _manifest(cfg, found, fingerprint, quarantine, splits):
+def _manifest(cfg, found, fingerprint, quarantine, splits, shards):
     written = sum(len(part) for part in splits.values())
     assert written + len(quarantine) + len(found.ignored) == found.found, "a source file was lost or doubled"
     return {
@@ -136,7 +138,7 @@ def _manifest(cfg, found, fingerprint, quarantine, splits):
         "ignored": len(found.ignored),
         "splits": {name: {"count": len(part),
                           "per_class": {c: sum(s.label == i for s in part) for i, c in enumerate(found.classes)},
-                          "shards": []}
+                          "shards": shards[name]}
                    for name, part in splits.items()},
     }
 
