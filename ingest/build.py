@@ -32,9 +32,6 @@ from ingest.scan import scan  # noqa: E402
 from ingest.split import split  # noqa: E402
 from ingest.validate import check  # noqa: E402
 
-CACHE = ".cache"
-
-
 def build(cfg, progress=True, log=print, timings=None):
     """Ingest cfg.src into cfg.out; returns the manifest (dict). Raises UsageError for bad input.
     `timings`, a dict if given, receives the seconds spent per stage (for bench/ingest.py)."""
@@ -56,7 +53,7 @@ def _build(cfg, found, clock, progress, log):
         log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
         return layout.read_manifest(cfg.out)
     if cfg.force:
-        _clear_cache(cfg.out / CACHE)
+        _clear_cache(cfg.cache_dir)
 
     checked = validate_all(cfg, found.candidates, progress)
     clock.lap("validate")
@@ -73,7 +70,7 @@ def _build(cfg, found, clock, progress, log):
     manifest = _manifest(cfg, found, fingerprint, quarantine, splits, shards=_write_formats(cfg, splits))
     _remove_stale(cfg.out, manifest)
     write_text(cfg.out / layout.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    _prune_cache(cfg.out / CACHE, [s.cached for part in splits.values() for s in part])
+    _prune_cache(cfg.cache_dir, [s.cached for part in splits.values() for s in part])
     clock.lap("write")
 
     m = manifest

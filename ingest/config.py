@@ -55,6 +55,11 @@ class IngestConfig:
         workers = self.workers or len(os.sched_getaffinity(0))
         return IngestConfig(**{**self.__dict__, "src": src, "out": out, "workers": workers})
 
+    @property
+    def cache_dir(self):
+        """Per-file results, hidden inside --out: what makes reruns after a crash cheap."""
+        return self.out / ".cache"
+
     def cache_params(self):
         """What decides the bytes a source file becomes (not the split, not the sharding)."""
         return f"v{PIPELINE_VERSION}:{self.store_size}:{self.quality}:{self.min_side}:{self.max_pixels}"

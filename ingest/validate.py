@@ -30,6 +30,10 @@ class Checked:
     cached: str = ""  # cache file holding the stored JPEG
 
 
+class Rejected(Exception):
+    """A file that must not reach a shard; the message is its quarantine reason."""
+
+
 def cache_file(cache_dir, sha256, params):
     key = hashlib.sha256(f"{sha256}:{params}".encode()).hexdigest()
     return Path(cache_dir) / key[:2] / key
@@ -43,7 +47,7 @@ def check(task):
     except OSError as err:  # removed or locked since the scan: a reason, not a crash of the whole run
         return Checked(rel, label, "", reason=f"unreadable: {err.strerror}")
     sha = hashlib.sha256(data).hexdigest()
-    base = cache_file(cfg.out / ".cache", sha, cfg.cache_params())
+    base = cache_file(cfg.cache_dir, sha, cfg.cache_params())
     jpg, bad = base.with_suffix(".jpg"), base.with_suffix(".bad")
     if jpg.is_file():
         with Image.open(jpg) as im:  # header only
@@ -57,10 +61,6 @@ def check(task):
         return Checked(rel, label, sha, reason=str(why))
     write_bytes(jpg, encoded)
     return Checked(rel, label, sha, width=size[0], height=size[1], cached=str(jpg))
-
-
-class Rejected(Exception):
-    """A file that must not reach a shard; the message is its quarantine reason."""
 
 
 def normalise(data, cfg):
