@@ -23,7 +23,7 @@ DECODE_GREY_BOUND = 3.0  # raw decode, 0-255 scale: nvJPEG vs libjpeg-turbo
 
 
 def first_batch(name, data, device, split="test", batch_size=32, res=128):
-    loader = make_loader(name, data, split, batch_size=batch_size, res=res, device=device, workers=2)
+    loader = make_loader(name, data, split, batch_size=batch_size, res=res, device=str(device), workers=2)
     loader.set_epoch(0)
     start = time.perf_counter()
     images, labels = next(iter(loader))
