@@ -13,7 +13,7 @@ Everything a run produces lives in runs/<name>/: config.json, metrics.jsonl, las
 and the PNG plots (loss.png, accuracy.png, confusion.png); only rank 0 writes.
 """
 import argparse
-import contextlib
+import io
 import json
 import math
 import os
@@ -22,7 +22,6 @@ import resource
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm import tqdm  # noqa: E402
 import nets  # noqa: E402
 from cli import UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
+from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import rank_ids, resolve_device  # noqa: E402
 
@@ -155,13 +155,17 @@ def seed_everything(seed):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG a step may draw from, in plain types so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -205,7 +209,7 @@ def make_model(cfg, num_classes, device):
 def load_weights(model, path):
     """--init-from: a fastpix checkpoint or a bare state dict of the same net and classes."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the same user mistake
         raise UsageError(f"--init-from {path} is not a readable checkpoint ({type(err).__name__})") from None
     state = state.get("model", state) if isinstance(state, dict) else state
@@ -320,23 +324,8 @@ def plot_run(run_dir):
 
 # ----------------------------------------------------------------------------------------------- Files
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temp path next to `path` that replaces it only if the block finishes."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path, obj):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def append_jsonl(path, records):
@@ -349,8 +338,7 @@ def trim_metrics(run_dir, step, epoch):
     path = Path(run_dir) / "metrics.jsonl"
     keep = [line for line in path.read_text().splitlines() if line and (
         (r := json.loads(line))["kind"] == "step" and r["step"] < step or r["kind"] == "epoch" and r["epoch"] < epoch)]
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(line + "\n" for line in keep))
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def save_checkpoint(path, **state):
@@ -396,8 +384,21 @@ def all_ranks(world, device, value, op):
     return t.item()
 
 
+def gather_to_rank0(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere. Tensors travel as torch.save bytes:
+    gather_object's own unpickling of tensor storages fails in torch 2.14."""
+    if world == 1:
+        return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    blobs = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(buffer.getvalue(), blobs, dst=0)
+    return blobs and [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+
+
 def evaluate(model, loader, device, amp_dtype, world):
-    """Predictions and labels of every test sample exactly once, gathered from all ranks in id order."""
+    """Labels and predictions of every test sample exactly once, in id order, on rank 0 (None elsewhere:
+    only rank 0 computes metrics and writes)."""
     model.eval()
     preds, labels = [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -405,12 +406,11 @@ def evaluate(model, loader, device, amp_dtype, world):
             preds.append(model(images).argmax(1))
             labels.append(y)
     model.train()
-    pred, true = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-    if world > 1:  # ranks own contiguous id blocks (loaders.common.rank_ids): rank order is id order
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (pred, true))
-        pred, true = np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
-    return true, pred
+    # Ranks own contiguous id blocks (loaders.common.rank_ids), so rank order is id order.
+    gathered = gather_to_rank0((torch.cat(labels).cpu(), torch.cat(preds).cpu()), world)
+    if gathered is None:
+        return None, None
+    return tuple(torch.cat(part).numpy() for part in zip(*gathered))
 
 
 def new_run_dir(cfg):
@@ -479,7 +479,7 @@ def _train(cfg, rank, world, device):
 
     epoch, skip, global_step, epoch_rng, resume_rng = 0, 0, 0, None, None
     if cfg.resume:
-        ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
         if len(ckpt["rng"]) != world:
             raise UsageError(f"{run_dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not {world}")
         model.load_state_dict(ckpt["model"])
@@ -487,7 +487,7 @@ def _train(cfg, rank, world, device):
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         epoch, skip, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        epoch_rng, resume_rng = ckpt["epoch_rng"], ckpt["rng"][rank]
+        epoch_rng, resume_rng = ckpt["epoch_rng"][rank], ckpt["rng"][rank]
         if writer:
             trim_metrics(run_dir, global_step, epoch)
     if writer:
@@ -499,16 +499,14 @@ def _train(cfg, rank, world, device):
     metrics_path = run_dir / "metrics.jsonl"
 
     def checkpoint(next_epoch, step_in_epoch, start_rng):
-        states = [None] * world
-        if world > 1:  # every rank's RNG, so each continues its own stream
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
+        # Every rank's RNG states (now, and at the start of the epoch), so each continues its own stream.
+        states = gather_to_rank0({"rng": rng_state(), "epoch_rng": start_rng}, world)
         if writer:
             save_checkpoint(run_dir / CHECKPOINT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=next_epoch,
-                            step_in_epoch=step_in_epoch, global_step=global_step, epoch_rng=start_rng,
-                            rng=states, config=asdict(cfg), classes=classes)
+                            step_in_epoch=step_in_epoch, global_step=global_step,
+                            rng=[s["rng"] for s in states], epoch_rng=[s["epoch_rng"] for s in states],
+                            config=asdict(cfg), classes=classes)
 
     history, stopped, last = [], None, {}
     with StopFlag() as stop:
@@ -590,20 +588,18 @@ def _train(cfg, rank, world, device):
             t_eval = time.perf_counter()
             y_true, y_pred = evaluate(model, test_loader, device, amp_dtype, world)
             eval_s = time.perf_counter() - t_eval
-            test = classification_metrics(y_true, y_pred, len(classes), resamples=cfg.bootstrap, seed=cfg.seed)
             seen = int(all_ranks(world, device, seen, "sum"))
             record = {
                 "kind": "epoch", "epoch": epoch, "step": global_step,
-                "train_loss": all_ranks(world, device, loss_sum.item(), "sum")
-                / (steps_done * world),
-                "train_acc": all_ranks(world, device, correct.item(), "sum")
-                / seen,
-                "test_acc": test["acc"], "test_acc_ci": test["acc_ci"],
-                "macro_precision": test["macro_precision"], "macro_precision_ci": test["macro_precision_ci"],
+                "train_loss": all_ranks(world, device, loss_sum.item(), "sum") / (steps_done * world),
+                "train_acc": all_ranks(world, device, correct.item(), "sum") / seen,
                 "images_per_sec": seen / epoch_s, "data_stall_fraction": data_wait / epoch_s,
-                "epoch_s": epoch_s, "eval_s": eval_s, "train_samples": seen, "test_samples": len(y_true),
-                "partial": first_step > 0,
+                "epoch_s": epoch_s, "eval_s": eval_s, "train_samples": seen, "partial": first_step > 0,
             }
+            if writer:
+                test = classification_metrics(y_true, y_pred, len(classes), resamples=cfg.bootstrap, seed=cfg.seed)
+                record.update(test_acc=test["acc"], test_acc_ci=test["acc_ci"], macro_precision=test["macro_precision"],
+                              macro_precision_ci=test["macro_precision_ci"], test_samples=len(y_true))
             history.append(record)
             last = {"record": record, "y_true": y_true, "y_pred": y_pred}
             epoch += 1
@@ -613,15 +609,14 @@ def _train(cfg, rank, world, device):
                 append_jsonl(metrics_path, [record])
                 tqdm.write(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.3f}  train acc "
                            f"{record['train_acc']:.3f}  test acc {test['acc']:.3f} [{test['acc_ci'][0]:.3f}, "
-                           f"{test['acc_ci'][1]:.3f}]  {record['images_per_sec']:.0f} img/s  data stall "
+                           f"{test['acc_ci'][1]:.3f}]  {record['images_per_sec']:.0f} img/s  data wait "
                            f"{record['data_stall_fraction']:.0%}  ({epoch_s:.1f}s + eval {eval_s:.1f}s)")
 
     if writer:
         plot_run(run_dir)
         if last:
-            with atomic_path(run_dir / "test_predictions.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, y_true=last["y_true"], y_pred=last["y_pred"])
+            with atomic_path(run_dir / "test_predictions.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, y_true=last["y_true"], y_pred=last["y_pred"])
             plot_confusion(last["y_true"], last["y_pred"], classes, run_dir / "confusion.png")
     return summarize(cfg, run_dir, history, amp, device, epoch, stopped)
 

@@ -1,0 +1,184 @@
+"""train.py on the tiny ingested demo through make_loader('resident'): it learns, writes its run folder,
+resumes exactly, starts from a checkpoint, stops cleanly on SIGTERM and on a non-finite loss, and rejects
+bad arguments in one line. ResNet-18 at 32 px is the cheapest net to train here; the AlexNet family's
+shapes are pinned in test_nets.py, and the non-finite-loss run goes through the flat net's training path."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from cli import UsageError
+
+REPO = Path(train.__file__).resolve().parent
+CHANCE = 1 / 6  # the tiny demo has 6 classes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: two shared cores, and loader workers beside us, make more threads slower here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(ingested, runs, name, **overrides):
+    """A config that trains in seconds: 65 train samples, batch 16 -> 4 steps per epoch."""
+    options = dict(net="resnet18", loader="resident", data=str(ingested), res=32, batch_size=16, epochs=2,
+                   lr=0.01, warmup=0.5, amp="off", runs_dir=str(runs), name=name, workers=1, bootstrap=200,
+                   log_every=3)
+    options.update(overrides)
+    return train.Config(**options)
+
+
+def weights(run_dir):
+    return torch.load(Path(run_dir) / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def learned(ingested, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    return train.train(tiny(ingested, runs, "learn", epochs=6, amp="bf16"))
+
+
+def test_a_tiny_run_learns_with_bf16_on_the_cpu(learned):
+    steps, epochs = train.read_metrics(learned["run_dir"])
+    assert learned["amp"] == "bf16" and learned["epochs"] == 6 and learned["stopped"] is None
+    assert epochs[-1]["train_loss"] < 0.75 * epochs[0]["train_loss"]
+    assert learned["train_acc"] > 2 * CHANCE
+    assert learned["final_loss"] == epochs[-1]["train_loss"]
+
+
+def test_the_run_folder_holds_config_metrics_checkpoint_and_plots(learned):
+    run_dir = Path(learned["run_dir"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["net"] == "resnet18" and config["amp"] == "bf16" and len(config["classes"]) == 6
+    steps, epochs = train.read_metrics(run_dir)
+    assert [s["step"] for s in steps] == list(range(6 * 4))  # every iteration logged once, in order
+    assert all(np.isfinite(s["loss"]) and s["lr"] > 0 and s["images_per_sec"] > 0 for s in steps)
+    assert [e["epoch"] for e in epochs] == list(range(6))
+    for e in epochs:
+        assert e["test_acc_ci"][0] <= e["test_acc"] <= e["test_acc_ci"][1]
+        assert e["macro_precision_ci"][0] <= e["macro_precision"] <= e["macro_precision_ci"][1]
+        assert e["train_samples"] == 64 and 0 <= e["data_stall_fraction"] < 1
+    predictions = np.load(run_dir / "test_predictions.npz")
+    assert len(predictions["y_true"]) == epochs[-1]["test_samples"] == learned_test_count(config)
+    for png in ("loss.png", "accuracy.png", "confusion.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert learned["images_per_sec"] > 0 and learned["peak_rss_mb"] > 0 and learned["peak_gpu_mb"] is None
+
+
+def learned_test_count(config):
+    manifest = json.loads((Path(config["config"]["data"]) / "manifest.json").read_text())
+    return manifest["splits"]["test"]["count"]
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested, tmp_path):
+    full = train.train(tiny(ingested, tmp_path, "full"))
+    cut = train.train(tiny(ingested, tmp_path, "cut", max_steps=6))  # stops in the middle of epoch 2
+    assert cut["stopped"] == "max_steps" and cut["epochs"] == 1
+    resumed = train.train(train.Config(resume=cut["run_dir"]))
+    assert resumed["run_dir"] == cut["run_dir"] and resumed["epochs"] == 2
+    a, b = weights(full["run_dir"]), weights(resumed["run_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_steps, _ = train.read_metrics(full["run_dir"])
+    resumed_steps, resumed_epochs = train.read_metrics(resumed["run_dir"])
+    assert [s["loss"] for s in resumed_steps] == [s["loss"] for s in full_steps]  # the curve continues
+    assert [e["epoch"] for e in resumed_epochs] == [0, 1]
+
+
+def test_init_from_starts_from_the_checkpoint_weights(ingested, tmp_path, learned):
+    # lr 0 leaves the parameters where they started, so they must equal the checkpoint's.
+    run = train.train(tiny(ingested, tmp_path, "init", epochs=1, lr=0.0,
+                           init_from=str(Path(learned["run_dir"]) / "last.pt")))
+    start, end = weights(learned["run_dir"]), weights(run["run_dir"])
+    assert all(torch.equal(start[k], end[k]) for k in start if "running" not in k and "num_batches" not in k)
+    with pytest.raises(UsageError, match="does not fit this net"):
+        train.train(tiny(ingested, tmp_path, "init-wrong", net="narrow", res=64,
+                         init_from=str(Path(learned["run_dir"]) / "last.pt")))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(ingested, tmp_path):
+    config = tiny(ingested, tmp_path, "term", epochs=100, log_every=1)
+    metrics = Path(config.runs_dir) / config.name / "metrics.jsonl"
+
+    def terminate_once_training():
+        while not metrics.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_training, daemon=True).start()
+    run = train.train(config)
+    assert run["stopped"] == "signal" and run["epochs"] < 100
+    ckpt = torch.load(Path(run["run_dir"]) / "last.pt", weights_only=True)
+    steps, _ = train.read_metrics(run["run_dir"])
+    assert ckpt["global_step"] == len(steps) and ckpt["epoch"] * 4 + ckpt["step_in_epoch"] == len(steps)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is handed back
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(ingested, tmp_path):
+    with pytest.raises(UsageError, match="loss became non-finite at step"):
+        train.train(tiny(ingested, tmp_path, "nan", net="flat", res=64, epochs=2, lr=1e12, warmup=0,
+                         log_every=1, momentum=0.0))
+
+
+def test_metrics_match_scikit_learn_and_bracket_their_estimate():
+    from sklearn.metrics import precision_score
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 5, 300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 5, 300))
+    m = train.classification_metrics(y_true, y_pred, 5, resamples=500)
+    assert m["acc"] == pytest.approx((y_true == y_pred).mean())
+    assert m["macro_precision"] == pytest.approx(precision_score(y_true, y_pred, average="macro"))
+    assert m["acc_ci"][0] < m["acc"] < m["acc_ci"][1] and m["acc_ci"][1] - m["acc_ci"][0] < 0.15
+    assert m["macro_precision_ci"][0] < m["macro_precision"] < m["macro_precision_ci"][1]
+    assert train.classification_metrics(y_true, y_true, 5)["acc_ci"] == (1.0, 1.0)
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero():
+    factors = [train.lr_factor(s, 10, 100) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == 1.0 and all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] < 0.001
+
+
+def test_auto_amp_on_the_cpu_follows_native_bf16_and_fp16_needs_a_gpu():
+    cpu = torch.device("cpu")
+    assert train.resolve_amp("auto", cpu) == ("bf16" if train.cpu_has_native_bf16() else "off")
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        train.resolve_amp("fp16", cpu)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--net", "vgg"], "unknown net 'vgg'"),
+    (["--loader", "magic"], "unknown loader 'magic'"),
+    (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr", "-1"], "must be finite and >= 0"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--strides", "4,x"], "comma-separated integers"),
+    (["--init-from", "/nonexistent.pt"], "no such checkpoint"),
+    (["--resume", "/nonexistent-run"], "no last.pt and config.json"),
+    (["--data", "/nonexistent-data", "--loader", "resident"], "is not an ingested dataset"),
+])
+def test_bad_arguments_are_one_usage_error_line(argv, message, tmp_path):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        train.main(argv + ["--runs-dir", str(tmp_path)])
+
+
+def test_the_cli_reports_a_bad_argument_in_one_line_with_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--net", "vgg"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: unknown net 'vgg': choose one of alexnet, flat, narrow, "
+                                                "resnet18"]
