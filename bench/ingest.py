@@ -45,7 +45,7 @@ def up_to_date_seconds(src, out, store_size):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m bench.ingest", description=__doc__.split("\n")[0])
     p.add_argument("--per-class", type=int, default=20, help="demo photos per class (28 classes)")
     p.add_argument("--repeats", type=int, default=3, help="cold builds per worker count; medians reported")
     p.add_argument("--store-size", type=int, default=256, help="shorter side stored, px")

@@ -195,7 +195,8 @@ def _clear_cache(cache):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python ingest/build.py", description="Ingest a folder of labelled photos (one subfolder "
+               "per class) into validated, split FFCV and DALI webdataset shards.")
     d = IngestConfig
     p.add_argument("--src", type=Path, help="folder with one subfolder per class (default: the generated demo)")
     p.add_argument("--out", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset folder")

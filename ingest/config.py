@@ -68,5 +68,8 @@ class IngestConfig:
 class Parser(argparse.ArgumentParser):
     """argparse whose mistakes are UsageErrors: one line, exit 2, like every other bad input."""
 
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
     def error(self, message):
         raise UsageError(message)

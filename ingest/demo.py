@@ -235,7 +235,7 @@ def _generate(out, cfg, workers, progress):
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python ingest/demo.py", description="Generate the 500px-like demo photos (28 classes).")
     p.add_argument("--out", type=Path, default=layout.DEFAULT_SRC, help="folder to create")
     p.add_argument("--per-class", type=int, default=DemoConfig.per_class, help="photos per class")
     p.add_argument("--seed", type=int, default=DemoConfig.seed, help="same seed, same photos")
