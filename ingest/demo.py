@@ -162,16 +162,23 @@ def _write_photo(job):
     return path
 
 
+def _variant(k, variants):
+    """The odd format of photo k overall: each variant once among the first photos (every other one, so
+    even a tiny demo has them all), then about 1 photo in 25."""
+    if not variants:
+        return None
+    if k < 2 * len(variants):
+        return variants[k // 2] if k % 2 == 0 else None
+    return variants[k % len(variants)] if k % 25 == 12 else None
+
+
 def _plan(cfg, out):
     """Every photo to render as (cfg, class, index, path, variant), plus the junk kinds by relative path."""
     variants = ["gray", "cmyk", "png_alpha", "exif_rotated", "progressive"] if cfg.junk else []
     jobs, junk = [], {}
     for c, name in enumerate(cfg.classes):
         for i in range(cfg.per_class):
-            k = c * cfg.per_class + i
-            # one of each variant early on (so even a tiny demo has them), then ~1 in 25 photos
-            variant = variants[k // 2] if k % 2 == 0 and k // 2 < len(variants) else (
-                variants[k % len(variants)] if variants and k % 25 == 12 else None)
+            variant = _variant(c * cfg.per_class + i, variants)
             path = out / name / f"{i:05d}.jpg"
             jobs.append((cfg, name, i, path, variant))
             if variant:
