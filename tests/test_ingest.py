@@ -188,6 +188,14 @@ def test_split_ignores_input_order_and_depends_on_seed():
     assert split(samples, names, seed=1, test_share=0.1)["test"] != ref["test"]
 
 
+def test_adding_a_photo_moves_at_most_one_other_across():
+    samples = _samples(60, classes=1)
+    for n in range(2, 60):  # grow one class photo by photo, crossing several test-count steps
+        before = {s.rel for s in split(samples[:n], ["c0"], seed=0, test_share=0.1)["test"]}
+        after = {s.rel for s in split(samples[:n + 1], ["c0"], seed=0, test_share=0.1)["test"]}
+        assert len(before ^ (after - {samples[n].rel})) <= 1
+
+
 def test_split_is_stratified(ingested):
     m = layout.read_manifest(ingested)
     for name in m["classes"]:
