@@ -11,15 +11,30 @@ Ranks get a contiguous block of sample ids through `indices=` (loaders.common.ra
 is loaders.common.normalize_ on the output device: FFCV's GPU NormalizeImage needs cupy, which we do not
 ship.
 """
+import contextlib
 import os
 
 import numpy as np
 import torch
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.pipeline_spec import PipelineSpec
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """FFCV sets torch's thread count to its own (1 on import, its workers later), process-wide: the model's
+    CPU work keeps the count it had."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+with keep_torch_threads():
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.pipeline_spec import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from cli import UsageError
 from ingest import layout
@@ -71,9 +86,10 @@ class FfcvLoader:
         }
         if with_ids:
             pipelines["id"] = PipelineSpec("label", decoder=SampleIdDecoder(), transforms=[ToTensor(), Squeeze(1)])
-        self.loader = Loader(beton, batch_size=batch_size, num_workers=workers, os_cache=True,
-                             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
-                             indices=ids, pipelines=pipelines, drop_last=False)
+        with keep_torch_threads():
+            self.loader = Loader(beton, batch_size=batch_size, num_workers=workers, os_cache=True,
+                                 order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
+                                 indices=ids, pipelines=pipelines, drop_last=False)
 
     def __len__(self):
         return len(self.loader)
@@ -83,7 +99,9 @@ class FfcvLoader:
 
     def __iter__(self):
         self.loader.next_epoch = self.epoch  # FFCV's RANDOM order is drawn from seed + next_epoch
-        for images, labels, *ids in self.loader:
+        with keep_torch_threads():
+            batches = iter(self.loader)
+        for images, labels, *ids in batches:
             # FFCV reuses its output buffers a few batches later: the batch we hand out must own its memory.
             batch = (normalize_(images), labels.clone())
             yield batch + (ids[0].clone(),) if self.with_ids else batch

@@ -53,18 +53,20 @@ class Runs:
     """Epochs of loaders built once per configuration; `instance` asks for a second, independent loader."""
 
     def __init__(self, data_dir):
-        self.data_dir, self.cache = data_dir, {}
+        self.data_dir, self.cache, self.threads = data_dir, {}, {}
 
     def epochs(self, name, split, epochs=(0,), *, seed=0, rank=0, world=1, instance=0, break_first=False):
         """Ids and labels of each epoch in turn; break_first leaves a first pass after one batch."""
         key = (name, split, epochs, seed, rank, world, instance, break_first)
         if key not in self.cache:
+            threads = torch.get_num_threads()
             require(name)
             loader = make_loader(name, self.data_dir, split, batch_size=BATCH, res=RES, device="cpu", seed=seed,
                                  rank=rank, world=world, workers=1, with_ids=True)
             if break_first:
                 next(iter(loader))
             self.cache[key] = [self._epoch(loader, epoch) for epoch in epochs]
+            self.threads[key] = (threads, torch.get_num_threads())
         return self.cache[key]
 
     @staticmethod
@@ -108,6 +110,14 @@ def test_train_order_changes_each_epoch_and_follows_seed_and_epoch(name, runs):
     assert first_again.ids == first.ids  # epoch 0 after epoch 1: the order does not depend on history
     (resumed,) = runs.epochs(name, "train", (1,), instance=1)
     assert resumed.ids == second.ids  # a fresh loader with the same seed, started at epoch 1 (a resume)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_loader_leaves_torch_thread_count_alone(name, runs):
+    """The model's CPU work needs its threads: FFCV, for one, resets torch's count on import and per epoch."""
+    runs.epochs(name, "train", (0, 1, 0), break_first=True)
+    before, after = next(v for k, v in runs.threads.items() if k[:3] == (name, "train", (0, 1, 0)))
+    assert after == before
 
 
 @pytest.mark.parametrize("name", BACKENDS)
