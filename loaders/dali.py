@@ -13,7 +13,6 @@ Train shards were shuffled at write time, so the buffer only needs to mix within
 """
 import os
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -6,8 +6,8 @@ seconds compiling with numba; benches absorb it in a warm-up epoch. The file sta
 (`os_cache=True`), which suits datasets that fit in RAM and several loaders reading one file.
 
 Ranks get a contiguous block of sample ids through `indices=` (loaders.common.rank_ids) instead of FFCV's
-`distributed=True`, which pads ranks to equal length by repeating samples. Order is FFCV's RANDOM from
-`Loader(seed=...)` and the epoch number (we set it before each pass), SEQUENTIAL for test. Normalisation
+`distributed=True`, which pads ranks to equal length by repeating samples. Train order is FFCV's RANDOM,
+seeded per epoch from loaders.common.epoch_seed(seed, epoch); test order is SEQUENTIAL. Normalisation
 is loaders.common.normalize_ on the output device: FFCV's GPU NormalizeImage needs cupy, which we do not
 ship.
 """
@@ -38,7 +38,8 @@ with keep_torch_threads():
 
 from cli import UsageError
 from ingest import layout
-from loaders.common import RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, normalize_, rank_ids, resolve_device
+from loaders.common import (RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, epoch_seed, normalize_, rank_ids,
+                            resolve_device)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -71,11 +72,11 @@ class FfcvLoader:
     """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
 
     def __init__(self, beton, ids, *, train, batch_size, res, device, seed, workers, with_ids):
-        self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
-        self.num_samples = len(ids)
-        self.epoch = 0
         if device.type == "cuda" and device.index is None:  # FFCV allocates its buffers on this exact device
             device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.with_ids, self.batch_size, self.seed = device, with_ids, batch_size, seed
+        self.num_samples = len(ids)
+        self.epoch = 0
         on_gpu = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         decoder = (RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
                    else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
@@ -98,7 +99,10 @@ class FfcvLoader:
         self.epoch = epoch
 
     def __iter__(self):
-        self.loader.next_epoch = self.epoch  # FFCV's RANDOM order is drawn from seed + next_epoch
+        # FFCV draws a RANDOM order from seed + epoch, so seed 1's epoch 0 would be seed 0's epoch 1 and runs
+        # with consecutive seeds would share orders: each epoch gets its own hashed seed instead.
+        self.loader.traversal_order.seed = epoch_seed(self.seed, self.epoch)
+        self.loader.next_epoch = 0
         with keep_torch_threads():
             batches = iter(self.loader)
         for images, labels, *ids in batches:

@@ -110,6 +110,8 @@ def test_train_order_changes_each_epoch_and_follows_seed_and_epoch(name, runs):
     assert first_again.ids == first.ids  # epoch 0 after epoch 1: the order does not depend on history
     (resumed,) = runs.epochs(name, "train", (1,), instance=1)
     assert resumed.ids == second.ids  # a fresh loader with the same seed, started at epoch 1 (a resume)
+    (other_seed,) = runs.epochs(name, "train", (0,), seed=1)
+    assert other_seed.ids not in (first.ids, second.ids)  # seed + epoch would make it equal the second
 
 
 @pytest.mark.parametrize("name", BACKENDS)
