@@ -174,7 +174,7 @@ def plan(args):
     py, out = args.python, Path(args.outdir).resolve()
     dev = "cpu" if args.cpu_dry_run else "cuda"
     data = str(Path(args.data).resolve()) if args.data else str(out / "data" / "ingested")
-    runs = out / "runs"
+    runs = out / time.strftime("runs-%Y%m%d-%H%M%S")  # train.py never overwrites a run: fresh per invocation
     gpu = () if args.cpu_dry_run else ("gpu",)
     steps = []
     if not args.cpu_dry_run:
@@ -190,7 +190,7 @@ def plan(args):
     steps.append(Step("torch_cuda", "torch sees the GPU and runs a CUDA kernel",
                       [py, "-m", "bench.gpu_probes", "torch_cuda", "--device", dev], 60, setup + gpu))
     steps.append(Step("ffcv_import", "FFCV's compiled part loads (needs system libturbojpeg and libopencv)",
-                      [py, "-c", "import ffcv.loader, ffcv.fields; print('OK ffcv', __import__('ffcv').__version__)"],
+                      [py, "-c", "import ffcv.loader, ffcv.fields, importlib.metadata as m; print('OK ffcv', m.version('ffcv'))"],
                       60, () if args.skip_setup else ("install_ffcv",)))
     if not args.data:
         steps.append(Step("data", "generate a small demo dataset and ingest it",
