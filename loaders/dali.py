@@ -7,8 +7,8 @@ region it keeps), and the flip is the `mirror` argument of `crop_mirror_normaliz
 flip + normalise + layout.
 
 Epoch order: DALI's reader shuffles within a buffer (`initial_fill`) from the pipeline seed and carries its
-state from epoch to epoch, so an order would depend on history. We build a fresh pipeline for every pass,
-seeded from (seed, epoch): epoch e is the same whatever came before it (a resume gives the same order).
+state from epoch to epoch, so an order would depend on history. We build a fresh pipeline for every train
+epoch, seeded from (seed, epoch): epoch e is the same whatever came before it (a resume gives the same order).
 Train shards were shuffled at write time, so the buffer only needs to mix within its reach.
 """
 import os
@@ -59,6 +59,7 @@ class DaliLoader:
         self.shuffle_buffer, self.with_ids = shuffle_buffer, with_ids
         self.num_samples = num_samples
         self.epoch = 0
+        self._test_batches, self._finished = None, False
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
@@ -99,13 +100,24 @@ class DaliLoader:
 
         return graph()
 
-    def __iter__(self):
-        # A fresh pipeline per pass (build: ~20 ms): the order follows (seed, epoch) alone, a pass left early
-        # (a break) cannot leave the next one mid-epoch, and no pipeline prefetches an epoch nobody reads.
+    def _batches(self):
         pipe = self._pipeline(epoch_seed(self.seed, self.epoch))
         pipe.build()
         names = ["images", "labels"] + (["ids"] if self.with_ids else [])
-        batches = DALIGenericIterator(pipe, names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL)
+        return DALIGenericIterator(pipe, names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def __iter__(self):
+        # Train: a fresh pipeline per epoch (build ~20 ms), so the order follows (seed, epoch) alone; the
+        # price is the batches the old one decoded ahead (prefetch_queue_depth, 2) and the wait for them
+        # when it is freed. Test order never changes: a finished pass's pipeline is reset, and its run-ahead
+        # is the next pass's start. A pass left early (a break) is never resumed mid-epoch.
+        if self.train or not self._finished:
+            self._test_batches = None  # let the previous pipeline's threads go before new ones start
+            batches = self._batches()
+        else:
+            batches = self._test_batches
+            batches.reset()
+        self._test_batches, self._finished = (None if self.train else batches), False
         for (batch,) in batches:
             if len(batch["labels"]) == 0:
                 # The reader pads every shard to the batch count of the largest one; PARTIAL trims a
@@ -114,3 +126,4 @@ class DaliLoader:
             images = batch["images"].permute(0, 3, 1, 2)
             labels = batch["labels"].view(-1)
             yield (images, labels, _sample_ids(batch["ids"])) if self.with_ids else (images, labels)
+        self._finished = True

@@ -115,6 +115,13 @@ def test_train_order_changes_each_epoch_and_follows_seed_and_epoch(name, runs):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_test_split_every_pass_in_id_order_even_after_one_left_early(name, runs, ingested):
+    truth = csv_labels(ingested, "test")
+    for epoch in runs.epochs(name, "test", (0, 1, 1), break_first=True):
+        assert epoch.ids == list(range(len(truth))) and epoch.labels == truth
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_loader_leaves_torch_thread_count_alone(name, runs):
     """The model's CPU work needs its threads: FFCV, for one, resets torch's count on import and per epoch."""
     runs.epochs(name, "train", (0, 1, 0), break_first=True)
