@@ -60,11 +60,21 @@ def scan(src):
                     result.ignored.append(rel)
                     continue
                 reason = _link_or_special(path, src)
+                if not _utf8(rel):  # the csv files are UTF-8: name it readably and keep it out
+                    rel, reason = os.fsencode(rel).decode("utf-8", "backslashreplace"), "file name is not UTF-8"
                 if reason:
                     result.quarantined.append((rel, reason))
                 else:
                     result.candidates.append((rel, label))
     return result
+
+
+def _utf8(name):
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
+        return False
 
 
 def _size_mtime(path):
