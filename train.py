@@ -396,12 +396,12 @@ def gather_to_rank0(obj, world):
     return blobs and [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
 
-def evaluate(model, loader, device, amp_dtype, world):
+def evaluate(model, loader, autocast, world):
     """Labels and predictions of every test sample exactly once, in id order, on rank 0 (None elsewhere:
     only rank 0 computes metrics and writes)."""
     model.eval()
     preds, labels = [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.no_grad(), autocast():
         for images, y in loader:
             preds.append(model(images).argmax(1))
             labels.append(y)
@@ -431,210 +431,244 @@ def config_from_resume(cfg):
 
 
 def train(cfg):
-    """Run training as configured; returns the summary dict described in the README (rank 0's view)."""
+    """Run training as configured; returns the summary dict (see `summarize`; rank 0's view under DDP)."""
     if cfg.resume:
         cfg = config_from_resume(cfg)
     check(cfg)
     rank, world, device = start_distributed(cfg.device)
     try:
-        return _train(cfg, rank, world, device)
+        run = Run(cfg, rank, world, device)
+        with StopFlag() as stop:
+            while run.epoch < cfg.epochs and run.stopped is None:
+                run.train_epoch(stop)
+        run.finish()
+        return summarize(run)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, rank, world, device):
-    manifest = layout.read_manifest(cfg.data)
-    classes = manifest["classes"]
-    amp = resolve_amp(cfg.amp, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if not cfg.name:
-        cfg.name = f"{cfg.net}-{cfg.loader}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.runs_dir) / cfg.name if cfg.resume else new_run_dir(cfg)
-    writer = rank == 0
+class Run:
+    """One training run: model, optimizer, schedule, loaders and run folder, set up (or restored) at once;
+    `train_epoch` is the loop, `finish` writes what only the end knows."""
 
-    seed_everything(cfg.seed)
-    model = make_model(cfg, len(classes), device)
-    loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=rank,
-                       world=world, workers=cfg.workers)
-    train_loader = make_loader(cfg.loader, cfg.data, "train", **loader_args)
-    test_loader = make_loader(cfg.loader, cfg.data, "test", **loader_args)
-    # Full batches only (the last partial one is dropped; the next epoch's shuffle drops others): BN never
-    # sees a 1-sample batch, every step weighs the same, and all ranks take the same number of steps even
-    # when their blocks differ by a sample, so DDP never waits on a rank that has finished.
-    per_rank = min(len(rank_ids(manifest["splits"]["train"]["count"], r, world)) for r in range(world))
-    steps_per_epoch = per_rank // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} is more than the {per_rank} train samples per process: "
-                         "lower it")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup * steps_per_epoch)
+    def __init__(self, cfg, rank, world, device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.writer = rank == 0
+        manifest = layout.read_manifest(cfg.data)
+        self.classes = manifest["classes"]
+        self.amp = resolve_amp(cfg.amp, device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        if not cfg.name:
+            cfg.name = f"{cfg.net}-{cfg.loader}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.dir = Path(cfg.runs_dir) / cfg.name if cfg.resume else new_run_dir(cfg)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
-    optimizer = make_optimizer(cfg, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None) if world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
+        seed_everything(cfg.seed)
+        self.model = make_model(cfg, len(self.classes), device)
+        loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=rank,
+                           world=world, workers=cfg.workers)
+        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **loader_args)
+        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **loader_args)
+        # Full batches only (the last partial one is dropped; the next epoch's shuffle drops others): BN never
+        # sees a 1-sample batch, every step weighs the same, and all ranks take the same number of steps even
+        # when their blocks differ by a sample, so DDP never waits on a rank that has finished.
+        per_rank = min(len(rank_ids(manifest["splits"]["train"]["count"], r, world)) for r in range(world))
+        self.steps_per_epoch = per_rank // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {per_rank} train samples per "
+                             "process: lower it")
+        total, warmup = cfg.epochs * self.steps_per_epoch, round(cfg.warmup * self.steps_per_epoch)
 
-    epoch, skip, global_step, epoch_rng, resume_rng = 0, 0, 0, None, None
-    if cfg.resume:
-        ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-        if len(ckpt["rng"]) != world:
-            raise UsageError(f"{run_dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not {world}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, skip, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        epoch_rng, resume_rng = ckpt["epoch_rng"][rank], ckpt["rng"][rank]
-        if writer:
-            trim_metrics(run_dir, global_step, epoch)
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            write_json(run_dir / "config.json", {"config": asdict(cfg), "amp": amp, "device": str(device),
-                                                 "world": world, "classes": classes, "torch": torch.__version__,
-                                                 "steps_per_epoch": steps_per_epoch})
-    metrics_path = run_dir / "metrics.jsonl"
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        net = self.model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
+        self.net = torch.compile(net) if cfg.compile else net
 
-    def checkpoint(next_epoch, step_in_epoch, start_rng):
+        self.epoch = self.skip = self.global_step = 0
+        self.epoch_rng = self.resume_rng = None
+        self.history, self.last_test, self.stopped = [], None, None
+        if cfg.resume:
+            self.restore()
+        elif self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", {
+                "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
+                "classes": self.classes, "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__})
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def restore(self):
+        ckpt = torch.load(self.dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        if len(ckpt["rng"]) != self.world:
+            raise UsageError(f"{self.dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not "
+                             f"{self.world}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.skip, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.epoch_rng, self.resume_rng = ckpt["epoch_rng"][self.rank], ckpt["rng"][self.rank]
+        if self.writer:
+            trim_metrics(self.dir, self.global_step, self.epoch)
+
+    def checkpoint(self, next_epoch, step_in_epoch, start_rng):
         # Every rank's RNG states (now, and at the start of the epoch), so each continues its own stream.
-        states = gather_to_rank0({"rng": rng_state(), "epoch_rng": start_rng}, world)
-        if writer:
-            save_checkpoint(run_dir / CHECKPOINT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=next_epoch,
-                            step_in_epoch=step_in_epoch, global_step=global_step,
-                            rng=[s["rng"] for s in states], epoch_rng=[s["epoch_rng"] for s in states],
-                            config=asdict(cfg), classes=classes)
+        states = gather_to_rank0({"rng": rng_state(), "epoch_rng": start_rng}, self.world)
+        if self.writer:
+            save_checkpoint(self.dir / CHECKPOINT, model=self.model.state_dict(),
+                            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                            scaler=self.scaler.state_dict(), epoch=next_epoch, step_in_epoch=step_in_epoch,
+                            global_step=self.global_step, rng=[s["rng"] for s in states],
+                            epoch_rng=[s["epoch_rng"] for s in states], config=asdict(self.cfg),
+                            classes=self.classes)
 
-    history, stopped, last = [], None, {}
-    with StopFlag() as stop:
-        while epoch < cfg.epochs and stopped is None:
-            # The loader's order follows (seed, epoch), but its augmentation may draw from our RNG when
-            # the iterator starts: a resumed epoch restarts from the RNG state its first run had, replays
-            # the batches already trained on, then takes the RNG state of the moment it stopped.
-            if resume_rng is not None:
-                set_rng_state(epoch_rng if skip else resume_rng)
-            start_rng = epoch_rng if skip else rng_state()
-            train_loader.set_epoch(epoch)
-            batches = iter(train_loader)
-            for _ in range(skip):
-                next(batches)
-            if resume_rng is not None:
-                set_rng_state(resume_rng)
-                resume_rng = None
-            first_step = skip
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            pending, seen, data_wait = [], 0, 0.0
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not writer, leave=False, dynamic_ncols=True)
-            t_epoch = t_window = time.perf_counter()
-            for step_in_epoch in range(skip, steps_per_epoch):
-                t0 = time.perf_counter()
-                images, labels = next(batches)
-                wait = time.perf_counter() - t0
-                data_wait += wait
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = net(images)
-                    loss = F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                loss = loss.detach()
-                loss_sum += loss
-                correct += (logits.argmax(1) == labels).sum()
-                seen += len(labels)
-                pending.append((global_step, loss, lr, wait, len(labels)))
-                global_step += 1
-                bar.update()
-                end_of_epoch = step_in_epoch + 1 == steps_per_epoch
-                out_of_steps = cfg.max_steps is not None and global_step >= cfg.max_steps
-                if len(pending) == cfg.log_every or end_of_epoch or out_of_steps or (world == 1 and stop.signal):
-                    # The one device sync of the step loop: every logged step's loss in one transfer.
-                    losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
-                    now = time.perf_counter()
-                    ips = sum(p[4] for p in pending) * world / (now - t_window)
-                    t_window = now
-                    if writer:
-                        append_jsonl(metrics_path, [
-                            {"kind": "step", "epoch": epoch, "step": s, "loss": loss_value, "lr": lr_value,
-                             "images_per_sec": ips, "data_wait_s": w}
-                            for (s, _, lr_value, w, _), loss_value in zip(pending, losses)])
-                    pending = []
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{ips:.0f}")
-                    if not all(math.isfinite(v) for v in losses):
-                        kept = f"last good checkpoint kept in {run_dir / CHECKPOINT}" if \
-                            (run_dir / CHECKPOINT).exists() else "no checkpoint was written yet"
-                        raise UsageError(f"loss became non-finite at step {global_step} (epoch {epoch + 1}): "
-                                         f"lower --lr or try --amp off; {kept}")
-                    if all_ranks(world, device, stop.signal is not None, "max") or out_of_steps:
-                        stopped = "signal" if stop.signal is not None else "max_steps"
-                        if not end_of_epoch:
-                            break
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # epoch time must include the queued GPU work
-            epoch_s = time.perf_counter() - t_epoch
-            steps_done = step_in_epoch + 1 - first_step
-            if stopped is not None and step_in_epoch + 1 < steps_per_epoch:
-                checkpoint(epoch, step_in_epoch + 1, start_rng)
-                break
+    def start_epoch(self):
+        """This epoch's batch iterator, and the RNG state it started from.
 
-            t_eval = time.perf_counter()
-            y_true, y_pred = evaluate(model, test_loader, device, amp_dtype, world)
-            eval_s = time.perf_counter() - t_eval
-            seen = int(all_ranks(world, device, seen, "sum"))
-            record = {
-                "kind": "epoch", "epoch": epoch, "step": global_step,
-                "train_loss": all_ranks(world, device, loss_sum.item(), "sum") / (steps_done * world),
-                "train_acc": all_ranks(world, device, correct.item(), "sum") / seen,
-                "images_per_sec": seen / epoch_s, "data_stall_fraction": data_wait / epoch_s,
-                "epoch_s": epoch_s, "eval_s": eval_s, "train_samples": seen, "partial": first_step > 0,
-            }
-            if writer:
-                test = classification_metrics(y_true, y_pred, len(classes), resamples=cfg.bootstrap, seed=cfg.seed)
-                record.update(test_acc=test["acc"], test_acc_ci=test["acc_ci"], macro_precision=test["macro_precision"],
-                              macro_precision_ci=test["macro_precision_ci"], test_samples=len(y_true))
-            history.append(record)
-            last = {"record": record, "y_true": y_true, "y_pred": y_pred}
-            epoch += 1
-            skip = 0
-            checkpoint(epoch, 0, None)
-            if writer:
-                append_jsonl(metrics_path, [record])
-                tqdm.write(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.3f}  train acc "
-                           f"{record['train_acc']:.3f}  test acc {test['acc']:.3f} [{test['acc_ci'][0]:.3f}, "
-                           f"{test['acc_ci'][1]:.3f}]  {record['images_per_sec']:.0f} img/s  data wait "
-                           f"{record['data_stall_fraction']:.0%}  ({epoch_s:.1f}s + eval {eval_s:.1f}s)")
+        The loader's order follows (seed, epoch), but its augmentation may draw from our RNG when the iterator
+        starts: a resumed epoch restarts from the RNG state its first run had, replays the batches already
+        trained on, then takes the RNG state of the moment it stopped."""
+        if self.resume_rng is not None:
+            set_rng_state(self.epoch_rng if self.skip else self.resume_rng)
+        start_rng = self.epoch_rng if self.skip else rng_state()
+        self.train_loader.set_epoch(self.epoch)
+        batches = iter(self.train_loader)
+        for _ in range(self.skip):
+            next(batches)
+        if self.resume_rng is not None:
+            set_rng_state(self.resume_rng)
+            self.resume_rng = None
+        return batches, start_rng
 
-    if writer:
-        plot_run(run_dir)
-        if last:
-            with atomic_path(run_dir / "test_predictions.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, y_true=last["y_true"], y_pred=last["y_pred"])
-            plot_confusion(last["y_true"], last["y_pred"], classes, run_dir / "confusion.png")
-    return summarize(cfg, run_dir, history, amp, device, epoch, stopped)
+    def train_epoch(self, stop):
+        """One epoch (or the rest of one), then test metrics and a checkpoint; a stop request or --max-steps
+        ends it early with a mid-epoch checkpoint instead."""
+        cfg, device = self.cfg, self.device
+        batches, start_rng = self.start_epoch()
+        first = self.skip
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        pending, seen, data_wait = [], 0, 0.0
+        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not self.writer, leave=False, dynamic_ncols=True)
+        t_epoch = self.t_window = time.perf_counter()
+        for step in range(first, self.steps_per_epoch):
+            t0 = time.perf_counter()
+            images, labels = next(batches)
+            wait = time.perf_counter() - t0
+            data_wait += wait
+            with self.autocast():
+                logits = self.net(images)
+                loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            loss = loss.detach()
+            loss_sum += loss
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            pending.append((self.global_step, loss, lr, wait, len(labels)))
+            self.global_step += 1
+            bar.update()
+            end_of_epoch = step + 1 == self.steps_per_epoch
+            out_of_steps = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+            if len(pending) == cfg.log_every or end_of_epoch or out_of_steps or (self.world == 1 and stop.signal):
+                self.log_steps(pending, bar)
+                pending = []
+                if all_ranks(self.world, device, stop.signal is not None, "max") or out_of_steps:
+                    self.stopped = "signal" if stop.signal is not None else "max_steps"
+                    if not end_of_epoch:
+                        bar.close()
+                        self.checkpoint(self.epoch, step + 1, start_rng)
+                        return
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the epoch's time must include its queued GPU work
+        epoch_s = time.perf_counter() - t_epoch
+        seen = int(all_ranks(self.world, device, seen, "sum"))
+        steps = (step + 1 - first) * self.world
+        record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
+                  "train_loss": all_ranks(self.world, device, loss_sum.item(), "sum") / steps,
+                  "train_acc": all_ranks(self.world, device, correct.item(), "sum") / seen,
+                  "images_per_sec": seen / epoch_s, "data_stall_fraction": data_wait / epoch_s,
+                  "epoch_s": epoch_s, "train_samples": seen, "partial": first > 0}
+        self.test_epoch(record)
+        self.epoch, self.skip = self.epoch + 1, 0
+        self.checkpoint(self.epoch, 0, None)
+
+    def log_steps(self, pending, bar):
+        """The one device sync of the step loop: every pending step's loss in one transfer, to the log."""
+        losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
+        now = time.perf_counter()
+        ips = sum(p[4] for p in pending) * self.world / (now - self.t_window)
+        self.t_window = now
+        if self.writer:
+            append_jsonl(self.dir / "metrics.jsonl", [
+                {"kind": "step", "epoch": self.epoch, "step": s, "loss": loss, "lr": lr, "images_per_sec": ips,
+                 "data_wait_s": wait} for (s, _, lr, wait, _), loss in zip(pending, losses)])
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{ips:.0f}")
+        if not all(math.isfinite(v) for v in losses):
+            kept = f"the last good checkpoint is {self.dir / CHECKPOINT}" if (self.dir / CHECKPOINT).exists() \
+                else "no checkpoint was written yet"
+            raise UsageError(f"loss became non-finite at step {self.global_step} (epoch {self.epoch + 1}): lower "
+                             f"--lr or try --amp off; {kept}")
+
+    def test_epoch(self, record):
+        """Test metrics into the epoch's record (rank 0), logged with one summary line."""
+        t_eval = time.perf_counter()
+        y_true, y_pred = evaluate(self.model, self.test_loader, self.autocast, self.world)
+        record["eval_s"] = time.perf_counter() - t_eval
+        if self.writer:
+            test = classification_metrics(y_true, y_pred, len(self.classes), resamples=self.cfg.bootstrap,
+                                          seed=self.cfg.seed)
+            record.update(test_acc=test["acc"], test_acc_ci=test["acc_ci"], macro_precision=test["macro_precision"],
+                          macro_precision_ci=test["macro_precision_ci"], test_samples=len(y_true))
+            self.last_test = (y_true, y_pred)
+            append_jsonl(self.dir / "metrics.jsonl", [record])
+            r = record
+            tqdm.write(f"epoch {self.epoch + 1}/{self.cfg.epochs}  loss {r['train_loss']:.3f}  train acc "
+                       f"{r['train_acc']:.3f}  test acc {r['test_acc']:.3f} [{r['test_acc_ci'][0]:.3f}, "
+                       f"{r['test_acc_ci'][1]:.3f}]  {r['images_per_sec']:.0f} img/s  data wait "
+                       f"{r['data_stall_fraction']:.0%}  ({r['epoch_s']:.1f}s + eval {r['eval_s']:.1f}s)")
+        self.history.append(record)
+
+    def finish(self):
+        """Plots and the last test predictions (for the confusion matrix and for bench), rank 0 only."""
+        if not self.writer:
+            return
+        plot_run(self.dir)
+        if self.last_test is not None:
+            y_true, y_pred = self.last_test
+            with atomic_path(self.dir / "test_predictions.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, y_true=y_true, y_pred=y_pred)
+            plot_confusion(y_true, y_pred, self.classes, self.dir / "confusion.png")
 
 
-def summarize(cfg, run_dir, history, amp, device, epochs_done, stopped):
+def summarize(run):
     """The figures a caller (bench, the study) compares runs by."""
-    whole = [r for r in history if not r["partial"]]
-    timed = whole[1:] or whole or history  # the first epoch of a process pays start-up (compile, caches)
-    rec = history[-1] if history else {}
+    whole = [r for r in run.history if not r["partial"]]
+    timed = whole[1:] or whole or run.history  # a process's first epoch pays start-up (compile, caches)
+    last = run.history[-1] if run.history else {}
+    median = lambda key: statistics.median(r[key] for r in timed) if timed else None  # noqa: E731
     return {
-        "run_dir": str(run_dir), "epochs": epochs_done, "stopped": stopped, "amp": amp, "device": str(device),
-        "images_per_sec": statistics.median(r["images_per_sec"] for r in timed) if timed else None,
-        "data_stall_fraction": statistics.median(r["data_stall_fraction"] for r in timed) if timed else None,
-        "train_acc": rec.get("train_acc"), "test_acc": rec.get("test_acc"), "test_acc_ci": rec.get("test_acc_ci"),
-        "macro_precision": rec.get("macro_precision"), "macro_precision_ci": rec.get("macro_precision_ci"),
-        "final_loss": rec.get("train_loss"),
+        "run_dir": str(run.dir), "epochs": run.epoch, "stopped": run.stopped, "amp": run.amp,
+        "device": str(run.device), "images_per_sec": median("images_per_sec"),
+        "data_stall_fraction": median("data_stall_fraction"), "train_acc": last.get("train_acc"),
+        "test_acc": last.get("test_acc"), "test_acc_ci": last.get("test_acc_ci"),
+        "macro_precision": last.get("macro_precision"), "macro_precision_ci": last.get("macro_precision_ci"),
+        "final_loss": last.get("train_loss"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None,
     }
 
 
