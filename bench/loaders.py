@@ -1,7 +1,7 @@
 """Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline and the decode
 ceiling measured in the same run on the same cores.
 
-`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--backends dali,torch]`
+`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 1] [--backends ...]`
 Each (backend, split) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
 row): build the loader (time reported: DALI pipeline build, resident decode or cache load), one warm-up epoch
 (worker start, numba compilation: reported, not counted), then `--epochs` timed epochs; the figure is their
@@ -36,12 +36,12 @@ SPLITS = ("train", "test")
 # ---------------------------------------------------------------- measuring (in this process)
 
 def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device="auto", workers=None, epochs=3,
-            seed=0):
+            seed=0, threads=None):
     """Loader-only throughput of one backend in this process: {images_per_sec (median of `epochs` timed epochs
     after a warm-up epoch), epoch_images_per_sec, warmup_s, build_s, samples, peak_rss_mb, peak_worker_rss_mb}.
 
     backend "decode" is the decode ceiling. Peak RSS is this process's high-water mark so far, so it is the
-    backend's own only in a fresh process (see isolated)."""
+    backend's own only in a fresh process (see isolated). `threads` sets torch's intra-op threads here."""
     import torch
     from loaders import BACKENDS, make_loader
     from loaders.common import resolve_device
@@ -49,6 +49,8 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
     if epochs < 1:
         raise UsageError(f"--epochs must be >= 1 (got {epochs})")
     device = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
     if backend != CEILING:
         importlib.import_module(BACKENDS[backend])  # module import (seconds for torchvision) is not build time
     started = time.perf_counter()
@@ -160,6 +162,20 @@ def isolated(backend, data_dir, split, timeout=1800, **kwargs):
 
 # ---------------------------------------------------------------- the report
 
+def merge_rounds(runs):
+    """One row from a cell's rounds: the median over all their timed epochs, the worst peak RSS."""
+    ok = [r for r in runs if not r.get("error")]
+    if not ok:
+        return runs[-1]
+    rates = [rate for r in ok for rate in r["epoch_images_per_sec"]]
+    worst = lambda key: max((r[key] for r in ok if r.get(key) is not None), default=None)  # noqa: E731
+    return {**ok[0], "images_per_sec": statistics.median(rates), "epoch_images_per_sec": rates,
+            "warmup_s": statistics.median(r["warmup_s"] for r in ok),
+            "build_s": statistics.median(r["build_s"] for r in ok), "peak_rss_mb": worst("peak_rss_mb"),
+            "peak_worker_rss_mb": worst("peak_worker_rss_mb"), "rounds": len(ok),
+            "load_avg_1min": [r["load_avg_1min"] for r in runs]}
+
+
 def add_ratios(rows):
     """Each row's ratio to the folder baseline and share of the decode ceiling, of the same split."""
     ok = {(r["backend"], r["split"]): r["images_per_sec"] for r in rows if not r.get("error")}
@@ -243,7 +259,12 @@ def parse(argv):
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: each backend's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the measuring process (default torch's: one per core); 1 avoids "
+                        "stalls at every parallel op when other processes share the cores")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/loaders-<time>)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole matrix, alternating the order; figures pool every round's epochs")
     p.add_argument("--quick", action="store_true", help="1 timed epoch: a smoke run, not a measurement")
     p.add_argument("--in-process", action="store_true",
                    help="no fresh process per row: faster, but peak RSS then accumulates over rows")
@@ -259,8 +280,10 @@ def parse(argv):
         raise UsageError(f"--splits must be a comma-separated subset of {', '.join(SPLITS)}")
     if args.quick:
         args.epochs = 1
-    if args.epochs < 1 or args.batch_size < 1 or args.res < 8:
-        raise UsageError("--epochs and --batch-size must be >= 1 and --res >= 8")
+    if args.quick:
+        args.rounds = 1
+    if min(args.epochs, args.batch_size, args.rounds) < 1 or args.res < 8:
+        raise UsageError("--epochs, --batch-size and --rounds must be >= 1 and --res >= 8")
     return args
 
 
@@ -280,22 +303,30 @@ def main(argv=None):
     device = str(resolve_device(args.device))
     out = args.out or new_results_dir("loaders")
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(batch_size=args.batch_size, res=args.res, device=device, workers=args.workers, epochs=args.epochs)
-    write_config(out, {**settings, "data": str(args.data), "backends": args.backends, "in_process": args.in_process})
-    rows = []
+    settings = dict(batch_size=args.batch_size, res=args.res, device=device, workers=args.workers, epochs=args.epochs,
+                    threads=args.threads)
+    write_config(out, {**settings, "data": str(args.data), "backends": args.backends, "rounds": args.rounds,
+                       "in_process": args.in_process})
     cells = [(b, s) for b in args.backends for s in args.splits]
-    for backend, split in tqdm(cells, desc="bench.loaders", unit="row", disable=None):
+    # Every other round runs the rows backwards, so a load that drifts during the run (a shared machine)
+    # weighs on all backends alike instead of on the last ones.
+    order = [cell for r in range(args.rounds) for cell in (cells if r % 2 == 0 else cells[::-1])]
+    runs = {cell: [] for cell in cells}
+    for backend, split in tqdm(order, desc="bench.loaders", unit="row", disable=None):
         if args.in_process:
             try:
-                rows.append(measure(backend, args.data, split, **settings))
+                row = measure(backend, args.data, split, **settings)
             except Exception as err:  # one failing backend costs one row, as in a fresh process
-                rows.append({"backend": backend, "split": split, "error": f"{type(err).__name__}: {err}"})
+                row = {"backend": backend, "split": split, "error": f"{type(err).__name__}: {err}"}
         else:
-            rows.append(isolated(backend, args.data, split, **settings))
-    add_ratios(rows)
+            row = isolated(backend, args.data, split, **settings)
+        runs[(backend, split)].append({**row, "load_avg_1min": os.getloadavg()[0]})
+    rows = add_ratios([merge_rounds(runs[cell]) for cell in cells])
     env = environment()
+    loads = [r["load_avg_1min"] for cell in runs.values() for r in cell]
     title = (f"loader only, res {args.res}, batch {args.batch_size}, {manifest['splits']['train']['count']} train "
-             f"images stored at {manifest['store_size']} px, {machine_label(env)}, device {device}")
+             f"images stored at {manifest['store_size']} px, {machine_label(env)}, device {device}, {args.rounds} "
+             f"round(s), 1-min load average {min(loads):.1f}-{max(loads):.1f} (2 cores: above 2, others ran too)")
     summary = {s: targets(rows, s) for s in args.splits}
     write_json(out / "results.json", {"title": title, "settings": settings, "rows": rows, "targets": summary})
     text = f"# {title}\n\n{table(rows)}\n" + "".join(
