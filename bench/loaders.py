@@ -49,8 +49,14 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
     if epochs < 1:
         raise UsageError(f"--epochs must be >= 1 (got {epochs})")
     device = resolve_device(device)
-    if threads:
+    if threads and threads != torch.get_num_threads():
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
+        try:
+            return measure(backend, data_dir, split, batch_size=batch_size, res=res, device=device,
+                           workers=workers, epochs=epochs, seed=seed)
+        finally:
+            torch.set_num_threads(before)
     if backend != CEILING:
         importlib.import_module(BACKENDS[backend])  # module import (seconds for torchvision) is not build time
     started = time.perf_counter()

@@ -9,7 +9,7 @@ from bench import loaders as bench
 from cli import UsageError
 from ingest import layout
 
-TINY = ["--res", "32", "--batch-size", "16", "--epochs", "2", "--workers", "0"]
+TINY = ["--res", "32", "--batch-size", "16", "--epochs", "2", "--workers", "0", "--threads", "1"]
 
 
 def test_tiny_run_writes_table_json_and_plot(ingested, tmp_path):
@@ -35,7 +35,8 @@ def test_tiny_run_writes_table_json_and_plot(ingested, tmp_path):
 
 def test_a_row_in_a_fresh_process_reports_its_own_numbers(ingested):
     """The default mode: one process per row, so peak RSS is the row's own (the slowest test here: an import)."""
-    row = bench.isolated("decode", ingested, "test", batch_size=16, res=32, device="cpu", workers=0, epochs=1)
+    row = bench.isolated("decode", ingested, "test", batch_size=16, res=32, device="cpu", workers=0, epochs=1,
+                         threads=1)
     assert "error" not in row, row
     assert row["samples"] > 0 and row["images_per_sec"] > 0 and row["peak_rss_mb"] > 100
 
