@@ -226,6 +226,22 @@ def test_train_shards_are_shuffled_test_shards_in_id_order(ingested):
         assert (ids != sorted(ids)) == shuffled
 
 
+def test_each_tar_sample_has_jpg_cls_and_int64_lbl_matching_the_csv(ingested):
+    for split_name in layout.SPLITS:
+        table = rows(layout.csv_path(ingested, split_name))
+        tars, idxs = layout.shard_paths(ingested, split_name)
+        assert all(i.is_file() for i in idxs)
+        for tar_path in tars:
+            with tarfile.open(tar_path) as tar:
+                files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            keys = {name.split(".")[0] for name in files}
+            assert set(files) == {f"{k}.{ext}" for k in keys for ext in ("jpg", "cls", "lbl")}
+            for key in keys:
+                label = int(table[int(key)]["label"])
+                assert files[f"{key}.cls"] == str(label).encode("ascii")
+                assert struct.unpack("<q", files[f"{key}.lbl"]) == (label,)
+
+
 def test_beton_holds_the_same_jpeg_bytes_as_the_shards(ingested):
     from ffcv.reader import Reader
 
