@@ -1,14 +1,16 @@
 """`resident` backend: decode the split once into one uint8 tensor, so every later epoch runs at memory speed.
 
 Every image is stored as S x S with S = test_resize(res) (256 for res 224): shorter side resized to S, then
-the (central) S x S square. Why S: the test path becomes a crop of that square, the very pixels of the other
-backends' resize + center crop; S is also as small as that allows, so 29k photos at res 224 take 5.7 GB. The trade-off: train RandomResizedCrop only sees the central square of
-each photo (the streaming backends crop from the whole stored image), losing the sides of wide photos.
+the central S x S square. Why S: the test path becomes a crop of that square, the very pixels of the other
+backends' resize + center crop; S is also as small as that allows, so 29k photos at res 224 take 5.7 GB.
+The trade-off: train RandomResizedCrop only sees the central square of each photo (the streaming backends
+crop from the whole stored image), losing the sides of wide photos. Memory depends on res, not on the store
+size, so the guard suggests a smaller --res.
 
 The tensor lives on the GPU when the device is one, in host memory otherwise, and is cached on disk next to
-the shards (`resident-<split>-<S>px-<first>-<stop>.pt`, atomic, keyed by a hash of the manifest and S) so
-the next run skips decoding. A memory guard runs before any decoding: too big is one clear error, never an
-out-of-memory crash halfway.
+the shards (`resident-<split>-<S>px-<first>-<stop>.pt`, atomic, keyed by a hash of the manifest, S and res)
+so the next run skips decoding; on the CPU the cache is memory-mapped rather than copied. A memory guard
+runs before any decoding: too big is one clear error, never an out-of-memory crash halfway.
 
 Train batches: a permutation drawn on the device from (seed, epoch), then one batched RandomResizedCrop +
 flip per batch: each sample's crop box and flip become an affine transform, applied by one grid_sample
@@ -82,11 +84,13 @@ def check_memory(n, size, batch_size, res, device, limit, split):
 
 def load_cache(path, key):
     """The cached images if `path` holds them for this manifest and size, else None (stale or unreadable)."""
-    try:
-        cached = torch.load(path, mmap=True, weights_only=True)  # mmap: no second copy in memory on the CPU
-    except (OSError, RuntimeError, EOFError):
+    if not path.is_file():
         return None
-    return cached["images"] if cached.get("key") == key else None
+    try:  # mmap: no second copy in memory on the CPU
+        cached = torch.load(path, mmap=True, weights_only=True)
+        return cached["images"] if cached["key"] == key else None
+    except Exception:  # a truncated or foreign file is a miss like a stale one: decode and overwrite it
+        return None
 
 
 def save_cache(path, key, images):

@@ -107,6 +107,9 @@ def test_disk_cache_is_reused_then_invalidated_by_a_new_manifest(ingested, tmp_p
     assert not loader(data, "test", cache=True).from_cache  # stale: decoded again and rewritten
     assert loader(data, "test", cache=True).from_cache
     assert loader(data, "test", res=24, cache=True).from_cache is False  # another size, another file
+    (cached,) = data.glob(f"resident-test-{common.test_resize(32)}px-*.pt")
+    cached.write_bytes(cached.read_bytes()[:1000])  # a run killed mid-copy, say
+    assert not loader(data, "test", cache=True).from_cache
 
 
 def test_resident_images_are_s_by_s_channels_last_uint8(ingested):
