@@ -12,7 +12,11 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
 - `quarantine.csv` (path, reason) and `manifest.json` (written last: its presence means complete):
   `classes` (sorted names; label = index), `store_size`, `quality`, `seed`, `test_share`, `source`
   (absolute path of the source folder), `fingerprint`, `versions`, `found`/`written`/`quarantined`/
-  `ignored` counts, and `splits.<split>` = {`count`, `per_class` {name: n}, `shards` [{`tar`, `count`}]}.
+  `ignored` counts, and `splits.<split>` = {`count`, `per_class` {name: n}, `shards` [{`tar`, `count`}]};
+  also `shard_size`, `min_side`, `max_pixels` and `pipeline` (what else decided the bytes).
+- The stored JPEGs are baseline (nvJPEG's hardware decoder takes no other), RGB, upright (no EXIF), with
+  the shorter side = `store_size` unless the photo was smaller (never upscaled).
+- Hidden entries (`.cache/`, `.lock`, temp files) belong to ingest; other tools may add files of their own.
 
 The sample id is the row number in `<split>.csv`, so every backend can be checked against the others.
 """
