@@ -25,7 +25,8 @@ from loaders.common import rank_ids
 
 BACKENDS = ["dali", "ffcv", "torch", "folder", "resident"]
 # A numba finalizer of FFCV prints a harmless KeyError when a process holds several Loaders (DEPENDENCIES.md).
-pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 RES, BATCH = 32, 16  # 65 train samples (the `ingested` fixture) -> 5 batches, the last one partial
 
 

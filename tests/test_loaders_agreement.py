@@ -34,7 +34,8 @@ RES = 48  # from the stored shorter side 64: resize to 55, then crop 48, a real 
 MEAN_BOUND = 7.0  # levels, mean absolute error over the whole split
 MAX_BOUND = 80.0  # levels, any one pixel and channel
 
-pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 
 
 def stored_jpegs(data_dir, split):
