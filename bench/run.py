@@ -59,6 +59,8 @@ def run_cell(cfg, net, loader, out_dir):
         net=net, loader=loader, data=str(cfg.data), epochs=cfg.epochs, batch_size=cfg.batch_size, res=cfg.res,
         device=cfg.device, amp=cfg.amp, seed=cfg.seed, workers=cfg.workers or None, name=name,
         runs_dir=str(Path(out_dir) / "runs")))
+    # A bench keeps each run's metrics and plots, not its weights: AlexNet-size checkpoints are ~600 MB each.
+    (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)
     loader_stats = measure(loader, cfg.data, "train", batch_size=cfg.batch_size, res=cfg.res, device=cfg.device,
                            workers=cfg.workers or None, epochs=cfg.loader_epochs)
     keys = ("images_per_sec", "data_stall_fraction", "test_acc", "test_acc_ci", "macro_precision",

@@ -39,6 +39,7 @@ def test_bench_matrix_writes_table_json_csv_png(ingested, tmp_path):
         csv_rows = list(csv.DictReader(f))
     assert [r["loader"] for r in csv_rows] == ["folder", "torch"] and "test_acc_ci_lo" in csv_rows[0]
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(out.glob("runs/*/metrics.jsonl")) and not list(out.glob("runs/*/last.pt"))  # no weights kept
 
 
 def test_failed_cell_is_a_row_with_the_reason(ingested, tmp_path):
