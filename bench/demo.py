@@ -4,7 +4,6 @@ Generates the 500px-like demo photos (ingest/demo.py), ingests them (ingest/buil
 few epochs with the fastest loader here, then runs a quick bench against the folder baseline. Every stage
 reuses what is already there, so a second run skips straight to the training. A few minutes on 2 CPU cores.
 """
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,8 @@ def make_demo_data(out, per_class=None, src=None, progress=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
+    from bench.run import Parser
+    p = Parser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset (made if missing)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the demo training run")
     p.add_argument("--res", type=int, default=112, help="training resolution (the study used 224)")

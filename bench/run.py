@@ -166,9 +166,16 @@ def bench(cfg, progress=True):
     return out_dir, rows
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose own complaints are UsageErrors too: one line, exit 2, like every fastpix command."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def parse_args(argv):
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=d.data, help="ingested dataset (default %(default)s)")
     p.add_argument("--loaders", default=",".join(d.loaders), help="comma-separated backends (default: all)")
     p.add_argument("--nets", default=",".join(d.nets), help="comma-separated nets (default %(default)s)")

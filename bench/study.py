@@ -237,12 +237,8 @@ def int_tuples(text):
         raise argparse.ArgumentTypeError(f"expected space-separated groups like 4,1,1, got {text!r}") from None
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own mistakes are usage errors too: one line, exit 2
-        raise UsageError(message)
-
-
 def parse_args(argv):
+    from bench.run import Parser
     d = StudyConfig()
     p = Parser(prog="python -m bench.study", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
