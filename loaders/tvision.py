@@ -80,6 +80,10 @@ class ShardSamples(Dataset):
     def __getstate__(self):  # file descriptors do not survive pickling (spawned workers reopen them)
         return {**self.__dict__, "_fds": {}}
 
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
     def read(self, position):
         """The stored JPEG bytes of the sample at `position`, as a uint8 tensor (no copy after the read)."""
         t, offset, size = self.jpegs[position]
