@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -246,7 +247,7 @@ def plot(rows, path, title):
     ax.invert_yaxis()
     ax.set_xlim(0, right * 1.3)
     ax.set_xlabel("images / s (loader only, median over epochs)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     save(fig, path)
 
