@@ -255,9 +255,10 @@ def plot(rows, path, title):
 # ---------------------------------------------------------------- command line
 
 def parse(argv):
+    from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
     p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path("data/ingested"), help="an ingested dataset (ingest/build.py)")
+    p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="an ingested dataset (default %(default)s)")
     p.add_argument("--res", type=int, default=224, help="output resolution, px (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one (default %(default)s)")
