@@ -1,13 +1,14 @@
 """Train an AlexNet-family CNN (or ResNet-18 transfer) on an ingested dataset: `python train.py --net flat`.
 
-One flat loop in plain sight: batches from `loaders.make_loader` (already normalised, on the device),
+One loop in plain sight (`Run.train_epoch`): batches from `loaders.make_loader` (already normalised, on the device),
 autocast (bf16 / fp16 + scaler / off), a warm-up + cosine LR schedule stepped per iteration, per-iteration
 loss kept on the device and read every `--log-every` steps, test metrics with bootstrap 95 % intervals
 after every epoch, an atomic checkpoint every epoch (and on Ctrl-C / SIGTERM), DDP under torchrun.
 
-AMP on the CPU, measured here (Xeon with AMX, 2 cores, flat net, res 224, batch 32, fwd+bwd+SGD):
-bf16 autocast ~1.3x the images/s of fp32, so `--amp auto` picks bf16 on CPUs with native bf16 (AMX or
-AVX512-BF16) and off on the others, where bf16 is emulated and slower.
+AMP on the CPU, measured here (Xeon with AMX, 2 shared cores, flat net, res 224, fwd+bwd+fused SGD, median
+of interleaved pairs): bf16 autocast / fp32 images/s = 0.96 at batch 16, 1.23 at 32, 1.84 at 64; at the
+default batch 150 the convolutions dominate even more. So `--amp auto` picks bf16 on CPUs with native bf16
+(AMX or AVX512-BF16) and off on the others, where bf16 is emulated and slower.
 
 Everything a run produces lives in runs/<name>/: config.json, metrics.jsonl, last.pt, test_predictions.npz
 and the PNG plots (loss.png, accuracy.png, confusion.png); only rank 0 writes.
@@ -72,15 +73,15 @@ class Config:
     runs_dir: str = "runs"
     init_from: str = ""            # a checkpoint (or state dict) to take the weights from
     resume: str = ""               # a run folder to continue exactly where it stopped
-    strides: tuple = None          # conv strides, one per layer (AlexNet family); None: the net's own
-    kernels: tuple = None          # conv kernel sizes, one per layer (AlexNet family)
+    strides: tuple | None = None   # conv strides, one per layer (AlexNet family); None: the net's own
+    kernels: tuple | None = None   # conv kernel sizes, one per layer (AlexNet family)
     dropout: float = 0.0           # before both FC layers; off to stay faithful to the study
     batchnorm: bool = False        # after every conv; off to stay faithful to the study
     pretrained: str = ""           # local ImageNet state dict for resnet18 (never downloaded)
     freeze: bool = False           # resnet18: train the new head only
-    workers: int = None            # loader threads/processes; None: the backend's choice
+    workers: int | None = None     # loader threads/processes; None: the backend's choice
     log_every: int = 10            # steps between reads of the loss (each read syncs with the device)
-    max_steps: int = None          # stop after this many steps in total, checkpointed and resumable
+    max_steps: int | None = None   # stop after this many steps in total, checkpointed and resumable
     bootstrap: int = 1000          # resamples for the 95 % intervals of the test metrics
 
 
