@@ -427,7 +427,9 @@ def config_from_resume(cfg):
     if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "config.json").is_file():
         raise UsageError(f"--resume {run_dir}: no {CHECKPOINT} and config.json there to continue from")
     saved = json.loads((run_dir / "config.json").read_text())["config"]
-    saved.update(resume=str(run_dir), max_steps=cfg.max_steps, name=run_dir.name, runs_dir=str(run_dir.parent))
+    # The weights come from the checkpoint now, not from where the run first started.
+    saved.update(resume=str(run_dir), init_from="", max_steps=cfg.max_steps, name=run_dir.name,
+                 runs_dir=str(run_dir.parent))
     return Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
 
 
@@ -462,7 +464,8 @@ class Run:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         if not cfg.name:
             cfg.name = f"{cfg.net}-{cfg.loader}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.dir = Path(cfg.runs_dir) / cfg.name if cfg.resume else new_run_dir(cfg)
+        # Only rank 0 checks the folder: it may already have created it by the time another rank looks.
+        self.dir = new_run_dir(cfg) if self.writer and not cfg.resume else Path(cfg.runs_dir) / cfg.name
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
@@ -492,7 +495,7 @@ class Run:
         self.net = torch.compile(net) if cfg.compile else net
 
         self.epoch = self.skip = self.global_step = 0
-        self.epoch_rng = self.resume_rng = None
+        self.epoch_rng = self.resume_rng = self.epoch_sums = None
         self.history, self.last_test, self.stopped = [], None, None
         if cfg.resume:
             self.restore()
@@ -516,18 +519,22 @@ class Run:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.skip, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.epoch_rng, self.resume_rng = ckpt["epoch_rng"][self.rank], ckpt["rng"][self.rank]
+        self.epoch_sums = ckpt["sums"][self.rank]
         if self.writer:
             trim_metrics(self.dir, self.global_step, self.epoch)
+            self.history = read_metrics(self.dir)[1]  # the summary describes the whole run, not this process
 
-    def checkpoint(self, next_epoch, step_in_epoch, start_rng):
-        # Every rank's RNG states (now, and at the start of the epoch), so each continues its own stream.
-        states = gather_to_rank0({"rng": rng_state(), "epoch_rng": start_rng}, self.world)
+    def checkpoint(self, next_epoch, step_in_epoch, start_rng=None, sums=None):
+        """Every rank's RNG states (now, and at the start of the epoch), so each continues its own stream,
+        and, mid-epoch, its sums so far (loss, correct, samples), so the epoch's record covers all of it."""
+        states = gather_to_rank0({"rng": rng_state(), "epoch_rng": start_rng, "sums": sums}, self.world)
         if self.writer:
             save_checkpoint(self.dir / CHECKPOINT, model=self.model.state_dict(),
                             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                             scaler=self.scaler.state_dict(), epoch=next_epoch, step_in_epoch=step_in_epoch,
                             global_step=self.global_step, rng=[s["rng"] for s in states],
-                            epoch_rng=[s["epoch_rng"] for s in states], config=asdict(self.cfg),
+                            epoch_rng=[s["epoch_rng"] for s in states], sums=[s["sums"] for s in states],
+                            config=asdict(self.cfg),
                             classes=self.classes)
 
     def start_epoch(self):
@@ -554,9 +561,11 @@ class Run:
         cfg, device = self.cfg, self.device
         batches, start_rng = self.start_epoch()
         first = self.skip
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        pending, seen, data_wait = [], 0, 0.0
+        loss_before, correct_before, seen_before = self.epoch_sums or (0.0, 0, 0)
+        self.epoch_sums = None
+        loss_sum = torch.full((), loss_before, dtype=torch.float32, device=device)
+        correct = torch.full((), correct_before, dtype=torch.int64, device=device)
+        pending, seen, data_wait = [], seen_before, 0.0
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not self.writer, leave=False, dynamic_ncols=True)
         t_epoch = self.t_window = time.perf_counter()
@@ -590,22 +599,24 @@ class Run:
                     self.stopped = "signal" if stop.signal is not None else "max_steps"
                     if not end_of_epoch:
                         bar.close()
-                        self.checkpoint(self.epoch, step + 1, start_rng)
+                        self.checkpoint(self.epoch, step + 1, start_rng,
+                                        (loss_sum.item(), int(correct.item()), seen))
                         return
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize()  # the epoch's time must include its queued GPU work
         epoch_s = time.perf_counter() - t_epoch
+        fresh = int(all_ranks(self.world, device, seen - seen_before, "sum"))  # trained on by this process
         seen = int(all_ranks(self.world, device, seen, "sum"))
-        steps = (step + 1 - first) * self.world
+        steps = self.steps_per_epoch * self.world
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
                   "train_loss": all_ranks(self.world, device, loss_sum.item(), "sum") / steps,
                   "train_acc": all_ranks(self.world, device, correct.item(), "sum") / seen,
-                  "images_per_sec": seen / epoch_s, "data_stall_fraction": data_wait / epoch_s,
+                  "images_per_sec": fresh / epoch_s, "data_stall_fraction": data_wait / epoch_s,
                   "epoch_s": epoch_s, "train_samples": seen, "partial": first > 0}
         self.test_epoch(record)
         self.epoch, self.skip = self.epoch + 1, 0
-        self.checkpoint(self.epoch, 0, None)
+        self.checkpoint(self.epoch, 0)
 
     def log_steps(self, pending, bar):
         """The one device sync of the step loop: every pending step's loss in one transfer, to the log."""

@@ -82,9 +82,10 @@ def learned_test_count(config):
     return manifest["splits"]["test"]["count"]
 
 
-def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested, tmp_path):
-    full = train.train(tiny(ingested, tmp_path, "full"))
-    cut = train.train(tiny(ingested, tmp_path, "cut", max_steps=6))  # stops in the middle of epoch 2
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested, tmp_path, learned):
+    start = str(Path(learned["run_dir"]) / "last.pt")  # a run that began --init-from resumes too
+    full = train.train(tiny(ingested, tmp_path, "full", init_from=start))
+    cut = train.train(tiny(ingested, tmp_path, "cut", init_from=start, max_steps=6))  # stops inside epoch 2
     assert cut["stopped"] == "max_steps" and cut["epochs"] == 1
     resumed = train.train(train.Config(resume=cut["run_dir"]))
     assert resumed["run_dir"] == cut["run_dir"] and resumed["epochs"] == 2
@@ -94,6 +95,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested,
     resumed_steps, resumed_epochs = train.read_metrics(resumed["run_dir"])
     assert [s["loss"] for s in resumed_steps] == [s["loss"] for s in full_steps]  # the curve continues
     assert [e["epoch"] for e in resumed_epochs] == [0, 1]
+    assert resumed["test_acc"] == full["test_acc"] and resumed["final_loss"] == full["final_loss"]
 
 
 def test_init_from_starts_from_the_checkpoint_weights(ingested, tmp_path, learned):
