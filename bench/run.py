@@ -203,8 +203,8 @@ def config_from_args(args):
     for name in net_names:
         if name not in nets.NETS:
             raise UsageError(f"unknown net {name!r}: choose from {', '.join(nets.NETS)}")
-    if BASELINE not in loaders:  # the headline is a ratio to the baseline measured in the same run
-        loaders = (BASELINE,) + loaders
+    # The headline is a ratio to the baseline measured in the same run: always there, and first in the table.
+    loaders = (BASELINE,) + tuple(name for name in loaders if name != BASELINE)
     cfg = BenchConfig(data=args.data, loaders=loaders, nets=net_names, epochs=args.epochs,
                       batch_size=args.batch_size, res=args.res, device=args.device, amp=args.amp,
                       workers=args.workers, seed=args.seed, loader_epochs=args.loader_epochs, out=args.out)

@@ -63,6 +63,7 @@ def test_ratios_use_the_same_nets_baseline():
 def test_arguments(tmp_path):
     cfg = config_from_args(parse_args(["--loaders", "dali", "--quick"]))
     assert cfg.loaders == ("folder", "dali") and cfg.epochs == 2  # baseline always measured alongside
+    assert config_from_args(parse_args([])).loaders[0] == "folder"
     with pytest.raises(UsageError, match="unknown loader"):
         config_from_args(parse_args(["--loaders", "nope"]))
     with pytest.raises(UsageError, match="epochs >= 2"):
