@@ -82,7 +82,7 @@ def normalise(data, cfg):
     image.draft("RGB", (cfg.store_size, cfg.store_size))
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when already upright (most photos)
         image = _rgb(image)
     except OSError as err:
         reason = "truncated" if "truncated" in str(err) else "undecodable"
