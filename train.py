@@ -23,6 +23,7 @@ import resource
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -372,7 +373,6 @@ class StopFlag:
 
 
 def threading_is_main():
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
