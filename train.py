@@ -305,7 +305,7 @@ def plot_confusion(y_true, y_pred, classes, path):
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=range(len(classes)), display_labels=classes,
                                             normalize="true", values_format=".2f", include_values=len(classes) <= 12,
-                                            xticks_rotation="vertical", colorbar=False, ax=ax)
+                                            xticks_rotation="vertical", colorbar=True, ax=ax)
     _save(fig, path)
 
 
