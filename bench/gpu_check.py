@@ -189,9 +189,9 @@ def plan(args):
     setup = () if args.skip_setup else ("install_core",)
     steps.append(Step("torch_cuda", "torch sees the GPU and runs a CUDA kernel",
                       [py, "-m", "bench.gpu_probes", "torch_cuda", "--device", dev], 60, setup + gpu))
+    ffcv_ok = "import ffcv.loader, ffcv.fields, importlib.metadata as m; print('OK ffcv', m.version('ffcv'))"
     steps.append(Step("ffcv_import", "FFCV's compiled part loads (needs system libturbojpeg and libopencv)",
-                      [py, "-c", "import ffcv.loader, ffcv.fields, importlib.metadata as m; print('OK ffcv', m.version('ffcv'))"],
-                      60, () if args.skip_setup else ("install_ffcv",)))
+                      [py, "-c", ffcv_ok], 60, () if args.skip_setup else ("install_ffcv",)))
     if not args.data:
         steps.append(Step("data", "generate a small demo dataset and ingest it",
                           [py, "-m", "bench.gpu_probes", "data", "--data", data], 120, setup))
