@@ -35,7 +35,7 @@ class StudyConfig:
     data: Path = DEFAULT_OUT  # an ingested dataset
     out: Path = Path("results/study")  # one folder per experiment below it
     loader: str = "dali"  # fastest CPU backend here; the loader does not change what is learnt
-    epochs: int = 3  # per run: 11 runs of 3 epochs on the demo data fit in ~30 min on 2 CPU cores
+    epochs: int = 3  # per run: the 11 runs took 48 min on the demo data on 2 shared CPU cores (21 min CPU)
     batch_size: int = 64  # ~20 steps per epoch on the demo data: enough iterations for the rolling curves
     res: int = 112  # the study used 224; 112 keeps the whole study under an hour on 2 CPU cores
     lr: float = 0.01  # SGD peak learning rate
