@@ -3,11 +3,23 @@
 Commands raise `UsageError` anywhere below `main`; `run` turns it into that line, so no user ever sees a
 traceback for a mistake they can fix. Real bugs still raise normally.
 """
+import argparse
 import sys
 
 
 class UsageError(Exception):
     """Bad input the user can fix; the message is the one line they will read."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose own complaints are UsageErrors too, and whose --help shows every default."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def run(main, argv=None):

@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import nets  # noqa: E402
-from cli import UsageError, run  # noqa: E402
+from cli import Parser, UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
@@ -693,14 +693,9 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own mistakes are usage errors too: one line, exit 2
-        raise UsageError(message)
-
-
 def parse(argv=None):
     d = Config()
-    p = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--net", default=d.net, help=f"model: {', '.join(nets.NETS)}")
     p.add_argument("--loader", default=d.loader, help=f"data loader backend: {', '.join(BACKENDS)}")
     p.add_argument("--data", default=d.data, help="ingested dataset folder (python ingest/build.py)")

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cli import UsageError, run
+from cli import Parser, UsageError, run
 from ingest import layout
 
 
@@ -24,7 +24,6 @@ def make_demo_data(out, per_class=None, src=None, progress=True):
 
 
 def main(argv=None):
-    from bench.run import Parser
     p = Parser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset (made if missing)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the demo training run")

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from bench.results import atomic_write, environment, machine_label, new_results_dir, write_json
-from cli import UsageError, run
+from cli import Parser, UsageError, run
 from ingest import demo
 from ingest.atomic import atomic_path
 from ingest.build import build
-from ingest.config import IngestConfig, Parser
+from ingest.config import IngestConfig
 
 DATA = Path("data")
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as `python bench/loaders.py`: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from cli import UsageError, run  # noqa: E402
+from cli import Parser, UsageError, run  # noqa: E402
 
 BASELINE, CEILING = "folder", "decode"
 SPLITS = ("train", "test")
@@ -257,7 +257,7 @@ def plot(rows, path, title):
 def parse(argv):
     from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
-    p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="an ingested dataset (default %(default)s)")
     p.add_argument("--res", type=int, default=224, help="output resolution, px (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
@@ -287,9 +287,7 @@ def parse(argv):
     if not args.splits or set(args.splits) - set(SPLITS):
         raise UsageError(f"--splits must be a comma-separated subset of {', '.join(SPLITS)}")
     if args.quick:
-        args.epochs = 1
-    if args.quick:
-        args.rounds = 1
+        args.epochs = args.rounds = 1
     if min(args.epochs, args.batch_size, args.rounds) < 1 or args.res < 8:
         raise UsageError("--epochs, --batch-size and --rounds must be >= 1 and --res >= 8")
     return args

@@ -6,7 +6,6 @@ a short training run (train.train) on a fixed schedule, then the loader alone (b
 Output, in one results folder: table.md, results.json (+ exact config and versions), results.csv and
 throughput.png (bars annotated with accuracy and the ratio to the baseline).
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from bench.results import (atomic_write, environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir,
                            read_json, write_config, write_csv, write_json)
-from cli import UsageError
+from cli import Parser, UsageError
 from ingest.layout import DEFAULT_OUT, read_manifest
 from loaders import BACKENDS
 
@@ -164,13 +163,6 @@ def bench(cfg, progress=True):
     print(write_outputs(cfg, rows, out_dir, env))
     print(f"bench: results in {out_dir}")
     return out_dir, rows
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose own complaints are UsageErrors too: one line, exit 2, like every fastpix command."""
-
-    def error(self, message):
-        raise UsageError(message)
 
 
 def parse_args(argv):

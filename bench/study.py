@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from bench.results import atomic_write, environment, fmt, fmt_ci, machine_label, markdown_table, read_json, \
     write_config, write_json
-from cli import UsageError
+from cli import Parser, UsageError
 from ingest.layout import DEFAULT_OUT, read_manifest
 
 EXPERIMENTS = ("nets", "strides", "kernels", "optimizers", "transfer")
@@ -238,10 +238,8 @@ def int_tuples(text):
 
 
 def parse_args(argv):
-    from bench.run import Parser
     d = StudyConfig()
-    p = Parser(prog="python -m bench.study", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m bench.study", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=EXPERIMENTS + ("all",), help="which experiment to run")
     p.add_argument("--data", type=Path, default=d.data, help="ingested dataset")
     p.add_argument("--out", type=Path, default=d.out, help="results folder (runs cached there)")

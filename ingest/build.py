@@ -23,10 +23,10 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: import from the repo root, never from ingest/ itself
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from cli import UsageError, run  # noqa: E402
+from cli import Parser, UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.atomic import exclusive, write_text  # noqa: E402
-from ingest.config import IngestConfig, Parser  # noqa: E402
+from ingest.config import IngestConfig  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
 from ingest.scan import scan  # noqa: E402
 from ingest.split import split  # noqa: E402

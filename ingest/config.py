@@ -1,5 +1,4 @@
 """The one typed config of an ingest run, checked up front so that bad numbers fail before anything is written."""
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,3 @@ class IngestConfig:
         return f"v{PIPELINE_VERSION}:{self.store_size}:{self.quality}:{self.min_side}:{self.max_pixels}"
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are UsageErrors: one line, exit 2, like every other bad input."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-
-    def error(self, message):
-        raise UsageError(message)

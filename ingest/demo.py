@@ -27,10 +27,9 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: import from the repo root, never from ingest/ itself
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from cli import UsageError, run  # noqa: E402
+from cli import Parser, UsageError, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.atomic import exclusive, write_bytes  # noqa: E402
-from ingest.config import Parser  # noqa: E402
 
 CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
            "Concert", "Family", "Fashion", "Film", "Fine Art", "Food", "Journalism", "Landscapes", "Macro",
