@@ -5,6 +5,7 @@ file is which junk is in `tiny_src / ".demo.json"`). `ingested`: that folder ing
 Treat both as read-only; a test that changes data copies it first.
 """
 import pytest
+import torch
 
 from ingest.build import build
 from ingest.config import IngestConfig
@@ -28,3 +29,12 @@ def ingested(tiny_src, tmp_path_factory):
     build(IngestConfig(src=tiny_src, out=out, store_size=TINY_STORE, shard_size=32, workers=2),
           progress=False, log=lambda *_: None)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on 2 shared cores, with loader workers beside it, more threads are slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,13 +7,7 @@ import nets
 from cli import UsageError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These nets are big for 2 shared cores; one thread avoids oversubscription when tests run alongside."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name,resolutions", [("alexnet", (64, 100)), ("flat", (64, 160)),

@@ -21,13 +21,7 @@ from cli import UsageError
 REPO = Path(train.__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: two shared cores, and loader workers beside us, make more threads slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(ingested, runs, name, **overrides):
