@@ -258,13 +258,13 @@ def parse(argv):
     from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
     p = Parser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="an ingested dataset (default %(default)s)")
-    p.add_argument("--res", type=int, default=224, help="output resolution, px (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one (default %(default)s)")
+    p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="an ingested dataset")
+    p.add_argument("--res", type=int, default=224, help="output resolution, px")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated; folder and the decode ceiling are always added (default: all)")
-    p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated (default %(default)s)")
+    p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: each backend's)")
     p.add_argument("--threads", type=int, default=None,

@@ -39,7 +39,7 @@ class BenchConfig:
     out: Path = None  # results folder; default results/bench-<time>
 
 
-QUICK = dict(epochs=2, res=96, loader_epochs=1)  # --quick: 9 min for all five loaders on 2 shared CPU cores
+QUICK = dict(epochs=2, res=96, loader_epochs=1)  # --quick: about 3 min for all five loaders on 2 idle CPU cores
 
 
 def cell_name(net, loader):
@@ -168,20 +168,20 @@ def bench(cfg, progress=True):
 def parse_args(argv):
     d = BenchConfig()
     p = Parser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=d.data, help="ingested dataset (default %(default)s)")
+    p.add_argument("--data", type=Path, default=d.data, help="ingested dataset")
     p.add_argument("--loaders", default=",".join(d.loaders), help="comma-separated backends (default: all)")
-    p.add_argument("--nets", default=",".join(d.nets), help="comma-separated nets (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per cell, >= 2 (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    p.add_argument("--res", type=int, default=d.res, help="training resolution (default %(default)s)")
-    p.add_argument("--device", default=d.device, help="auto|cpu|cuda (default %(default)s)")
-    p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off (default %(default)s)")
+    p.add_argument("--nets", default=",".join(d.nets), help="comma-separated nets")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per cell, >= 2")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--res", type=int, default=d.res, help="training resolution")
+    p.add_argument("--device", default=d.device, help="auto|cpu|cuda")
+    p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off")
     p.add_argument("--workers", type=int, default=d.workers, help="loader workers, 0 = loader default")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--loader-epochs", type=int, default=d.loader_epochs,
-                   help="loader-only epochs measured after a warm-up (default %(default)s)")
+                   help="loader-only epochs measured after a warm-up")
     p.add_argument("--out", type=Path, help="results folder (default results/bench-<time>)")
-    p.add_argument("--quick", action="store_true", help="2 epochs at res 96 (~9 min for all loaders on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="2 epochs at res 96 (~3 min for all loaders on 2 CPU cores)")
     return p.parse_args(argv)
 
 
