@@ -7,11 +7,10 @@ seconds compiling with numba; benches absorb it in a warm-up epoch. The file sta
 
 Ranks get a contiguous block of sample ids through `indices=` (loaders.common.rank_ids) instead of FFCV's
 `distributed=True`, which pads ranks to equal length by repeating samples. Train order is FFCV's RANDOM,
-seeded per epoch from loaders.common.epoch_seed(seed, epoch); test order is SEQUENTIAL. On the CPU, FFCV's
-NormalizeImage normalises in the loader's threads; on a GPU, loaders.common.normalize_ does it after the
-copy, because FFCV's GPU NormalizeImage needs cupy, which we do not ship.
-
-A batch's images are views of FFCV's buffers, rewritten a few batches later: clone them to keep them.
+seeded per epoch from loaders.common.epoch_seed(seed, epoch); test order is SEQUENTIAL. FFCV hands over
+uint8 batches and loaders.common.Normalizer normalises them, like every backend: on the CPU it was 1.6x the
+train images/s of FFCV's NormalizeImage in the loader's threads (measured side by side), and on a GPU
+FFCV's NormalizeImage needs cupy, which we do not ship.
 """
 import contextlib
 import os
@@ -36,12 +35,12 @@ with keep_torch_threads():
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.pipeline_spec import PipelineSpec
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from cli import UsageError
 from ingest import layout
-from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, epoch_seed,
-                            normalize_, rank_ids, resolve_device)
+from loaders.common import (RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, epoch_seed, rank_ids,
+                            resolve_device)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -79,17 +78,13 @@ class FfcvLoader:
         self.device, self.with_ids, self.batch_size, self.seed = device, with_ids, batch_size, seed
         self.num_samples = len(ids)
         self.epoch = 0
-        self.on_gpu = device.type == "cuda"
-        to_device = [ToDevice(device, non_blocking=True)] if self.on_gpu else []
-        # On the CPU FFCV normalises in its own threads, overlapped with the consumer (1.4x the images/s of
-        # normalize_ afterwards, measured side by side); on the GPU normalize_ runs there after the copy.
-        normalize = [] if self.on_gpu else [NormalizeImage(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD),
-                                                           np.float32)]
+        self.normalize = Normalizer(device)
+        to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         decoder = (RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
                    else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
         pipelines = {
-            "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + normalize
-                     + [ToTensor()] + to_device + [ToTorchImage(channels_last=True)],
+            "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()] + to_device
+                     + [ToTorchImage(channels_last=True)],
             "label": [IntDecoder(), ToTensor(), Squeeze(1)] + to_device,  # Squeeze() makes a batch of 1 0-d
         }
         if with_ids:
@@ -113,8 +108,7 @@ class FfcvLoader:
         with keep_torch_threads():
             batches = iter(self.loader)
         for images, labels, *ids in batches:
-            # FFCV reuses its output buffers batches_ahead (3) batches later. Images are used at once by any
-            # training loop and a copy would cost a fifth of the throughput; labels are often kept for
-            # metrics and cost nothing to copy.
-            batch = (normalize_(images) if self.on_gpu else images, labels.clone())
+            # FFCV reuses its output buffers batches_ahead (3) batches later: the Normalizer copies the images
+            # out; labels are often kept for metrics and cost nothing to copy.
+            batch = (self.normalize(images), labels.clone())
             yield batch + (ids[0].clone(),) if self.with_ids else batch

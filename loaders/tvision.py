@@ -12,13 +12,13 @@ import os
 import tarfile
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 from cli import UsageError
 from ingest.layout import read_manifest, shard_paths
-from loaders.common import RRC_RATIO, RRC_SCALE, EpochSampler, normalize_, rank_ids, resolve_device, test_resize
+from loaders.common import RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, rank_ids, resolve_device, test_resize
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -40,9 +40,26 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
 def image_transform(train, res):
     """uint8 CHW tensor -> uint8 3 x res x res: RRC + flip for train, resize + center crop for test."""
     if train:
-        return v2.Compose([v2.RandomResizedCrop(res, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
-                           v2.RandomHorizontalFlip()])
+        return TrainCrop(res)
     return v2.Compose([v2.Resize(test_resize(res), antialias=True), v2.CenterCrop(res)])
+
+
+class TrainCrop:
+    """RandomResizedCrop(res) + random horizontal flip of one uint8 CHW image, as v2.functional calls.
+
+    torchvision's crop sampling and antialiased bilinear resize, applied to a channels_last copy of the crop:
+    decode_jpeg's images are HWC in memory, which v2.RandomResizedCrop first copies to CHW and resizes on
+    the slow path; the channels_last crop takes torch's vectorised uint8 kernel. 0.25 ms per image instead of
+    0.9 ms with v2.RandomResizedCrop + v2.RandomHorizontalFlip (measured, one core)."""
+
+    def __init__(self, res):
+        self.size = [res, res]
+
+    def __call__(self, image):
+        top, left, height, width = RandomResizedCrop.get_params(image, RRC_SCALE, RRC_RATIO)
+        crop = image[None, :, top:top + height, left:left + width].contiguous(memory_format=torch.channels_last)
+        image = v2.functional.resize(crop, self.size, antialias=True)[0]
+        return v2.functional.horizontal_flip(image) if torch.rand(1) < 0.5 else image
 
 
 class ShardSamples(Dataset):
@@ -101,6 +118,15 @@ class ShardSamples(Dataset):
         return data, self.labels[position], self.ids[position]
 
 
+def collate_images(batch):
+    """Stack uint8 CHW images into one channels_last batch. decode_jpeg's and TrainCrop's images are HWC in
+    memory, so stacking them as HWC is a plain copy, where torch.stack of the CHW views transposes every
+    image (0.25 ms each, measured)."""
+    images, labels, ids = zip(*batch)
+    return default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2), \
+        torch.stack(labels), torch.stack(ids)
+
+
 def collate_bytes(batch):
     """Keep JPEG byte strings as a list (they differ in length) for one batched GPU decode."""
     data, labels, ids = zip(*batch)
@@ -115,10 +141,11 @@ class TorchLoader:
         self.num_samples = len(positions)
         self.sampler = EpochSampler(positions, seed, shuffle=train)
         self.gpu_transform = image_transform(train, res) if samples.transform is None else None
+        self.normalize = Normalizer(device)
         on_gpu = device.type == "cuda"
         self.loader = DataLoader(
             samples, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_bytes if on_gpu else None, pin_memory=on_gpu,
+            collate_fn=collate_bytes if on_gpu else collate_images, pin_memory=on_gpu,
             persistent_workers=workers > 0,  # workers start once, not every epoch
             generator=torch.Generator().manual_seed(seed))  # worker RNG (crop, flip) follows the seed
 
@@ -135,5 +162,5 @@ class TorchLoader:
             else:  # nvJPEG decodes the batch in one call; crops differ in size per image, so they go one by one
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 images = torch.stack([self.gpu_transform(image) for image in decoded])
-            batch = (normalize_(images), labels.to(self.device, non_blocking=True))
+            batch = (self.normalize(images), labels.to(self.device, non_blocking=True))
             yield batch + (ids,) if self.with_ids else batch

@@ -29,7 +29,8 @@ def loader(data_dir, split, res=32, **options):
 
 def epoch(resident_loader, number):
     resident_loader.set_epoch(number)
-    images, labels, ids = zip(*resident_loader)
+    # images are views of the loader's reused buffers (loaders.common): keep copies
+    images, labels, ids = zip(*((images.clone(), labels, ids) for images, labels, ids in resident_loader))
     return torch.cat(images), torch.cat(labels), torch.cat(ids)
 
 
