@@ -11,11 +11,18 @@ class UsageError(Exception):
     """Bad input the user can fix; the message is the one line they will read."""
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default once: a help that states its default in words keeps only the words."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose own complaints are UsageErrors too, and whose --help shows every default."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsOnce)
         super().__init__(**kwargs)
 
     def error(self, message):

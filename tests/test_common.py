@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cli import UsageError
+from cli import Parser, UsageError
 from loaders import make_loader
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD, Normalizer, rank_ids, resolve_device
 
@@ -42,3 +42,12 @@ def test_normalizer_reuses_its_ring_of_buffers_on_the_cpu():
     assert first.data_ptr() != second.data_ptr()  # the batch just handed over is never the one being written
     assert third.data_ptr() == first.data_ptr() and len(third) == 3  # a partial batch: a view of a buffer
     assert normalize(torch.zeros(4, 3, 6, 6, dtype=torch.uint8)).shape == (4, 3, 6, 6)  # new size, new buffers
+
+
+def test_help_shows_each_default_once():
+    parser = Parser(prog="x")
+    parser.add_argument("--size", type=int, default=7, help="a size")
+    parser.add_argument("--out", default=None, help="a folder (default results/<time>)")
+    text = " ".join(parser.format_help().split())
+    assert "a size (default: 7)" in text
+    assert "a folder (default results/<time>)" in text and "(default: None)" not in text
