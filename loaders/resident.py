@@ -70,8 +70,9 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
 
 def check_memory(n, size, batch_size, res, device, limit, split):
     """UsageError unless the images and one batch's working buffers fit in MEMORY_SHARE of free memory."""
-    # the gathered batch (uint8 + float), the grid, grid_sample's output and the Normalizer's ring of outputs
-    working = batch_size * (3 * size * size * 5 + res * res * 4 * (2 + 3 + 3))
+    # per sample: the gathered image (uint8 + float copy); floats per output pixel: the grid (2), grid_sample's
+    # output (3) and the Normalizer's ring of 3 outputs (3 each)
+    working = batch_size * (3 * size * size * 5 + res * res * 4 * (2 + 3 + 3 * 3))
     need = n * 3 * size * size + working
     if limit is None:
         limit = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
