@@ -14,6 +14,8 @@ the right picture shifted by one pixel gives 9.8 and up to 144, flipped 38, not 
 resized to 56 instead of 55 px 4.8. So the bounds, MEAN_BOUND 7 and MAX_BOUND 80 levels, catch a flip,
 a channel swap, a wrong or missing resize, a one-pixel misplaced crop and wrong normalisation, but not a
 resize one pixel off: that is what the resamplers' own rounding looks like.
+
+On the train split, the torch backend's own crop code is checked against torchvision's transforms.
 """
 import gc
 import io
@@ -89,3 +91,26 @@ def test_test_split_agrees_with_pil_reference(name, ingested, reference):
     errors = np.stack(errors)
     assert errors.mean() <= MEAN_BOUND and errors.max() <= MAX_BOUND, \
         f"{name}: mean abs error {errors.mean():.2f} levels, max {errors.max():.0f}"
+
+
+def test_torch_train_crops_are_torchvisions(ingested):
+    """TrainCrop (the torch backend's train transform, on channels_last crops) gives the pixels of
+    v2.RandomResizedCrop + v2.RandomHorizontalFlip from the same random draws, within a level."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    from loaders.common import RRC_RATIO, RRC_SCALE
+    from loaders.tvision import TrainCrop
+
+    reference = v2.Compose([v2.RandomResizedCrop(RES, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
+                            v2.RandomHorizontalFlip()])
+    crop = TrainCrop(RES)
+    for seed, jpeg in enumerate(stored_jpegs(ingested, "train").values()):
+        image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        torch.manual_seed(seed)
+        ours = crop(image)
+        torch.manual_seed(seed)
+        theirs = reference(image)
+        assert ours.shape == theirs.shape == (3, RES, RES)
+        assert (ours.int() - theirs.int()).abs().max() <= 1  # the same box, flip and resampling filter
