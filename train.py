@@ -43,6 +43,9 @@ from ingest import layout  # noqa: E402
 from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import rank_ids, resolve_device  # noqa: E402
+from report.metrics import classification_metrics  # noqa: E402
+from report.plots import plot_confusion, plot_run  # noqa: E402
+from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -222,125 +225,10 @@ def load_weights(model, path):
         raise UsageError(f"--init-from {path} does not fit this net and class count: {first}") from None
 
 
-# ----------------------------------------------------------------------------------------------- Metrics
-
-def classification_metrics(y_true, y_pred, num_classes, *, resamples=1000, seed=0):
-    """Accuracy and macro precision (scikit-learn) with percentile-bootstrap 95 % intervals (numpy).
-
-    Macro precision averages over all num_classes classes, a class never predicted counting 0, both for
-    the point estimate and for every resample, so the interval is about the same quantity."""
-    from sklearn.metrics import accuracy_score, precision_score
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    acc = float(accuracy_score(y_true, y_pred))
-    prec = float(precision_score(y_true, y_pred, labels=range(num_classes), average="macro", zero_division=0))
-    rng = np.random.default_rng(seed)
-    accs, precs = [], []
-    for chunk in np.array_split(np.arange(resamples), max(1, resamples * len(y_true) // 2_000_000)):
-        idx = rng.integers(0, len(y_true), (len(chunk), len(y_true)))
-        pred, hit = y_pred[idx], y_true[idx] == y_pred[idx]
-        cell = (pred + num_classes * np.arange(len(chunk))[:, None]).ravel()  # (resample, class) bins
-        predicted = np.bincount(cell, minlength=len(chunk) * num_classes).reshape(len(chunk), num_classes)
-        correct = np.bincount(cell, weights=hit.ravel(), minlength=predicted.size).reshape(predicted.shape)
-        precs.append((correct / np.maximum(predicted, 1)).mean(axis=1))
-        accs.append(hit.mean(axis=1))
-    ci = lambda values: tuple(float(v) for v in np.percentile(np.concatenate(values), [2.5, 97.5]))  # noqa: E731
-    return {"acc": acc, "acc_ci": ci(accs), "macro_precision": prec, "macro_precision_ci": ci(precs)}
-
-
-# ----------------------------------------------------------------------------------------------- Plots
-
-def rolling(values, window):
-    """Trailing rolling mean and std (shorter windows at the start), so the curve starts at step 0."""
-    values = np.asarray(values, dtype=float)
-    padded = np.concatenate([np.full(window - 1, np.nan), values])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, window)
-    return np.nanmean(windows, axis=1), np.nanstd(windows, axis=1)
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_loss(steps, losses, path, window=50):
-    """Loss per iteration with its rolling mean +- std over `window` iterations, as in the study."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    mean, std = rolling(losses, window)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, color="0.75", lw=0.6, label="loss")
-    ax.plot(steps, mean, color="C0", label=f"rolling mean ({window})")
-    ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.25, label="+- std")
-    ax.set(xlabel="iteration", ylabel="training loss")
-    ax.legend()
-    _save(fig, path)
-
-
-def plot_accuracy(epochs, path):
-    """Train and test accuracy per epoch, the test one with its bootstrap 95 % interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    x = [e["epoch"] for e in epochs]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [e["train_acc"] for e in epochs], "o-", label="train")
-    ax.plot(x, [e["test_acc"] for e in epochs], "o-", label="test")
-    ax.fill_between(x, [e["test_acc_ci"][0] for e in epochs], [e["test_acc_ci"][1] for e in epochs],
-                    color="C1", alpha=0.25, label="test 95 % CI")
-    ax.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
-    ax.legend()
-    _save(fig, path)
-
-
-def plot_confusion(y_true, y_pred, classes, path):
-    """Row-normalised confusion matrix with class names (scikit-learn's display)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-    size = 3 + 0.35 * len(classes)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=range(len(classes)), display_labels=classes,
-                                            normalize="true", values_format=".2f", include_values=len(classes) <= 12,
-                                            xticks_rotation="vertical", colorbar=True, ax=ax)
-    _save(fig, path)
-
-
-def read_metrics(run_dir):
-    """(step records, epoch records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in records if r["kind"] == "step"], [r for r in records if r["kind"] == "epoch"]
-
-
-def plot_run(run_dir):
-    """(Re)draw loss.png and accuracy.png of a run from its metrics.jsonl."""
-    steps, epochs = read_metrics(run_dir)
-    if steps:
-        plot_loss([s["step"] for s in steps], [s["loss"] for s in steps], Path(run_dir) / "loss.png")
-    if epochs:
-        plot_accuracy(epochs, Path(run_dir) / "accuracy.png")
-
-
 # ----------------------------------------------------------------------------------------------- Files
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def append_jsonl(path, records):
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-def trim_metrics(run_dir, step, epoch):
-    """Drop what was logged after the checkpoint we resume from, so the curves continue without overlap."""
-    path = Path(run_dir) / "metrics.jsonl"
-    keep = [line for line in path.read_text().splitlines() if line and (
-        (r := json.loads(line))["kind"] == "step" and r["step"] < step or r["kind"] == "epoch" and r["epoch"] < epoch)]
-    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def save_checkpoint(path, **state):

@@ -1,24 +1,16 @@
 """The pictures people would rather look at than read: throughput bars annotated with accuracy, the study's
-rolling loss curves, accuracy per epoch and per setting. Agg backend: no display needed.
+rolling loss curves, accuracy per epoch and per setting; saved by report.plots.save (Agg backend).
 """
-import io
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.results import atomic_write  # noqa: E402
+from report.metrics import rolling  # noqa: E402
+from report.plots import save  # noqa: E402
 
 ROLLING_WINDOW = 50  # the study smoothed per-iteration loss over 50 iterations
-
-
-def save(fig, path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
 
 
 def throughput_bars(rows, path, title):
@@ -53,8 +45,7 @@ def throughput_bars(rows, path, title):
 
 def loss_curves(series, path, title, window=ROLLING_WINDOW):
     """series: {name: (iterations, losses)}. Rolling mean and rolling std, one panel each, as in the study;
-    the rolling window is train.py's, so these curves match the per-run loss.png."""
-    from train import rolling
+    the rolling window is the per-run loss.png's, so these curves match it."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for name, (x, losses) in series.items():
         mean, std = rolling(losses, window)

@@ -26,6 +26,7 @@ from bench.results import atomic_write, environment, fmt, fmt_ci, machine_label,
     write_config, write_json
 from cli import Parser, UsageError
 from ingest.layout import DEFAULT_OUT, read_manifest
+from report.runlog import read_metrics
 
 EXPERIMENTS = ("nets", "strides", "kernels", "optimizers", "transfer")
 
@@ -77,7 +78,7 @@ def run(study, name, **overrides):
         if run_dir.exists():  # a different or checkpoint-less attempt of this run: start it afresh
             shutil.rmtree(run_dir)
         summary = train.train(cfg)
-    steps, epochs = train.read_metrics(summary["run_dir"])
+    steps, epochs = read_metrics(summary["run_dir"])
     result = {"config": wanted, "summary": summary,
               "loss": {"step": [s["step"] for s in steps], "loss": [s["loss"] for s in steps]},
               "epochs": [{k: e[k] for k in ("epoch", "train_acc", "test_acc", "test_acc_ci", "images_per_sec")}

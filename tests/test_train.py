@@ -17,6 +17,7 @@ import torch
 
 import train
 from cli import UsageError
+from report.runlog import read_metrics
 
 REPO = Path(train.__file__).resolve().parent
 
@@ -48,7 +49,7 @@ def learned(ingested, tmp_path_factory):
 
 
 def test_a_tiny_run_learns_with_bf16_on_the_cpu(learned):
-    steps, epochs = train.read_metrics(learned["run_dir"])
+    steps, epochs = read_metrics(learned["run_dir"])
     chance = 1 / len(json.loads((Path(learned["run_dir"]) / "config.json").read_text())["classes"])
     assert learned["amp"] == "bf16" and learned["epochs"] == 6 and learned["stopped"] is None
     assert epochs[-1]["train_loss"] < 0.75 * epochs[0]["train_loss"]
@@ -61,7 +62,7 @@ def test_the_run_folder_holds_config_metrics_checkpoint_and_plots(learned, inges
     steps_per_epoch = split_count(ingested, "train") // 16  # full batches only
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["net"] == "resnet18" and config["amp"] == "bf16" and len(config["classes"]) == 6
-    steps, epochs = train.read_metrics(run_dir)
+    steps, epochs = read_metrics(run_dir)
     assert [s["step"] for s in steps] == list(range(6 * steps_per_epoch))  # every iteration once, in order
     assert all(np.isfinite(s["loss"]) and s["lr"] > 0 and s["images_per_sec"] > 0 for s in steps)
     assert [e["epoch"] for e in epochs] == list(range(6))
@@ -85,8 +86,8 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested,
     assert resumed["run_dir"] == cut["run_dir"] and resumed["epochs"] == 2
     a, b = weights(full["run_dir"]), weights(resumed["run_dir"])
     assert all(torch.equal(a[k], b[k]) for k in a)
-    full_steps, _ = train.read_metrics(full["run_dir"])
-    resumed_steps, resumed_epochs = train.read_metrics(resumed["run_dir"])
+    full_steps, _ = read_metrics(full["run_dir"])
+    resumed_steps, resumed_epochs = read_metrics(resumed["run_dir"])
     assert [s["loss"] for s in resumed_steps] == [s["loss"] for s in full_steps]  # the curve continues
     assert [e["epoch"] for e in resumed_epochs] == [0, 1]
     assert resumed["test_acc"] == full["test_acc"] and resumed["final_loss"] == full["final_loss"]
@@ -117,7 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(ingested, tmp_path):
     run = train.train(config)
     assert run["stopped"] == "signal" and run["epochs"] < 100
     ckpt = torch.load(Path(run["run_dir"]) / "last.pt", weights_only=True)
-    steps, _ = train.read_metrics(run["run_dir"])
+    steps, _ = read_metrics(run["run_dir"])
     per_epoch = split_count(ingested, "train") // 16
     assert ckpt["global_step"] == len(steps) and ckpt["epoch"] * per_epoch + ckpt["step_in_epoch"] == len(steps)
     assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is handed back
@@ -127,19 +128,6 @@ def test_a_non_finite_loss_stops_with_a_clear_message(ingested, tmp_path):
     with pytest.raises(UsageError, match="loss became non-finite at step"):
         train.train(tiny(ingested, tmp_path, "nan", net="flat", res=64, epochs=2, lr=1e12, warmup=0,
                          log_every=1, momentum=0.0))
-
-
-def test_metrics_match_scikit_learn_and_bracket_their_estimate():
-    from sklearn.metrics import precision_score
-    rng = np.random.default_rng(0)
-    y_true = rng.integers(0, 5, 300)
-    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 5, 300))
-    m = train.classification_metrics(y_true, y_pred, 5, resamples=500)
-    assert m["acc"] == pytest.approx((y_true == y_pred).mean())
-    assert m["macro_precision"] == pytest.approx(precision_score(y_true, y_pred, average="macro"))
-    assert m["acc_ci"][0] < m["acc"] < m["acc_ci"][1] and m["acc_ci"][1] - m["acc_ci"][0] < 0.15
-    assert m["macro_precision_ci"][0] < m["macro_precision"] < m["macro_precision_ci"][1]
-    assert train.classification_metrics(y_true, y_true, 5)["acc_ci"] == (1.0, 1.0)
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero():

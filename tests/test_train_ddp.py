@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import train
+from report.runlog import read_metrics
 
 
 def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested, tmp_path):
@@ -43,7 +44,7 @@ def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested,
 
     run_dir = Path(two["run_dir"])
     assert json.loads((run_dir / "config.json").read_text())["world"] == 2
-    steps, epochs = train.read_metrics(run_dir)
+    steps, epochs = read_metrics(run_dir)
     train_count = json.loads((Path(ingested) / "manifest.json").read_text())["splits"]["train"]["count"]
     per_rank_steps = (train_count // 2) // 16
     assert len(steps) == per_rank_steps and len(epochs) == 1  # one writer: nothing logged twice

@@ -1,0 +1,66 @@
+"""Every PNG fastpix draws: per-run curves and confusion here, bench's comparisons in bench/plots.py; all
+saved by `save` (atomic, one dpi). Agg backend: no display needed."""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ingest.atomic import atomic_path  # noqa: E402
+from report.metrics import rolling  # noqa: E402
+from report.runlog import read_metrics  # noqa: E402
+
+DPI = 110
+
+
+def save(fig, path):
+    """Write the figure as a PNG atomically (a reader never sees half a file) and free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_loss(steps, losses, path, window=50):
+    """Loss per iteration with its rolling mean +- std over `window` iterations, as in the study."""
+    mean, std = rolling(losses, window)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, color="0.75", lw=0.6, label="loss")
+    ax.plot(steps, mean, color="C0", label=f"rolling mean ({window})")
+    ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.25, label="+- std")
+    ax.set(xlabel="iteration", ylabel="training loss")
+    ax.legend()
+    save(fig, path)
+
+
+def plot_accuracy(epochs, path):
+    """Train and test accuracy per epoch, the test one with its bootstrap 95 % interval."""
+    x = [e["epoch"] for e in epochs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [e["train_acc"] for e in epochs], "o-", label="train")
+    ax.plot(x, [e["test_acc"] for e in epochs], "o-", label="test")
+    ax.fill_between(x, [e["test_acc_ci"][0] for e in epochs], [e["test_acc_ci"][1] for e in epochs],
+                    color="C1", alpha=0.25, label="test 95 % CI")
+    ax.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
+    ax.legend()
+    save(fig, path)
+
+
+def plot_confusion(y_true, y_pred, classes, path):
+    """Row-normalised confusion matrix with class names (scikit-learn's display)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+    size = 3 + 0.35 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=range(len(classes)), display_labels=classes,
+                                            normalize="true", values_format=".2f", include_values=len(classes) <= 12,
+                                            xticks_rotation="vertical", colorbar=True, ax=ax)
+    save(fig, path)
+
+
+def plot_run(run_dir):
+    """(Re)draw loss.png and accuracy.png of a run from its metrics.jsonl."""
+    steps, epochs = read_metrics(run_dir)
+    if steps:
+        plot_loss([s["step"] for s in steps], [s["loss"] for s in steps], Path(run_dir) / "loss.png")
+    if epochs:
+        plot_accuracy(epochs, Path(run_dir) / "accuracy.png")
