@@ -20,6 +20,7 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
 
 The sample id is the row number in `<split>.csv`, so every backend can be checked against the others.
 """
+import csv
 import json
 from pathlib import Path
 
@@ -61,3 +62,76 @@ def shard_paths(data_dir, split):
     shards = read_manifest(data_dir)["splits"][split]["shards"]
     tars = [Path(data_dir) / s["tar"] for s in shards]
     return tars, [t.with_suffix(".idx") for t in tars]
+
+
+def read_index(path):
+    """A DALI index (wds2idx v1.2: a `v1.2 <samples>` line, then per sample `<ext> <offset> <size> <name>` for
+    each member) -> [{ext: (offset, size)}] in tar order; ValueError when it is not one."""
+    with open(path) as f:
+        version, count = f.readline().split()
+        samples = []
+        for line in f:
+            fields = line.split()
+            samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
+    if not version.startswith("v1.") or int(count) != len(samples):
+        raise ValueError(f"says {count} samples but lists {len(samples)}")
+    return samples
+
+
+def damaged_file(data_dir, manifest, path, problem):
+    """The one-line error for a data file that does not match the manifest: what is wrong, how to repair."""
+    return UsageError(f"{path} {problem}: run python ingest/build.py --verify --out {data_dir} to see what is "
+                      f"damaged, then rerun python ingest/build.py --src {manifest.get('source', 'SRC')} "
+                      f"--out {data_dir} to repair it")
+
+
+def check_split(data_dir, split, manifest, *, reads=("webdataset",)):
+    """Cheap start-up check that what a loader reads matches `manifest`: UsageError naming the first mismatch.
+
+    Sizes of the split's csv and of the files of each format in `reads` ("webdataset": tars + indexes, "ffcv":
+    the beton) against the manifest's `files`; each index's sample count against its shard's `count`, and
+    every indexed member inside its tar; the csv's rows against the split's count. Reads only the small
+    files (indexes, csv) and stats the big ones, so a loader pays milliseconds, not a pass over the data:
+    damage that keeps a file's size (flipped bytes) is for `python ingest/build.py --verify` to find."""
+    data_dir = Path(data_dir)
+    if "files" not in manifest:
+        raise UsageError(f"{data_dir} was ingested by an older fastpix: rerun python ingest/build.py "
+                         f"--src {manifest.get('source', 'SRC')} --out {data_dir}")
+    part = manifest["splits"][split]
+
+    def damaged(path, problem):
+        return damaged_file(data_dir, manifest, path, problem)
+
+    def check_size(path):
+        expected = manifest["files"].get(path.name, {}).get("bytes")
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise damaged(path, "is missing or unreadable") from None
+        if expected is None:
+            raise damaged(path, "is not in the manifest's files")
+        if size != expected:
+            raise damaged(path, f"has {size:,} bytes where the manifest says {expected:,}")
+        return size
+
+    csv_file = csv_path(data_dir, split)
+    check_size(csv_file)
+    with open(csv_file, newline="") as f:
+        rows = sum(1 for _ in csv.reader(f)) - 1  # the header
+    if rows != part["count"]:
+        raise damaged(csv_file, f"has {rows} rows where the manifest says {part['count']}")
+    if "ffcv" in reads:
+        check_size(beton_path(data_dir, split))
+    if "webdataset" in reads:
+        for shard in part["shards"]:
+            tar, idx = data_dir / shard["tar"], data_dir / index_name(shard["tar"])
+            tar_size = check_size(tar)
+            check_size(idx)
+            try:
+                samples = read_index(idx)
+            except (OSError, ValueError, IndexError) as err:
+                raise damaged(idx, f"is not a readable DALI index ({err})") from None
+            if len(samples) != shard["count"]:
+                raise damaged(idx, f"lists {len(samples)} samples where the manifest says {shard['count']}")
+            if any(offset + size > tar_size for sample in samples for offset, size in sample.values()):
+                raise damaged(idx, f"points past the end of {tar.name}")

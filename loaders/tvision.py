@@ -10,6 +10,7 @@ Ranks get a contiguous block of shard positions (loaders.common.rank_ids), as DA
 """
 import os
 import tarfile
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -17,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
 from cli import UsageError
-from ingest.layout import read_manifest, shard_paths
+from ingest.layout import damaged_file, read_manifest
 from loaders.common import RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, rank_ids, resolve_device, test_resize
 
 
@@ -69,10 +70,13 @@ class ShardSamples(Dataset):
     does not grow with the dataset and forked workers share nothing but the index."""
 
     def __init__(self, data_dir, split, transform=None):
-        self.tars = [str(t) for t in shard_paths(data_dir, split)[0]]
+        manifest = read_manifest(data_dir)
+        shards = manifest["splits"][split]["shards"]
+        self.tars = [str(Path(data_dir) / shard["tar"]) for shard in shards]
         self.transform = transform
         jpegs, labels, ids = [], [], []
-        for t, tar in enumerate(self.tars):
+        for t, (tar, shard) in enumerate(zip(self.tars, shards)):
+            start = len(jpegs)
             try:
                 with tarfile.open(tar) as archive:
                     for member in archive:
@@ -83,11 +87,11 @@ class ShardSamples(Dataset):
                         elif ext == "cls":
                             labels.append(int(archive.extractfile(member).read()))
             except (OSError, tarfile.TarError) as err:
-                raise UsageError(f"shard {tar} is missing or unreadable ({err.__class__.__name__}): ingest again "
-                                 "with python ingest/build.py") from None
-        if len(labels) != len(jpegs):
-            raise UsageError(f"{data_dir}: {split} shards hold {len(jpegs)} images but {len(labels)} labels: "
-                             "ingest again with python ingest/build.py")
+                raise damaged_file(data_dir, manifest, tar, f"is unreadable ({err.__class__.__name__})") from None
+            # tarfile ends an archive quietly at a broken header: count what it read
+            if len(jpegs) - start != shard["count"] or len(labels) != len(jpegs):
+                raise damaged_file(data_dir, manifest, tar, f"holds {len(jpegs) - start} readable samples where "
+                                   f"the manifest says {shard['count']}")
         self.jpegs, self.labels, self.ids = jpegs, torch.tensor(labels), torch.tensor(ids)
         self._fds = {}
 

@@ -1,0 +1,113 @@
+"""What a loader does with damaged data: the cheap start-up check (ingest.layout.check_split) names the file
+that does not match the manifest, damage that keeps sizes is caught when it is read, and nothing is ever
+trained on silently. Each test damages its own copy of the tiny dataset."""
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from cli import UsageError
+from ingest import layout
+from loaders import make_loader
+from tests.test_loaders import require
+
+
+def dataset_copy(ingested, tmp_path):
+    """A private copy of the tiny dataset (data files and manifest only), and its manifest."""
+    out = tmp_path / "data"
+    shutil.copytree(ingested, out, ignore=shutil.ignore_patterns(".*", "resident-*"))
+    manifest = json.loads((out / layout.MANIFEST).read_text())
+    if "files" not in manifest:  # an ingest that predates `files` and `formats`: add them as ingest writes them
+        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                             for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx", ".beton", ".csv")}
+        manifest["formats"] = ["webdataset", "ffcv"]
+        write_manifest(out, manifest)
+    return out, manifest
+
+
+def write_manifest(out, manifest):
+    (out / layout.MANIFEST).write_text(json.dumps(manifest))
+
+
+def truncate(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def test_an_intact_split_passes_the_check(ingested, tmp_path):
+    data, manifest = dataset_copy(ingested, tmp_path)
+    for split in layout.SPLITS:
+        layout.check_split(data, split, manifest, reads=("webdataset", "ffcv"))
+
+
+def test_a_manifest_without_files_asks_for_a_new_ingest(ingested, tmp_path):
+    data, manifest = dataset_copy(ingested, tmp_path)
+    del manifest["files"]
+    with pytest.raises(UsageError, match=f"ingested by an older fastpix: rerun python ingest/build.py --src "
+                                         f".* --out {data}$"):
+        layout.check_split(data, "train", manifest)
+
+
+def shard_count(manifest):
+    manifest["splits"]["test"]["shards"][0]["count"] += 1
+    manifest["splits"]["test"]["count"] += 1
+
+
+DAMAGE = {  # what is damaged -> (the damage, the file the error names, what it says)
+    "truncated tar": (lambda d, m: truncate(d / "test-00000.tar"), "test-00000.tar", "bytes where the manifest"),
+    "missing index": (lambda d, m: (d / "test-00000.idx").unlink(), "test-00000.idx", "is missing"),
+    "truncated beton": (lambda d, m: truncate(d / "test.beton"), "test.beton", "bytes where the manifest"),
+    "csv rows": (lambda d, m: m["splits"]["test"].update(count=1), "test.csv", "rows where the manifest says 1"),
+    "index count": (lambda d, m: (m["splits"]["test"]["shards"][0].update(count=1),
+                                  m["splits"]["test"].update(count=1),
+                                  (d / "test.csv").write_text("".join((d / "test.csv").open().readlines()[:2])),
+                                  m["files"]["test.csv"].update(bytes=(d / "test.csv").stat().st_size)),
+                    "test-00000.idx", "samples where the manifest says 1"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damage_is_one_line_naming_the_file_and_the_repair(damage, ingested, tmp_path):
+    data, manifest = dataset_copy(ingested, tmp_path)
+    harm, name, says = DAMAGE[damage]
+    harm(data, manifest)
+    with pytest.raises(UsageError) as err:
+        layout.check_split(data, "test", manifest, reads=("webdataset", "ffcv"))
+    line = str(err.value)
+    assert "\n" not in line and str(data / name) in line and says in line
+    assert f"python ingest/build.py --verify --out {data}" in line and f"--out {data} to repair" in line
+
+
+def test_an_index_pointing_past_its_tar_is_damage(ingested, tmp_path):
+    data, manifest = dataset_copy(ingested, tmp_path)
+    idx = data / "test-00000.idx"
+    lines = idx.read_text().splitlines(keepends=True)
+    fields = lines[-1].split(" ")
+    fields[1] = str(10 ** len(fields[1]) - 1)  # same digit count: the file keeps its size
+    idx.write_text("".join(lines[:-1]) + " ".join(fields))
+    manifest["files"][idx.name]["bytes"] = idx.stat().st_size
+    with pytest.raises(UsageError, match="points past the end of test-00000.tar"):
+        layout.check_split(data, "test", manifest)
+
+
+def break_a_header_in_the_middle(tar):
+    """Zero the tar header of the middle sample's first member; the file keeps its size and its index."""
+    samples = layout.read_index(tar.with_suffix(".idx"))
+    header = min(offset for offset, _ in samples[len(samples) // 2].values()) - 512
+    with open(tar, "r+b") as f:
+        f.seek(header)
+        f.write(bytes(512))
+
+
+@pytest.mark.parametrize("name", ["torch", "resident"])  # the backends that read the tar's headers
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_broken_tar_header_stops_the_loader_with_one_line(name, split, ingested, tmp_path):
+    require(name)
+    data, manifest = dataset_copy(ingested, tmp_path)
+    tar = data / manifest["splits"][split]["shards"][0]["tar"]
+    break_a_header_in_the_middle(tar)
+    with pytest.raises(UsageError, match=f"{tar} holds \\d+ readable samples where the manifest says "
+                                         f"{manifest['splits'][split]['shards'][0]['count']}: run python "
+                                         "ingest/build.py --verify"):
+        make_loader(name, data, split, batch_size=4, res=32, device="cpu", workers=0, cache=False) \
+            if name == "resident" else make_loader(name, data, split, batch_size=4, res=32, device="cpu", workers=0)
