@@ -1,8 +1,10 @@
-"""DDP under torchrun with gloo on the CPU: 2 processes evaluate every test sample exactly once and give the
-same test metrics as 1 process; only rank 0 writes.
+"""DDP under torchrun with gloo on the CPU (`--device cpu`, so the test means the same on a GPU machine).
 
-The model must be the same in both runs for the metrics to be comparable, so the run cannot change it:
-ResNet-18 with a frozen backbone (FrozenBatchNorm2d keeps even the running statistics) and lr 0 for the head.
+1. 2 processes evaluate every test sample exactly once and give the same test metrics as 1 process; only rank
+   0 writes. The model must be the same in both runs for the metrics to be comparable, so the run cannot
+   change it: ResNet-18 with a frozen backbone (FrozenBatchNorm2d keeps even the running statistics) and lr 0.
+2. With a real learning rate, gradients are synced: both ranks end with the same weights although they
+   trained on different samples; and a 2-process run cut mid-epoch resumes to the uninterrupted run exactly.
 """
 import csv
 import json
@@ -17,6 +19,34 @@ import torch
 import train
 from report.runlog import read_metrics
 
+# Runs train.py's CLI under torchrun and saves each rank's final parameters to <prefix><rank>.pt, so the test
+# can compare ranks (only rank 0 writes the run folder).
+RANK_DUMP = """
+import sys
+import torch
+import train
+
+prefix, argv = sys.argv[1], sys.argv[2:]
+finish = train.Run.finish
+
+def finish_and_dump(run):
+    torch.save({k: v for k, v in run.model.named_parameters()}, f"{prefix}{run.rank}.pt")
+    finish(run)
+
+train.Run.finish = finish_and_dump
+train.run(train.main, argv)
+"""
+
+
+def torchrun(script, *args):
+    repo = str(Path(train.__file__).resolve().parent)  # the script may live elsewhere: import this checkout
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get(
+        "PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's summary; the other rank prints none
+
 
 def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested, tmp_path):
     from torchvision.models import resnet18
@@ -24,15 +54,9 @@ def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested,
     torch.save(resnet18(weights=None).state_dict(), tmp_path / "imagenet.pt")
     common = ["--net", "resnet18", "--pretrained", str(tmp_path / "imagenet.pt"), "--freeze", "--lr", "0",
               "--loader", "resident", "--data", str(ingested), "--res", "32", "--batch-size", "16", "--epochs", "1",
-              "--workers", "1", "--amp", "off", "--bootstrap", "200", "--runs-dir", str(tmp_path)]
+              "--workers", "1", "--amp", "off", "--device", "cpu", "--bootstrap", "200", "--runs-dir", str(tmp_path)]
     one = train.train(train.parse(common + ["--name", "one"]))
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           train.__file__, *common, "--name", "two"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's summary; the other rank prints none
+    two = torchrun(train.__file__, *common, "--name", "two")
 
     for key in ("test_acc", "test_acc_ci", "macro_precision", "macro_precision_ci"):
         assert two[key] == json.loads(json.dumps(one[key])), key  # JSON turns the intervals into lists
@@ -49,3 +73,30 @@ def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested,
     per_rank_steps = (train_count // 2) // 16
     assert len(steps) == per_rank_steps and len(epochs) == 1  # one writer: nothing logged twice
     assert epochs[0]["train_samples"] == 2 * per_rank_steps * 16
+
+
+def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
+    script = tmp_path / "rank_dump.py"
+    script.write_text(RANK_DUMP)
+    common = ["--net", "resnet18", "--loader", "resident", "--data", ingested, "--res", "32", "--batch-size", "8",
+              "--epochs", "2", "--lr", "0.05", "--workers", "1", "--amp", "off", "--device", "cpu",
+              "--bootstrap", "50", "--log-every", "1", "--runs-dir", tmp_path]
+    full = torchrun(script, tmp_path / "full-rank", *common, "--name", "full")
+    rank0, rank1 = (torch.load(tmp_path / f"full-rank{r}.pt", weights_only=True) for r in (0, 1))
+    cfg = train.parse([str(a) for a in common])
+    train.seed_everything(cfg.seed)  # the weights both runs started from
+    classes = json.loads((Path(ingested) / "manifest.json").read_text())["classes"]
+    start = dict(train.make_model(cfg, len(classes), torch.device("cpu")).named_parameters())
+    assert any(not torch.equal(rank0[k], start[k]) for k in rank0), "the run did not train"
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged: gradients were not synced"
+
+    steps_per_epoch = len(train.read_metrics(full["run_dir"])[0]) // 2
+    cut = torchrun(script, tmp_path / "cut-rank", *common, "--name", "cut", "--max-steps", steps_per_epoch + 1)
+    assert cut["stopped"] == "max_steps"
+    resumed = torchrun(script, tmp_path / "resumed-rank", "--resume", cut["run_dir"])
+    assert resumed["epochs"] == 2
+    full_steps, resumed_steps = (train.read_metrics(r["run_dir"])[0] for r in (full, resumed))
+    assert [s["loss"] for s in resumed_steps] == [s["loss"] for s in full_steps]
+    for r in (0, 1):
+        a, b = (torch.load(tmp_path / f"{run}-rank{r}.pt", weights_only=True) for run in ("full", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
