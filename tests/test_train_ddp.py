@@ -90,12 +90,12 @@ def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
     assert any(not torch.equal(rank0[k], start[k]) for k in rank0), "the run did not train"
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged: gradients were not synced"
 
-    steps_per_epoch = len(train.read_metrics(full["run_dir"])[0]) // 2
+    steps_per_epoch = len(read_metrics(full["run_dir"])[0]) // 2
     cut = torchrun(script, tmp_path / "cut-rank", *common, "--name", "cut", "--max-steps", steps_per_epoch + 1)
     assert cut["stopped"] == "max_steps"
     resumed = torchrun(script, tmp_path / "resumed-rank", "--resume", cut["run_dir"])
     assert resumed["epochs"] == 2
-    full_steps, resumed_steps = (train.read_metrics(r["run_dir"])[0] for r in (full, resumed))
+    full_steps, resumed_steps = (read_metrics(r["run_dir"])[0] for r in (full, resumed))
     assert [s["loss"] for s in resumed_steps] == [s["loss"] for s in full_steps]
     for r in (0, 1):
         a, b = (torch.load(tmp_path / f"{run}-rank{r}.pt", weights_only=True) for run in ("full", "resumed"))
