@@ -11,7 +11,9 @@ default batch 150 the convolutions dominate even more. So `--amp auto` picks bf1
 (AMX or AVX512-BF16) and off on the others, where bf16 is emulated and slower.
 
 Everything a run produces lives in runs/<name>/: config.json, metrics.jsonl, last.pt, test_predictions.npz
-and the PNG plots (loss.png, accuracy.png, confusion.png); only rank 0 writes.
+and the PNG plots (loss.png, accuracy.png, confusion.png), plus the marker .fastpix-run; only rank 0 writes.
+A run writes only into a folder it made (the marker says so) and deletes only its own files. config.json and
+every checkpoint record the dataset's fingerprint, so --resume and --init-from notice other data.
 """
 import argparse
 import io
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import signal
 import statistics
@@ -50,6 +53,9 @@ from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT = "last.pt"
+RUN_MARKER = ".fastpix-run"  # {"finished": bool}: train.py made this folder, the only kind it writes into
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "test_predictions.npz", "loss.png", "accuracy.png",
+             "confusion.png", RUN_MARKER)  # everything a run writes (marker last); nothing else there is touched
 
 
 # ----------------------------------------------------------------------------------------------- Config
@@ -77,6 +83,7 @@ class Config:
     runs_dir: str = "runs"
     init_from: str = ""            # a checkpoint (or state dict) to take the weights from
     resume: str = ""               # a run folder to continue exactly where it stopped
+    allow_other_data: bool = False  # let --resume / --init-from continue on another dataset (same classes)
     strides: tuple | None = None   # conv strides, one per layer (AlexNet family); None: the net's own
     kernels: tuple | None = None   # conv kernel sizes, one per layer (AlexNet family)
     dropout: float = 0.0           # before both FC layers; off to stay faithful to the study
@@ -100,10 +107,12 @@ def check(cfg):
     if cfg.amp not in AMP_MODES:
         raise UsageError(f"unknown amp mode {cfg.amp!r}: choose one of {', '.join(AMP_MODES)}")
     positive = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--log-every": cfg.log_every,
-                "--bootstrap": cfg.bootstrap, "--max-steps": cfg.max_steps or 1}
+                "--bootstrap": cfg.bootstrap, "--max-steps": 1 if cfg.max_steps is None else cfg.max_steps}
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.res < 8:
         raise UsageError(f"--res must be >= 8, got {cfg.res}")
     if not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
@@ -205,24 +214,46 @@ def make_model(cfg, num_classes, device):
         raise UsageError(f"{cfg.net} with strides {cfg.strides or 'default'} and kernels "
                          f"{cfg.kernels or 'default'} shrinks a {cfg.res}px input to nothing: raise --res "
                          "or lower the strides") from None
-    if cfg.init_from:
-        load_weights(model, cfg.init_from)
     model.train()
     return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
-def load_weights(model, path):
-    """--init-from: a fastpix checkpoint or a bare state dict of the same net and classes."""
+def read_checkpoint(flag, path):
+    """A checkpoint's contents, or one line saying it cannot be read (truncated, not a checkpoint at all)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the same user mistake
-        raise UsageError(f"--init-from {path} is not a readable checkpoint ({type(err).__name__})") from None
+        raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(err).__name__}): it is damaged or "
+                         "not a fastpix checkpoint") from None
+
+
+def load_weights(model, path, state):
+    """--init-from: a fastpix checkpoint or a bare state dict of the same net and classes."""
     state = state.get("model", state) if isinstance(state, dict) else state
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[-1].strip()[:160]
         raise UsageError(f"--init-from {path} does not fit this net and class count: {first}") from None
+
+
+def check_same_data(flag, source, saved, manifest, cfg):
+    """Weights continue on the data they were trained on: --resume and --init-from refuse a dataset with
+    another fingerprint (ingest's hash of the source and its settings) unless --allow-other-data. The
+    classes must match even then, or label i would silently change meaning."""
+    theirs, ours = list(saved.get("classes") or []), manifest["classes"]
+    if theirs and theirs != ours:
+        if len(theirs) != len(ours):
+            diff = f"{len(theirs)} classes, {cfg.data} has {len(ours)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+            diff = f"label {i} is {theirs[i]!r}, in {cfg.data} it is {ours[i]!r}"
+        raise UsageError(f"{flag} {source} was trained on other classes ({diff}): its classes must match the data's")
+    saved_print, data_print = saved.get("data_fingerprint"), manifest["fingerprint"]
+    if saved_print != data_print and not cfg.allow_other_data:
+        raise UsageError(f"{flag} {source} was trained on dataset {(saved_print or 'unrecorded')[:12]}, but "
+                         f"{cfg.data} is dataset {data_print[:12]}: use the data it was trained on, or pass "
+                         "--allow-other-data")
 
 
 # ----------------------------------------------------------------------------------------------- Files
@@ -302,21 +333,61 @@ def evaluate(model, loader, autocast, world):
     return tuple(torch.cat(part).numpy() for part in zip(*gathered))
 
 
+def restartable(run_dir):
+    """A run train.py made that died before its first checkpoint: nothing in it is worth keeping, so it starts
+    again from step 0, under the same --name or by --resume. (A finished run whose checkpoint was deleted, as
+    the bench does, is not restartable: its metrics and plots are results.)"""
+    marker = run_dir / RUN_MARKER
+    return marker.is_file() and not (run_dir / CHECKPOINT).exists() and not json.loads(marker.read_text())["finished"]
+
+
 def new_run_dir(cfg):
+    """The folder of a new run: missing, empty, or a restartable run; a folder train.py did not make is
+    never written into."""
     run_dir = Path(cfg.runs_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not (run_dir / RUN_MARKER).is_file():
+            raise UsageError(f"{run_dir} is not empty and was not made by train.py: pick another --name or --runs-dir")
+        if not restartable(run_dir):
+            raise UsageError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+        print(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", file=sys.stderr)
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is a file: pick another --name or --runs-dir")
     return run_dir
 
 
+def remove_run(run_dir):
+    """Delete a run train.py made: its own files only, then the folder if nothing else is left in it. For
+    callers (bench, the study) that replace a run of theirs with a new one of the same name."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_MARKER).is_file():
+        raise UsageError(f"{run_dir} was not made by train.py: move it away, it will not be deleted")
+    for path in own_temp_files(run_dir):
+        path.unlink()
+    for name in RUN_FILES:  # the marker last: a crash midway leaves a folder that is still a run of ours
+        (run_dir / name).unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def own_temp_files(run_dir):
+    """Temp files (ingest.atomic's `.<name>.tmp<pid>`) of this run's files that a killed write left behind."""
+    own = re.compile(r"\.(%s)\.tmp\d+" % "|".join(map(re.escape, RUN_FILES)))
+    return [p for p in Path(run_dir).iterdir() if own.fullmatch(p.name)]
+
+
 def config_from_resume(cfg):
-    """The interrupted run's own config (so its schedule continues), with this call's max_steps."""
+    """The interrupted run's own config (so its schedule continues), with this call's max_steps and
+    allow_other_data. A run that died before its first checkpoint starts again from step 0."""
     run_dir = Path(cfg.resume)
-    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "config.json").is_file():
-        raise UsageError(f"--resume {run_dir}: no {CHECKPOINT} and config.json there to continue from")
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--resume {run_dir}: no config.json there, so no run to continue")
+    if not (run_dir / CHECKPOINT).is_file() and not restartable(run_dir):
+        raise UsageError(f"--resume {run_dir}: no {CHECKPOINT} there to continue from")
     saved = json.loads((run_dir / "config.json").read_text())["config"]
     # The weights come from the checkpoint now, not from where the run first started.
-    saved.update(resume=str(run_dir), init_from="", max_steps=cfg.max_steps, name=run_dir.name,
+    saved.update(resume=str(run_dir) if (run_dir / CHECKPOINT).is_file() else "", init_from="",
+                 max_steps=cfg.max_steps, allow_other_data=cfg.allow_other_data, name=run_dir.name,
                  runs_dir=str(run_dir.parent))
     return Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
 
@@ -347,7 +418,7 @@ class Run:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.writer = rank == 0
         manifest = layout.read_manifest(cfg.data)
-        self.classes = manifest["classes"]
+        self.classes, self.fingerprint = manifest["classes"], manifest["fingerprint"]
         self.amp = resolve_amp(cfg.amp, device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         if not cfg.name:
@@ -359,6 +430,11 @@ class Run:
 
         seed_everything(cfg.seed)
         self.model = make_model(cfg, len(self.classes), device)
+        if cfg.init_from:
+            state = read_checkpoint("--init-from", cfg.init_from)
+            if isinstance(state, dict) and "model" in state:  # a fastpix checkpoint; a bare state dict knows no data
+                check_same_data("--init-from", cfg.init_from, state, manifest, cfg)
+            load_weights(self.model, cfg.init_from, state)
         loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=rank,
                            world=world, workers=cfg.workers)
         self.train_loader = make_loader(cfg.loader, cfg.data, "train", **loader_args)
@@ -386,18 +462,27 @@ class Run:
         self.epoch_rng = self.resume_rng = self.epoch_sums = None
         self.history, self.last_test, self.stopped = [], None, None
         if cfg.resume:
-            self.restore()
+            self.restore(manifest)
         elif self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run's steps before it died
+            write_json(self.dir / RUN_MARKER, {"finished": False})
             write_json(self.dir / "config.json", {
                 "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
-                "classes": self.classes, "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__})
+                "classes": self.classes, "data_fingerprint": self.fingerprint,
+                "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__})
+        if self.writer:
+            for path in own_temp_files(self.dir):  # left by a write that was killed
+                path.unlink()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def restore(self):
-        ckpt = torch.load(self.dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    def restore(self, manifest):
+        ckpt = read_checkpoint("--resume", self.dir / CHECKPOINT)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "rng", "global_step"} <= ckpt.keys():
+            raise UsageError(f"--resume {self.dir}: {CHECKPOINT} is not a fastpix training checkpoint")
+        check_same_data("--resume", self.dir, ckpt, manifest, self.cfg)
         if len(ckpt["rng"]) != self.world:
             raise UsageError(f"{self.dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not "
                              f"{self.world}")
@@ -422,8 +507,7 @@ class Run:
                             scaler=self.scaler.state_dict(), epoch=next_epoch, step_in_epoch=step_in_epoch,
                             global_step=self.global_step, rng=[s["rng"] for s in states],
                             epoch_rng=[s["epoch_rng"] for s in states], sums=[s["sums"] for s in states],
-                            config=asdict(self.cfg),
-                            classes=self.classes)
+                            config=asdict(self.cfg), classes=self.classes, data_fingerprint=self.fingerprint)
 
     def start_epoch(self):
         """This epoch's batch iterator, and the RNG state it started from.
@@ -546,6 +630,7 @@ class Run:
         """Plots and the last test predictions (for the confusion matrix and for bench), rank 0 only."""
         if not self.writer:
             return
+        write_json(self.dir / RUN_MARKER, {"finished": self.stopped is None})
         plot_run(self.dir)
         if self.last_test is not None:
             y_true, y_pred = self.last_test
@@ -605,6 +690,9 @@ def parse(argv=None):
     p.add_argument("--runs-dir", default=d.runs_dir, help="where run folders go")
     p.add_argument("--init-from", default=d.init_from, help="checkpoint to take the starting weights from")
     p.add_argument("--resume", default=d.resume, help="run folder to continue exactly (other options ignored)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="let --resume / --init-from train on a dataset other than the one the weights saw "
+                        "(the classes must still match)")
     p.add_argument("--strides", type=int_list, default=d.strides, help="conv strides, e.g. 4,1,1 (AlexNet family)")
     p.add_argument("--kernels", type=int_list, default=d.kernels, help="conv kernel sizes, e.g. 11,5,3")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the FC layers")

@@ -154,7 +154,9 @@ def test_auto_amp_on_the_cpu_follows_native_bf16_and_fp16_needs_a_gpu():
     (["--epochs", "two"], "invalid int value"),
     (["--strides", "4,x"], "comma-separated integers"),
     (["--init-from", "/nonexistent.pt"], "no such checkpoint"),
-    (["--resume", "/nonexistent-run"], "no last.pt and config.json"),
+    (["--resume", "/nonexistent-run"], "no config.json there"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    (["--workers", "-1"], "--workers must be >= 0, got -1"),
     (["--data", "/nonexistent-data", "--loader", "resident"], "is not an ingested dataset"),
 ])
 def test_bad_arguments_are_one_usage_error_line(argv, message, tmp_path):

@@ -1,0 +1,136 @@
+"""A run's folder and its data: resume and --init-from refuse another dataset (or other classes) in one line,
+train writes only into folders it made, and a run that died before its first checkpoint starts again.
+Runs are one step of ResNet-18 at 32 px (see test_train.py), on a private copy of the tiny dataset whenever
+the test changes it."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from cli import UsageError
+from report.runlog import read_metrics
+from tests.test_train import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def copy_data(ingested, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(ingested, data, ignore=shutil.ignore_patterns("resident-*"))
+    return data
+
+
+def edit_manifest(data, **changes):
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.update(changes)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def stopped(ingested, tmp_path_factory):
+    """A run stopped after one step (a mid-epoch checkpoint), on the shared tiny data: copy before changing it."""
+    runs = tmp_path_factory.mktemp("runs")
+    return Path(train.train(tiny(ingested, runs, "stopped", max_steps=1))["run_dir"])
+
+
+def test_config_and_checkpoint_record_the_data_fingerprint(stopped, ingested):
+    fingerprint = json.loads((ingested / "manifest.json").read_text())["fingerprint"]
+    assert json.loads((stopped / "config.json").read_text())["data_fingerprint"] == fingerprint
+    assert torch.load(stopped / "last.pt", weights_only=True)["data_fingerprint"] == fingerprint
+
+
+def test_resume_and_init_from_refuse_another_dataset_unless_allowed(ingested, tmp_path):
+    data = copy_data(ingested, tmp_path)
+    run_dir = Path(train.train(tiny(data, tmp_path / "runs", "a", max_steps=1))["run_dir"])
+    old = json.loads((data / "manifest.json").read_text())["fingerprint"]
+    edit_manifest(data, fingerprint="f" * 64)  # re-ingested from other photos of the same classes
+    message = f"trained on dataset {old[:12]}, but {data} is dataset ffffffffffff.*--allow-other-data"
+    with pytest.raises(UsageError, match=message):
+        train.train(train.Config(resume=str(run_dir), max_steps=2))
+    with pytest.raises(UsageError, match=message):
+        train.train(tiny(data, tmp_path / "runs", "b", init_from=str(run_dir / "last.pt")))
+    resumed = train.train(train.Config(resume=str(run_dir), max_steps=2, allow_other_data=True))
+    assert resumed["stopped"] == "max_steps"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["data_fingerprint"] == "f" * 64
+
+
+def test_resume_refuses_other_classes_in_one_line_even_when_allowed(ingested, tmp_path):
+    data = copy_data(ingested, tmp_path)
+    run_dir = Path(train.train(tiny(data, tmp_path / "runs", "a", max_steps=1))["run_dir"])
+    classes = json.loads((data / "manifest.json").read_text())["classes"]
+    edit_manifest(data, classes=classes[:2] + ["Sport"] + classes[3:])
+    with pytest.raises(UsageError, match="other classes \\(label 2 is 'Food', in .* it is 'Sport'\\)"):
+        train.train(train.Config(resume=str(run_dir), max_steps=2, allow_other_data=True))
+    edit_manifest(data, classes=classes + ["Sport"])  # today: a size-mismatch traceback from load_state_dict
+    with pytest.raises(UsageError, match="other classes \\(6 classes, .* has 7\\)"):
+        train.train(train.Config(resume=str(run_dir), max_steps=2, allow_other_data=True))
+
+
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(stopped, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped, run_dir)
+    (run_dir / "last.pt").write_bytes((stopped / "last.pt").read_bytes()[:5000])
+    with pytest.raises(UsageError, match="last.pt is not a readable checkpoint"):
+        train.train(train.Config(resume=str(run_dir)))
+    torch.save({"fc.weight": torch.zeros(1)}, run_dir / "last.pt")
+    with pytest.raises(UsageError, match="not a fastpix training checkpoint"):
+        train.train(train.Config(resume=str(run_dir)))
+
+
+def test_a_folder_train_did_not_make_is_never_written_into(ingested, tmp_path):
+    foreign = tmp_path / "runs" / "mine"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not empty and was not made by train.py"):
+        train.train(tiny(ingested, tmp_path / "runs", "mine"))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    with pytest.raises(UsageError, match="was not made by train.py"):
+        train.remove_run(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(ingested, tmp_path, monkeypatch):
+    def killed(path, **state):
+        raise RuntimeError("killed while writing the first checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train.train(tiny(ingested, tmp_path / "runs", "died", max_steps=1))
+    run_dir = tmp_path / "runs" / "died"
+    assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "last.pt").exists()
+    (run_dir / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")  # what kill -9 mid-write leaves
+    (run_dir / "notes.txt").write_text("the user's")
+    (run_dir / ".last.pt.tmp-backup").write_text("not a name fastpix writes")
+
+    resumed = train.train(train.Config(resume=str(run_dir), max_steps=1))  # --resume starts it from step 0
+    assert resumed["stopped"] == "max_steps" and (run_dir / "last.pt").is_file()
+    steps, _ = read_metrics(run_dir)
+    assert [s["step"] for s in steps] == [0]  # the dead attempt's steps are gone, not duplicated
+    assert sorted(p.name for p in run_dir.iterdir() if "tmp" in p.name or p.suffix == ".txt") == [
+        ".last.pt.tmp-backup", "notes.txt"]
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train.train(tiny(ingested, tmp_path / "runs", "again", max_steps=1))
+    again = train.train(tiny(ingested, tmp_path / "runs", "again", max_steps=1))  # reusing the name restarts it
+    assert again["stopped"] == "max_steps"
+    with pytest.raises(UsageError, match="already holds a run"):  # once it has a checkpoint it is kept
+        train.train(tiny(ingested, tmp_path / "runs", "again", max_steps=1))
+
+
+def test_remove_run_deletes_only_what_train_wrote(stopped, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped, run_dir)
+    (run_dir / "notes.txt").write_text("the user's")
+    train.remove_run(run_dir)
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+    (run_dir / "notes.txt").unlink()
+    shutil.copytree(stopped, run_dir, dirs_exist_ok=True)
+    train.remove_run(run_dir)
+    assert not run_dir.exists()
