@@ -17,8 +17,12 @@ Labels and ids belong to the caller; on the CPU images may be views of a loader'
 a few batches later (a fresh buffer per batch costs more than filling it; see Normalizer): clone images to
 keep them.
 """
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from cli import UsageError
 
@@ -27,6 +31,7 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 TEST_CROP_RATIO = 0.875  # resize shorter side to res / 0.875, then center-crop res (the usual ImageNet eval)
 RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop area share and aspect ratio, torchvision's defaults
 RRC_RATIO = (3 / 4, 4 / 3)
+RRC_TRIES = 10  # torchvision's attempts at a crop that fits before its fallback
 
 
 def test_resize(res):
@@ -122,3 +127,81 @@ class EpochSampler(torch.utils.data.Sampler):
             return iter(self.positions.tolist())
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         return iter(self.positions[torch.randperm(len(self.positions), generator=gen)].tolist())
+
+
+# ---------------------------------------------------------------- RandomResizedCrop + flip, shared by torch and resident
+
+def sample_crops(heights, widths, generator):
+    """torchvision's RandomResizedCrop.get_params + a fair flip for a batch of photos, drawn at once.
+
+    heights, widths: int64 tensors, the photos' sizes. Returns (boxes, flips): boxes int64 N x 4 (top, left,
+    height, width) in photo pixels, rounded as torchvision rounds them (RRC_TRIES tries of area share and
+    log-uniform aspect, the first that fits, else its centred fallback with the aspect clamped), flips bool."""
+    n, device = len(heights), heights.device
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return torch.empty(shape, device=device).uniform_(low, high, generator=generator)
+
+    H, W = heights[:, None].double(), widths[:, None].double()
+    area = uniform(n, RRC_TRIES, low=RRC_SCALE[0], high=RRC_SCALE[1]).double() * H * W
+    ratio = torch.exp(uniform(n, RRC_TRIES, low=math.log(RRC_RATIO[0]), high=math.log(RRC_RATIO[1])).double())
+    w, h = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    H, W = H[:, 0], W[:, 0]
+    aspect = W / H  # the fallback: the whole photo, cut to the nearest allowed aspect
+    fallback_w = torch.where(aspect > RRC_RATIO[1], torch.round(H * RRC_RATIO[1]), W)
+    fallback_h = torch.where(aspect < RRC_RATIO[0], torch.round(W / RRC_RATIO[0]), H)
+    w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
+    top = torch.where(found, torch.floor(uniform(n).double() * (H - h + 1)), torch.div(H - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(uniform(n).double() * (W - w + 1)), torch.div(W - w, 2, rounding_mode="floor"))
+    flips = uniform(n) < 0.5
+    return torch.stack([top, left, h, w], 1).long(), flips
+
+
+def resized_crop(image, box, flip, res):
+    """One photo's crop box, resized to res x res (antialiased bilinear, as torchvision) and maybe flipped.
+
+    image: uint8 3 x H x W (any strides). The crop is copied channels_last first: torch's vectorised uint8
+    resize kernel takes that layout, and decoded images are HWC in memory anyway (measured 2x faster than the
+    CHW path of v2.RandomResizedCrop)."""
+    top, left, height, width = box
+    crop = image[None, :, top:top + height, left:left + width]
+    crop = (crop.flip(-1) if flip else crop).contiguous(memory_format=torch.channels_last)
+    return v2.functional.resize(crop, [res, res], antialias=True)[0]
+
+
+def batched_resized_crop(canvas, boxes, flips, res, *, offsets, transposed=None, grid=None):
+    """Every photo's crop box resized to res x res and maybe flipped, by one grid_sample (bilinear).
+
+    canvas: float N x 3 x Hc x Wc holding photo k at rows/columns from offsets[k] = (y, x), stored transposed
+    (rows = the photo's columns) where transposed[k]. boxes, flips: from sample_crops, in photo pixels. Each
+    sample's box is an axis-aligned affine map, so the grid is written from one coordinate vector per output
+    row and column (into `grid`, N x res x res x 2, when given): 4x less time than affine_grid on the CPU.
+    Coordinates are clamped to the box, so the canvas's padding is never read. No antialiasing: this is the
+    GPU path, where a crop is at most ~1.5x the output side at the resident store size."""
+    device, (height_c, width_c) = canvas.device, canvas.shape[-2:]
+    top, left, height, width = boxes.to(device=device, dtype=torch.float32).unbind(1)
+    steps = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / res  # output pixel centres
+    steps_x = torch.where(flips.to(device)[:, None], 1 - steps, steps)
+    # photo coordinates (pixel centres at integers) of each output column and row, clamped to the box as a
+    # resize of the cropped image clamps at its edges
+    x = torch.minimum(torch.maximum(left[:, None] + steps_x * width[:, None] - 0.5, left[:, None]),
+                      (left + width - 1)[:, None])
+    y = torch.minimum(torch.maximum(top[:, None] + steps * height[:, None] - 0.5, top[:, None]),
+                      (top + height - 1)[:, None])
+    oy, ox = offsets.to(device=device, dtype=torch.float32).unbind(1)
+
+    def across(offset, coordinate, side):  # canvas pixels -> grid_sample's [-1, 1], align_corners=False
+        return (offset[:, None] + coordinate + 0.5) * (2 / side) - 1
+
+    grid = torch.empty(len(boxes), res, res, 2, device=device) if grid is None else grid[:len(boxes)]
+    if transposed is None:
+        grid[..., 0] = across(ox, x, width_c)[:, None, :]
+        grid[..., 1] = across(oy, y, height_c)[:, :, None]
+    else:  # a transposed photo's columns run down the canvas
+        t = transposed.to(device)[:, None, None]
+        grid[..., 0] = torch.where(t, across(ox, y, width_c)[:, :, None], across(ox, x, width_c)[:, None, :])
+        grid[..., 1] = torch.where(t, across(oy, x, height_c)[:, None, :], across(oy, y, height_c)[:, :, None])
+    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="border", align_corners=False)

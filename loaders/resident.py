@@ -1,44 +1,49 @@
 """`resident` backend: decode the split once into one uint8 tensor, so every later epoch runs at memory speed.
 
-Every image is stored as S x S with S = test_resize(res) (256 for res 224): shorter side resized to S, then
-the central S x S square. Why S: the test path becomes a crop of that square, the very pixels of the other
-backends' resize + center crop; S is also as small as that allows, so 29k photos at res 224 take 5.7 GB.
-The trade-off: train RandomResizedCrop only sees the central square of each photo (the streaming backends
-crop from the whole stored image), losing the sides of wide photos. Memory depends on res, not on the store
-size, so the guard suggests a smaller --res.
+Every photo is stored whole, resized so that its shorter side is S = test_resize(res) (256 for res 224), as
+the test path's resize does: its central res x res is then exactly the other backends' test crop, and train
+RandomResizedCrop sees the photo's whole field of view, as the streaming backends do. Portrait photos are
+stored transposed, so every stored image is S rows by its long side L, and the store is one padded canvas
+N x 3 x S x W (W ~ the longest L), each photo placed so that its test crop falls on the same columns: the test
+path is then one slice. Memory: 29k photos at res 224 take ~5.7 GB x (W / S), 1.8x for photos up to 16:9; it
+depends on res, not on the store size, so the guard suggests a smaller --res. The guard budgets the train and
+test splits together (a run holds both), before any decoding: too big is one clear error, never an
+out-of-memory crash halfway.
 
 The tensor lives on the GPU when the device is one, in host memory otherwise, and is cached on disk next to
 the shards (`resident-<split>-<S>px-<first>-<stop>.pt`, atomic, keyed by a hash of the manifest, S and res)
-so the next run skips decoding; on the CPU the cache is memory-mapped rather than copied. A memory guard
-runs before any decoding: too big is one clear error, never an out-of-memory crash halfway.
+so the next run skips decoding; on the CPU the cache is memory-mapped rather than copied.
 
-Train batches: a permutation drawn on the device from (seed, epoch), then one batched RandomResizedCrop +
-flip per batch: each sample's crop box and flip become an affine transform, applied by one grid_sample
-(bilinear). No antialiasing is needed: a crop is at most S/res = 1.14x the output size along an axis, so
-aliasing is negligible. No per-sample Python anywhere on the hot path.
+Train batches: a permutation drawn from (seed, epoch), then RandomResizedCrop + flip with torchvision's
+box distribution over each whole photo (loaders.common.sample_crops, drawn per batch from the same
+generator). On the CPU each crop is one antialiased v2 resize of a view of the store, spread over a thread
+pool (torch releases the GIL): 1.2-1.5x the batched grid_sample there (measured). On a GPU one grid_sample
+crops the whole batch (loaders.common.batched_resized_crop): no per-sample work.
 """
+import csv
 import hashlib
-import math
 import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from cli import UsageError
 from ingest.atomic import atomic_path
-from ingest.layout import MANIFEST, read_manifest
-from loaders.common import RRC_RATIO, RRC_SCALE, Normalizer, epoch_seed, rank_ids, resolve_device, test_resize
-from loaders.tvision import ShardSamples, collate_bytes, collate_images
+from ingest.layout import MANIFEST, SPLITS, csv_path, read_manifest
+from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, resolve_device,
+                            sample_crops, test_resize)
+from loaders.tvision import ShardSamples, collate_bytes, decode_jpegs_on_gpu
 
-MEMORY_SHARE = 0.8  # the dataset may take this share of free memory; the rest is for the model and the OS
-RRC_TRIES = 10  # torchvision's attempts at a crop that fits before falling back to the whole image
+MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
 DECODE_BATCH = 64
+CACHE_LAYOUT = "whole-photo-v1"  # part of the cache key: caches of the older central-square layout are stale
+_HELD = weakref.WeakValueDictionary()  # (dataset, split, rank, world, device) -> images of live loaders
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False, cache=True,
@@ -52,35 +57,110 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     if not positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
     size = test_resize(res)
-    check_memory(len(positions), size, batch_size, res, device, memory_limit, split)
+    layout = Layout.plan(stored_sizes(data_dir, split, samples.ids[positions.start:positions.stop]), size, res)
+    held_key = (str(Path(data_dir).resolve()), split, rank, world, str(device))
+    check_memory(data_dir, split, layout, batch_size, res, rank, world, device, memory_limit, held_key)
     path = Path(data_dir) / f"resident-{split}-{size}px-{positions.start}-{positions.stop}.pt"
-    key = f"{hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}"
+    key = f"{hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}:{CACHE_LAYOUT}"
     images = load_cache(path, key) if cache else None
     from_cache = images is not None
     if images is None:
-        images = decode_split(samples, positions, FitSquare(size, res), device, workers, split)
+        images = decode_split(samples, positions, layout, device, workers, split)
         if cache:
             save_cache(path, key, images)
-    loader = ResidentLoader(images.to(device), samples.labels[positions.start:positions.stop].to(device),
+    images = images.to(device)
+    _HELD[held_key] = images
+    loader = ResidentLoader(images, layout, samples.labels[positions.start:positions.stop].to(device),
                             samples.ids[positions.start:positions.stop], train=split == "train",
                             batch_size=batch_size, res=res, seed=seed, with_ids=with_ids)
     loader.from_cache = from_cache
     return loader
 
 
-def check_memory(n, size, batch_size, res, device, limit, split):
-    """UsageError unless the images and one batch's working buffers fit in MEMORY_SHARE of free memory."""
-    # per sample: the gathered image (uint8 + float copy); floats per output pixel: the grid (2), grid_sample's
-    # output (3) and the Normalizer's ring of 3 outputs (3 each)
-    working = batch_size * (3 * size * size * 5 + res * res * 4 * (2 + 3 + 3 * 3))
-    need = n * 3 * size * size + working
-    if limit is None:
-        limit = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    if need > MEMORY_SHARE * limit:
+def stored_sizes(data_dir, split, ids):
+    """(height, width) of the stored JPEG of each sample id, from `<split>.csv` (written by ingest)."""
+    with open(csv_path(data_dir, split), newline="") as f:
+        rows = [(int(row["height"]), int(row["width"])) for row in csv.DictReader(f)]
+    return torch.tensor(rows, dtype=torch.long)[ids]
+
+
+class Layout:
+    """Where each photo lies in the padded canvas: photo sizes after the resize (height, width), whether it
+    is stored transposed, and its canvas column offset (rows start at 0)."""
+
+    def __init__(self, sizes, size, res):
+        self.sizes, self.size, self.res = sizes, size, res
+        self.transposed = sizes[:, 0] > sizes[:, 1]
+        self.long = sizes.max(1).values
+        # every photo's test crop (torchvision's center_crop rounding) lands on columns [column, column + res)
+        starts = torch.round((self.long - res) / 2.0).long()
+        self.column = int(starts.max()) if len(starts) else 0
+        self.offsets = torch.stack([torch.zeros_like(starts), self.column - starts], 1)
+        self.width = int((self.offsets[:, 1] + self.long).max()) if len(starts) else size
+
+    @classmethod
+    def plan(cls, stored, size, res):
+        """The layout for stored (height, width) sizes resized to shorter side `size`, as v2's resize rounds."""
+        short, long = stored.min(1).values, stored.max(1).values
+        long = torch.where(short == size, long, (size * long.double() / short).long())  # int(), as torchvision
+        portrait = stored[:, 0] > stored[:, 1]
+        sizes = torch.stack([torch.where(portrait, long, size), torch.where(portrait, size, long)], 1)
+        return cls(sizes, size, res)
+
+    def nbytes(self):
+        return len(self.sizes) * 3 * self.size * self.width
+
+    def store(self, canvas, k, photo):
+        """Write photo k (uint8 3 x H x W at its resized size) into its place in `canvas`."""
+        if tuple(photo.shape[1:]) != tuple(self.sizes[k].tolist()):
+            raise ValueError(f"photo {k} is {tuple(photo.shape[1:])}, its layout says {tuple(self.sizes[k].tolist())}")
+        left, long = int(self.offsets[k, 1]), int(self.long[k])
+        canvas[k, :, :, left:left + long] = photo.transpose(1, 2) if self.transposed[k] else photo
+
+    def photo(self, canvas, k):
+        """Photo k as a uint8 3 x H x W view of `canvas`."""
+        left, long = int(self.offsets[k, 1]), int(self.long[k])
+        image = canvas[k, :, :, left:left + long]
+        return image.transpose(1, 2) if self.transposed[k] else image
+
+
+def free_memory(device):
+    """Bytes free on `device` now (GPU memory, or host memory available without swapping)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+
+
+def working_bytes(layout, batch_size, res, device):
+    """Per-batch buffers of ResidentLoader: on the CPU the uint8 crops and the Normalizer's ring of 3 float
+    outputs; on a GPU also the gathered batch (uint8 + float copy), the grid (2 floats per output pixel) and
+    grid_sample's output (3)."""
+    out = batch_size * res * res * (3 + 3 * 3 * 4)
+    if device.type == "cuda":
+        out += batch_size * (3 * layout.size * layout.width * 5 + res * res * 4 * (2 + 3))
+    return out
+
+
+def check_memory(data_dir, split, layout, batch_size, res, rank, world, device, limit, held_key):
+    """UsageError unless this split and the other (a run holds both) fit in MEMORY_SHARE of free memory,
+    counting the other split's images as free when a live loader already holds them."""
+    need = layout.nbytes() + working_bytes(layout, batch_size, res, device)
+    other = next(s for s in SPLITS if s != split)
+    other_key = held_key[:1] + (other,) + held_key[2:]
+    held = _HELD.get(other_key)
+    if held is not None:
+        held = held.numel()
+    else:
+        count = read_manifest(data_dir)["splits"].get(other, {}).get("count", 0)
+        block = rank_ids(count, rank, world)
+        if len(block):
+            other_layout = Layout.plan(stored_sizes(data_dir, other, torch.arange(block.start, block.stop)),
+                                       layout.size, res)
+            need += other_layout.nbytes() + working_bytes(other_layout, batch_size, res, device)
+    free = (free_memory(device) if limit is None else limit) + (held or 0)
+    if need + (held or 0) > MEMORY_SHARE * free:
         where = "GPU" if device.type == "cuda" else "host"
-        raise UsageError(f"the resident loader needs {need / 1e6:,.0f} MB for {n} {split} images at {size}x{size} "
-                         f"px but {where} memory has {limit / 1e6:,.0f} MB free: use a smaller --res, more ranks, "
-                         "or a streaming loader (--loader dali or ffcv)")
+        raise UsageError(f"the resident loader needs {(need + (held or 0)) / 1e6:,.0f} MB for the train and test "
+                         f"images at shorter side {layout.size} px but {where} memory has {free / 1e6:,.0f} MB free: "
+                         "use a smaller --res, more ranks, or a streaming loader (--loader dali or ffcv)")
 
 
 def load_cache(path, key):
@@ -95,7 +175,13 @@ def load_cache(path, key):
 
 
 def save_cache(path, key, images):
-    """Write the cache atomically; a read-only data folder costs the next run a decode, not this run."""
+    """Write the cache atomically; a read-only data folder, or too little host memory for the copy of GPU
+    images that torch.save needs, costs the next run a decode, not this run."""
+    host = torch.device("cpu")
+    if images.device != host and images.numel() > MEMORY_SHARE * free_memory(host):
+        warnings.warn(f"resident cache not written (host memory cannot hold a {images.numel() / 1e6:,.0f} MB copy "
+                      "of the images); the next run decodes again")
+        return
     try:
         with atomic_path(path) as tmp:
             torch.save({"key": key, "images": images.cpu()}, tmp)
@@ -103,85 +189,63 @@ def save_cache(path, key, images):
         warnings.warn(f"resident cache not written ({err}); the next run decodes again")
 
 
-class FitSquare:
-    """uint8 CHW image -> its S x S square after resizing the shorter side to S.
+class FitShorter:
+    """uint8 CHW photo -> resized to shorter side S, as the test path's resize."""
 
-    The square is placed so that its central res x res crop is exactly the center crop of the test path: a
-    plain center crop to S, then to res, rounds twice and lands 1 px off when S - res is odd."""
-
-    def __init__(self, size, res):
-        self.size, self.res = size, res
+    def __init__(self, size):
+        self.size = size
 
     def __call__(self, image):
-        image = v2.functional.resize(image, self.size, antialias=True)
-        inner = int(round((self.size - self.res) / 2.0))  # torchvision's center_crop rounding, as below
-        top, left = (min(max(int(round((side - self.res) / 2.0)) - inner, 0), side - self.size)
-                     for side in image.shape[-2:])
-        return image[:, top:top + self.size, left:left + self.size]
+        return v2.functional.resize(image, self.size, antialias=True)
 
 
-def decode_split(samples, positions, fit, device, workers, split):
-    """The images at `positions` through `fit` (a FitSquare), as one uint8 N x 3 x S x S tensor on `device`.
+def collate_list(batch):
+    images, labels, ids = zip(*batch)
+    return list(images), labels, ids
+
+
+def decode_split(samples, positions, layout, device, workers, split):
+    """The photos at `positions`, resized and placed as `layout` says, as one uint8 N x 3 x S x W canvas
+    (channels_last, the layout of decoded images) on `device`.
 
     On a GPU, nvJPEG decodes each batch in one call; on the CPU, DataLoader workers decode (libjpeg-turbo)."""
-    size = fit.size
-    on_gpu = device.type == "cuda"
+    fit, on_gpu = FitShorter(layout.size), device.type == "cuda"
     samples.transform = None if on_gpu else fit
     batches = DataLoader(Subset(samples, positions), batch_size=DECODE_BATCH,
                          num_workers=(workers if workers is not None else len(psutil.Process().cpu_affinity())),
-                         collate_fn=collate_bytes if on_gpu else collate_images)
-    # channels_last, the layout of the batches: crops become float without a transposition
-    images = torch.empty(len(positions), 3, size, size, dtype=torch.uint8, device=device,
-                         memory_format=torch.channels_last)
+                         collate_fn=collate_bytes if on_gpu else collate_list)
+    canvas = torch.empty(len(positions), 3, layout.size, layout.width, dtype=torch.uint8, device=device,
+                         memory_format=torch.channels_last).zero_()  # padding: never read, but cached
     done = 0
     with tqdm(total=len(positions), desc=f"resident: decoding {split}", unit="img", disable=None) as progress:
         for data, _, _ in batches:
             if on_gpu:
-                data = torch.stack([fit(image) for image in decode_jpeg(data, mode=ImageReadMode.RGB, device=device)])
-            images[done:done + len(data)] = data
+                data = [fit(image) for image in decode_jpegs_on_gpu(data, device)]
+            for k, image in enumerate(data, done):
+                try:
+                    layout.store(canvas, k, image)
+                except ValueError as err:
+                    raise UsageError(f"{samples.tars[samples.jpegs[positions[k]][0]]}: a stored image's size differs "
+                                     f"from its csv row ({err}): ingest again with python ingest/build.py") from None
             done += len(data)
             progress.update(len(data))
-    return images
-
-
-def random_resized_crop_flip(images, res, generator, grid=None):
-    """float N x 3 x S x S -> float N x 3 x res x res: RandomResizedCrop + horizontal flip, batched.
-
-    torchvision's sampling (area share, log-uniform aspect ratio, RRC_TRIES tries, else the whole image), with
-    the crop box and flip folded into one affine transform per sample, applied by a single grid_sample. The
-    transform has no rotation, so the grid is written from per-row and per-column coordinates (into `grid`,
-    N x res x res x 2, when given) instead of affine_grid's batched matmul: 4x less time on the CPU."""
-    n, device = len(images), images.device
-
-    def uniform(*shape, low=0.0, high=1.0):
-        return torch.empty(shape, device=device).uniform_(low, high, generator=generator)
-
-    area = uniform(n, RRC_TRIES, low=RRC_SCALE[0], high=RRC_SCALE[1])
-    ratio = torch.exp(uniform(n, RRC_TRIES, low=math.log(RRC_RATIO[0]), high=math.log(RRC_RATIO[1])))
-    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)  # as shares of the (square) side
-    fits = (w <= 1) & (h <= 1)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits, as torchvision takes it
-    found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), 1.0)
-    h = torch.where(found, h.gather(1, first).squeeze(1), 1.0)
-    cx, cy = w / 2 + (1 - w) * uniform(n), h / 2 + (1 - h) * uniform(n)
-    flip = torch.where(uniform(n) < 0.5, -1.0, 1.0)
-    centres = (torch.arange(res, device=device) * 2 + 1) / res - 1  # output pixel centres, align_corners=False
-    grid = torch.empty(n, res, res, 2, device=device) if grid is None else grid[:n]
-    grid[..., 0] = ((w * flip)[:, None] * centres + (2 * cx - 1)[:, None])[:, None, :]
-    grid[..., 1] = (h[:, None] * centres + (2 * cy - 1)[:, None])[:, :, None]
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return canvas
 
 
 class ResidentLoader:
     """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
 
-    def __init__(self, images, labels, ids, *, train, batch_size, res, seed, with_ids):
-        self.images, self.labels, self.ids = images, labels, ids
+    def __init__(self, images, layout, labels, ids, *, train, batch_size, res, seed, with_ids, threads=None):
+        self.images, self.layout, self.labels, self.ids = images, layout, labels, ids
         self.train, self.batch_size, self.res, self.seed, self.with_ids = train, batch_size, res, seed, with_ids
         self.num_samples, self.epoch, self.from_cache = len(labels), 0, False
         self.normalize = Normalizer(images.device)
-        self._work = None
+        self.on_gpu = images.device.type == "cuda"
+        self.threads = threads or torch.get_num_threads()
+        self.pool = None if self.on_gpu else ThreadPoolExecutor(self.threads)
+        self._work, self._photos = None, None
+        self._sizes = layout.sizes.to(images.device)
+        self._offsets, self._transposed = layout.offsets.to(images.device), layout.transposed.to(images.device)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -189,30 +253,62 @@ class ResidentLoader:
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
 
-    def _train_buffers(self):
-        """The gathered uint8 batch, its float copy and the sampling grid, reused from batch to batch: fresh
-        ones are page-faulted in every batch on the CPU, which cost as much as the crops (measured)."""
+    def _buffers(self, n):
+        """Reused from batch to batch (fresh ones are page-faulted in every batch on the CPU, which cost as
+        much as the crops, measured): the uint8 crops on the CPU; the gathered batch, its float copy and the
+        sampling grid on a GPU."""
         if self._work is None:
-            n, shape, device = min(self.batch_size, self.num_samples), self.images.shape[1:], self.images.device
-            self._work = (torch.empty(n, *shape, dtype=torch.uint8, device=device, memory_format=torch.channels_last),
-                          torch.empty(n, *shape, device=device, memory_format=torch.channels_last),
-                          torch.empty(n, self.res, self.res, 2, device=device))
+            device, n = self.images.device, min(self.batch_size, self.num_samples)
+            if self.on_gpu:
+                self._work = (torch.empty(n, *self.images.shape[1:], dtype=torch.uint8, device=device,
+                                          memory_format=torch.channels_last),
+                              torch.empty(n, *self.images.shape[1:], device=device, memory_format=torch.channels_last),
+                              torch.empty(n, self.res, self.res, 2, device=device))
+            else:
+                self._work = torch.empty(n, 3, self.res, self.res, dtype=torch.uint8, memory_format=torch.channels_last)
         return self._work
 
+    def _crop_on_cpu(self, index, boxes, flips):
+        """Each crop resized on its own, the batch split across the thread pool (torch releases the GIL)."""
+        out = self._buffers(len(index))[:len(index)]
+        if self._photos is None:  # views of the store, one per photo, made once
+            self._photos = [self.layout.photo(self.images, k) for k in range(self.num_samples)]
+        jobs = list(zip(range(len(index)), index.tolist(), boxes.tolist(), flips.tolist()))
+
+        def crop(part):
+            for slot, k, box, flip in part:
+                out[slot] = resized_crop(self._photos[k], box, flip, self.res)
+
+        for done in [self.pool.submit(crop, jobs[i::self.threads]) for i in range(self.threads)]:
+            done.result()
+        return out
+
+    def _crop_on_gpu(self, index, boxes, flips):
+        gathered, floats, grid = self._buffers(len(index))
+        images = torch.index_select(self.images, 0, index, out=gathered[:len(index)])
+        return batched_resized_crop(floats[:len(index)].copy_(images), boxes, flips, self.res,
+                                    offsets=self._offsets[index], transposed=self._transposed[index], grid=grid)
+
+    def _center_crops(self, index):
+        """The test crops: one slice of the canvas, transposed photos turned back."""
+        row, column, res = int(round((self.layout.size - self.res) / 2.0)), self.layout.column, self.res
+        crops = self.images[index, :, row:row + res, column:column + res]
+        transposed = self._transposed[index]
+        return torch.where(transposed[:, None, None, None], crops.transpose(2, 3), crops) if transposed.any() else crops
+
     def __iter__(self):
-        device, n, res = self.images.device, self.num_samples, self.res
+        device, n = self.images.device, self.num_samples
         if self.train:
             generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=generator, device=device)
-            gathered, floats, grid = self._train_buffers()
-        offset = int(round((self.images.shape[-1] - res) / 2.0))  # torchvision's center_crop rounding
         for start in range(0, n, self.batch_size):
             if self.train:
                 index = order[start:start + self.batch_size]
-                images = torch.index_select(self.images, 0, index, out=gathered[:len(index)])
-                images = random_resized_crop_flip(floats[:len(index)].copy_(images), res, generator, grid)
+                sizes = self._sizes[index]
+                boxes, flips = sample_crops(sizes[:, 0], sizes[:, 1], generator)
+                images = (self._crop_on_gpu if self.on_gpu else self._crop_on_cpu)(index, boxes, flips)
             else:
                 index = slice(start, start + self.batch_size)
-                images = self.images[index, :, offset:offset + res, offset:offset + res]
+                images = self._center_crops(index)
             batch = (self.normalize(images), self.labels[index])
             yield batch + (self.ids[index.cpu() if self.train else index],) if self.with_ids else batch

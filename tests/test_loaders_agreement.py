@@ -114,3 +114,31 @@ def test_torch_train_crops_are_torchvisions(ingested):
         theirs = reference(image)
         assert ours.shape == theirs.shape == (3, RES, RES)
         assert (ours.int() - theirs.int()).abs().max() <= 1  # the same box, flip and resampling filter
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_gpu_decode_keeps_memory_that_queued_work_still_reads(ingested):
+    """pytorch/vision PR #9606: nvJPEG (hardware engine, seen on H100) can write its outputs, which come from
+    blocks just freed on the caller's stream, before kernels queued there have read them. decode_jpegs_on_gpu
+    drains the stream first: reductions queued before the decode give their exact values, and the decoded
+    images are the CPU decode's (nvJPEG's IDCT differs from libjpeg-turbo's by a level or two)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from loaders.tvision import decode_jpegs_on_gpu
+
+    jpegs = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in stored_jpegs(ingested, "train").values()]
+    cpu = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
+    device = torch.device("cuda")
+    slow = torch.randn(2048, 2048, device=device)
+    for _ in range(20):
+        filled = [torch.full((image.numel(),), 7, dtype=torch.uint8, device=device) for image in cpu]
+        torch.cuda.synchronize()
+        for _ in range(20):  # ~tens of ms queued ahead of the reductions
+            slow = slow @ slow / 2048
+        sums = [t.sum(dtype=torch.int64) for t in filled]
+        del filled  # freed while the reductions are queued: the decoder's outputs may reuse these blocks
+        decoded = decode_jpegs_on_gpu(jpegs, device)
+        assert [int(s) for s in sums] == [7 * image.numel() for image in cpu]
+        for gpu_image, cpu_image in zip(decoded, cpu):
+            assert (gpu_image.cpu().int() - cpu_image.int()).abs().float().mean() < 1.0
