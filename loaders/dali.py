@@ -1,133 +1,199 @@
 """NVIDIA DALI backend: decode and augment the webdataset shards with DALI, on the GPU when there is one.
 
-On a GPU the JPEGs are decoded by nvJPEG (`device="mixed"`, hardware decoder where present) and resize,
-flip and normalise run on the GPU; without one the same graph runs on DALI's CPU operators
-(`device_id=None`). Train decoding is fused with the random crop (`image_random_crop` decodes only the
-region it keeps), and the flip is the `mirror` argument of `crop_mirror_normalize`, so one kernel does
-flip + normalise + layout.
+One pipeline per loader, built once and fed by `fn.external_source` from our own EpochSampler: the order of
+an epoch is a function of (seed, epoch) with no per-epoch rebuild (rebuilding DALI's pipeline every epoch,
+which its reader's history-dependent shuffle buffer needed, cost ~10 % of the train rate). The source hands
+over the JPEG bytes (read from the shards at the offsets of their DALI index files), the labels and, for
+train, the RandomResizedCrop window and flip of every sample, drawn here with torchvision's algorithm from a
+generator seeded by (seed, epoch): the augmentation of epoch e is the same whatever came before it, like the
+order. `decoders.image_slice` decodes only the window (ROI decode: libjpeg-turbo on the CPU, nvJPEG with
+`device="mixed"`), `resize` scales it to res and `crop_mirror_normalize` flips, normalises and writes HWC,
+which torch sees as NCHW channels_last for free. Test: full decode, resize shorter side, center crop.
 
-Epoch order: DALI's reader shuffles within a buffer (`initial_fill`) from the pipeline seed and carries its
-state from epoch to epoch, so an order would depend on history. We build a fresh pipeline for every train
-epoch, seeded from (seed, epoch): epoch e is the same whatever came before it (a resume gives the same order).
-Train shards were shuffled at write time, so the buffer only needs to mix within its reach.
+On a GPU `hw_decoder_load` sends HW_DECODER_LOAD of the JPEGs to the hardware JPEG decoder (A100, H100/H200)
+and the rest to nvJPEG's CUDA decoder with CPU Huffman decoding; with few CPU threads per GPU the hardware
+engines are the larger share (DALI's own default is 0.65 for its classic decoder, 0.9 for nvImageCodec).
 """
+import csv
+import mmap
 import os
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from cli import UsageError
 from ingest import layout
-from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, epoch_seed, rank_ids,
+from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, rank_ids,
                             resolve_device, test_resize)
 
-READER = "reader"  # the name DALIGenericIterator uses to read the shard size and padding from the reader
+HW_DECODER_LOAD = 0.9  # share of JPEGs for the GPU's hardware decoder (see the module docstring)
 
 
-def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, shuffle_buffer=4096,
-          with_ids=False):
-    """A DALI loader over `<split>-*.tar`; `shuffle_buffer` is DALI's initial_fill (train only)."""
-    manifest = layout.read_manifest(data_dir)
+def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+    """A DALI loader over `<split>-*.tar` for this rank's block of samples."""
+    layout.read_manifest(data_dir)
     tars, indexes = layout.shard_paths(data_dir, split)
     missing = [p for p in tars + indexes if not p.is_file()]
     if missing:
         raise UsageError(f"{missing[0]} is missing: run python ingest/build.py again")
-    num_samples = len(rank_ids(manifest["splits"][split]["count"], rank, world))
-    if num_samples == 0:
+    samples = ShardIndex(data_dir, split)
+    positions = rank_ids(len(samples), rank, world)
+    if not positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    return DaliLoader([str(p) for p in tars], [str(p) for p in indexes], train=split == "train",
-                      batch_size=batch_size, res=res, device=resolve_device(device), seed=seed, rank=rank,
-                      world=world, threads=workers or os.cpu_count(), shuffle_buffer=shuffle_buffer,
-                      with_ids=with_ids, num_samples=num_samples)
+    return DaliLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
+                      device=resolve_device(device), seed=seed, threads=workers or os.cpu_count(),
+                      with_ids=with_ids)
 
 
-def _sample_ids(source_info):
-    """Sample ids from the padded `source_info` strings ("<tar>:<offset>:<%08d id>.jpg"); debug only."""
-    return torch.tensor([int(bytes(row).rstrip(b"\0").rsplit(b":", 1)[1].split(b".")[0])
-                         for row in source_info.cpu().numpy()], dtype=torch.int64)
+class ShardIndex:
+    """A split's samples in shard order: where each JPEG lies (from the DALI index files), its sample id, and
+    its label and stored size (from `<split>.csv`, whose row number is the sample id)."""
+
+    def __init__(self, data_dir, split):
+        tars, indexes = layout.shard_paths(data_dir, split)
+        shard, offset, size, ids = [], [], [], []
+        for t, index in enumerate(indexes):
+            lines = index.read_text().splitlines()[1:]  # the header line: version and sample count
+            for line in lines:
+                fields = line.split()  # (extension, offset, size, member name) per file of the sample
+                jpg = fields.index("jpg")
+                shard.append(t)
+                offset.append(int(fields[jpg + 1]))
+                size.append(int(fields[jpg + 2]))
+                ids.append(int(fields[jpg + 3].partition(".")[0]))
+        with open(layout.csv_path(data_dir, split), newline="") as f:
+            rows = [(int(r["label"]), int(r["width"]), int(r["height"])) for r in csv.DictReader(f)]
+        self.ids = np.array(ids, dtype=np.int64)
+        if len(rows) != len(ids) or (len(ids) and self.ids.max() >= len(rows)):
+            raise UsageError(f"{data_dir}: the {split} shards index {len(ids)} images but {split}.csv lists "
+                             f"{len(rows)}: ingest again with python ingest/build.py")
+        label, width, height = np.array(rows, dtype=np.int64).reshape(-1, 3)[self.ids].T
+        self.shard, self.offset, self.size = np.array(shard), np.array(offset), np.array(size)
+        self.labels, self.widths, self.heights = label, width, height
+        self._tars = [str(t) for t in tars]
+        self._maps = None
+
+    def __len__(self):
+        return len(self.ids)
+
+    def jpegs(self, positions):
+        """The stored JPEG bytes of these samples, as uint8 views of the memory-mapped shards."""
+        if self._maps is None:
+            self._maps = []
+            for tar in self._tars:
+                with open(tar, "rb") as f:
+                    self._maps.append(np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ),
+                                                    dtype=np.uint8))
+        return [self._maps[t][o:o + s] for t, o, s in
+                zip(self.shard[positions].tolist(), self.offset[positions].tolist(), self.size[positions].tolist())]
+
+
+def crop_windows(widths, heights, rng, scale=RRC_SCALE, ratio=RRC_RATIO, attempts=10):
+    """torchvision's RandomResizedCrop.get_params for many images at once: int (x, y) anchors and (w, h) sizes.
+
+    Up to `attempts` draws of area share and log-uniform aspect per image, the first that fits wins; an image
+    where none fits gets torchvision's fallback, the central crop with the aspect clamped to `ratio`."""
+    n = len(widths)
+    area = (widths * heights)[:, None]
+    target = area * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts)))
+    w, h = np.round(np.sqrt(target * aspect)).astype(np.int64), np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = fits.argmax(1)
+    w, h = w[np.arange(n), first], h[np.arange(n), first]
+    fallback = ~fits.any(1)
+    W, H = widths[fallback], heights[fallback]
+    w[fallback] = np.where(W / H > ratio[1], np.round(H * ratio[1]), W)
+    h[fallback] = np.where(W / H < ratio[0], np.round(W / ratio[0]), H)
+    x, y = rng.integers(0, widths - w + 1), rng.integers(0, heights - h + 1)
+    x[fallback], y[fallback] = (W - w[fallback]) // 2, (H - h[fallback]) // 2
+    return np.stack([x, y], 1).astype(np.int32), np.stack([w, h], 1).astype(np.int32)
 
 
 class DaliLoader:
     """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
 
-    def __init__(self, tars, indexes, *, train, batch_size, res, device, seed, rank, world, threads,
-                 shuffle_buffer, with_ids, num_samples):
-        self.tars, self.indexes, self.train = tars, indexes, train
-        self.batch_size, self.res, self.device, self.seed = batch_size, res, device, seed
-        self.rank, self.world, self.threads = rank, world, threads
-        self.shuffle_buffer, self.with_ids = shuffle_buffer, with_ids
-        self.num_samples = num_samples
-        self.epoch = 0
-        self._test_batches, self._finished = None, False
+    def __init__(self, samples, positions, *, train, batch_size, res, device, seed, threads, with_ids):
+        self.samples, self.train, self.batch_size, self.res = samples, train, batch_size, res
+        self.device, self.seed, self.threads, self.with_ids = device, seed, threads, with_ids
+        self.sampler = EpochSampler(positions, seed, shuffle=train)
+        self.num_samples = len(positions)
+        self._feed, self._iterator, self._finished = iter(()), None, False
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
-    def _pipeline(self, seed):
+    def plan(self):
+        """This epoch's sample positions in order and, for train, each one's crop window (anchors, sizes) and
+        flip: everything random about the epoch, a function of (seed, epoch)."""
+        positions = np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))
+        if not self.train:
+            return positions, None
+        rng = np.random.default_rng([self.seed, self.sampler.epoch, 1])  # the order drew from epoch_seed
+        anchors, sizes = crop_windows(self.samples.widths[positions], self.samples.heights[positions], rng)
+        return positions, (anchors, sizes, (rng.random(len(positions)) < 0.5).astype(np.int32))
+
+    def _batches(self):
+        """What external_source feeds, one tuple per batch: jpegs, labels, ids[, anchors, sizes, flips]."""
+        positions, crops = self.plan()
+        for start in range(0, len(positions), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            batch = positions[part]
+            yield (self.samples.jpegs(batch), self.samples.labels[batch], self.samples.ids[batch],
+                   *([c[part] for c in crops] if crops else []))
+
+    def _next_batch(self):
+        return next(self._feed)  # StopIteration ends DALI's epoch
+
+    def _pipeline(self):
         on_gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if on_gpu else None
+        decoder = dict(device="mixed", hw_decoder_load=HW_DECODER_LOAD) if on_gpu else dict(device="cpu")
 
-        # Prefetching two batches overlaps DALI with the consumer on a GPU; on the CPU they share the cores, and
-        # what a train pipeline runs ahead at the end of its epoch is thrown away with it: one batch ahead was
-        # 1.2x the train images/s of two on the demo data (measured side by side).
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id, seed=seed,
-                      prefetch_queue_depth=2 if on_gpu else 1)
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
+                      seed=self.seed, prefetch_queue_depth=2)
         def graph():
-            jpegs, labels = fn.readers.webdataset(
-                paths=self.tars, index_paths=self.indexes, ext=["jpg", "lbl"],
-                dtypes=[types.UINT8, types.INT64], name=READER, shard_id=self.rank, num_shards=self.world,
-                random_shuffle=self.train, initial_fill=self.shuffle_buffer,
-                pad_last_batch=True)  # never mixes the next epoch into this one; the iterator trims the pad
-            decoder = "mixed" if on_gpu else "cpu"
+            types_ = [types.UINT8, types.INT64, types.INT64] + ([types.INT32] * 3 if self.train else [])
+            jpegs, labels, ids, *crops = fn.external_source(self._next_batch, num_outputs=len(types_),
+                                                            batch=True, dtype=types_)
             if self.train:
-                images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                       random_area=RRC_SCALE, random_aspect_ratio=RRC_RATIO)
+                anchors, sizes, mirror = crops
+                images = fn.decoders.image_slice(jpegs, anchors, sizes, output_type=types.RGB, **decoder)
                 images = fn.resize(images, resize_x=self.res, resize_y=self.res)
-                mirror = fn.random.coin_flip(probability=0.5)
             else:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+                images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
                 images = fn.resize(images, resize_shorter=test_resize(self.res))
                 mirror = 0
             # HWC: permuting it to NCHW in torch is a free view that is already channels_last.
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
                                               crop=(self.res, self.res), mean=list(IMAGENET_MEAN),
                                               std=list(IMAGENET_STD), mirror=mirror)
-            outputs = [images, labels.gpu() if on_gpu else labels]
-            if self.with_ids:
-                outputs.append(fn.pad(fn.get_property(jpegs, key="source_info")))
-            return tuple(outputs)
+            return (images, labels.gpu() if on_gpu else labels) + ((ids,) if self.with_ids else ())
 
-        return graph()
-
-    def _batches(self):
-        pipe = self._pipeline(epoch_seed(self.seed, self.epoch))
+        pipe = graph()
         pipe.build()
         names = ["images", "labels"] + (["ids"] if self.with_ids else [])
-        return DALIGenericIterator(pipe, names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL)
+        return DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                   prepare_first_batch=False)  # nothing is fed before the epoch is set
 
     def __iter__(self):
-        # Train: a fresh pipeline per epoch (build ~20 ms), so the order follows (seed, epoch) alone; the
-        # price is the batches the old one decoded ahead (prefetch_queue_depth) and the wait for them
-        # when it is freed. Test order never changes: a finished pass's pipeline is reset, and its run-ahead
-        # is the next pass's start. A pass left early (a break) is never resumed mid-epoch.
-        if self.train or not self._finished:
-            self._test_batches = None  # let the previous pipeline's threads go before new ones start
-            batches = self._batches()
+        # The source is set to this epoch before DALI asks it for anything (a reset prefetches at once). A pass
+        # left early (a break) leaves batches in flight that DALI cannot drop: the next pass builds anew.
+        self._feed = self._batches()
+        if self._iterator is not None and self._finished:
+            self._iterator.reset()
         else:
-            batches = self._test_batches
-            batches.reset()
-        self._test_batches, self._finished = (None if self.train else batches), False
-        for (batch,) in batches:
-            if len(batch["labels"]) == 0:
-                # The reader pads every shard to the batch count of the largest one; PARTIAL trims a
-                # rank's all-padding batch to nothing.
-                continue
+            self._iterator = None  # let the previous pipeline's threads go before new ones start
+            self._iterator = self._pipeline()
+        self._finished = False
+        for (batch,) in self._iterator:
             images = batch["images"].permute(0, 3, 1, 2)
             labels = batch["labels"].view(-1)
-            yield (images, labels, _sample_ids(batch["ids"])) if self.with_ids else (images, labels)
+            yield (images, labels, batch["ids"].view(-1).cpu()) if self.with_ids else (images, labels)
         self._finished = True
