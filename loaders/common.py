@@ -8,6 +8,8 @@ are resize(shorter side = res / 0.875) + center crop(res), each of this rank's s
 id order, last batch partial. Train epochs also give each of this rank's samples exactly once (last batch
 partial). The order of an epoch is a function of (seed, epoch) alone, where epoch is the last value given
 to set_epoch (default 0): iterating twice without set_epoch repeats the order, like DistributedSampler.
+`set_res(res)` changes the side of the batches from the next pass on (progressive resizing, a test pass at
+another resolution) without rebuilding what need not be rebuilt: no re-decode, no worker restart.
 
 Option `with_ids=True` (a check for tests and debugging, not the hot path) makes a backend yield
 `(images, labels, ids)`, ids being int64 sample ids (row numbers of `<split>.csv`) on the CPU, so that tests
@@ -18,6 +20,7 @@ a few batches later (a fresh buffer per batch costs more than filling it; see No
 keep them.
 """
 import math
+import multiprocessing
 
 import numpy as np
 import torch
@@ -105,6 +108,25 @@ class Normalizer:
         scale, shift = self._constants(w)
         torch.addcmul(shift, rows, scale, out=rows)
         return out
+
+
+class PerRes:
+    """A transform made by `make(res)` for the current res, which `set_res` changes between epochs.
+
+    The res lives in shared memory, so DataLoader workers that persist across epochs (forked or spawned with
+    the dataset) see the new value without a restart; each process makes the transform for a res once."""
+
+    def __init__(self, make, res):
+        self.make, self._res, self._made = make, multiprocessing.RawValue("i", res), {}
+
+    def set_res(self, res):
+        self._res.value = res
+
+    def __call__(self, image):
+        res = self._res.value
+        if res not in self._made:
+            self._made[res] = self.make(res)
+        return self._made[res](image)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -128,6 +128,11 @@ class DaliLoader:
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
 
+    def set_res(self, res):
+        """res is part of the pipeline's graph: the next pass builds one anew, only when res changes."""
+        if res != self.res:
+            self.res, self._finished = res, False
+
     def plan(self):
         """This epoch's sample positions in order and, for train, each one's crop window (anchors, sizes) and
         flip: everything random about the epoch, a function of (seed, epoch)."""

@@ -80,8 +80,11 @@ class FfcvLoader:
         self.epoch = 0
         self.normalize = Normalizer(device)
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
-        decoder = (RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
-                   else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
+        # set_res changes its output_size: FFCV sizes its buffers from it at every epoch (ffcv-imagenet's
+        # progressive resizing does the same), and the compiled decode code does not depend on it.
+        self.decoder = decoder = (
+            RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
+            else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
         pipelines = {
             "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()] + to_device
                      + [ToTorchImage(channels_last=True)],
@@ -99,6 +102,9 @@ class FfcvLoader:
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def set_res(self, res):
+        self.decoder.output_size = (res, res)
 
     def __iter__(self):
         # FFCV draws a RANDOM order from seed + epoch, so seed 1's epoch 0 would be seed 0's epoch 1 and runs

@@ -9,6 +9,7 @@ Ranks get a contiguous block of sample ids (loaders.common.rank_ids) instead of 
 which would pad ranks by repeating samples.
 """
 import csv
+import functools
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import UsageError
 from ingest.layout import csv_path, read_manifest
-from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, rank_ids,
+from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, PerRes, rank_ids,
                             resolve_device, test_resize)
 
 
@@ -35,7 +36,8 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     positions = rank_ids(len(rows), rank, world)
     if not positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    return FolderLoader(SourceFiles(rows, source_transform(split == "train", res)), positions,
+    transform = PerRes(functools.partial(source_transform, split == "train"), res)
+    return FolderLoader(SourceFiles(rows, transform), positions,
                         train=split == "train", batch_size=batch_size, device=resolve_device(device), seed=seed,
                         workers=os.cpu_count() if workers is None else workers, with_ids=with_ids)
 
@@ -73,7 +75,7 @@ class FolderLoader:
     """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
 
     def __init__(self, files, positions, *, train, batch_size, device, seed, workers, with_ids):
-        self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
+        self.device, self.with_ids, self.batch_size, self.files = device, with_ids, batch_size, files
         self.num_samples = len(positions)
         self.sampler = EpochSampler(positions, seed, shuffle=train)
         self.loader = DataLoader(files, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
@@ -82,6 +84,9 @@ class FolderLoader:
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
+
+    def set_res(self, res):
+        self.files.transform.set_res(res)
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -250,6 +251,13 @@ class ResidentLoader:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def set_res(self, res):
+        """Later batches at res x res from the same decoded store: train crops are resized to res anyway;
+        test batches are the crops of the res the store was laid out for, resized to res (the field of view of
+        the other backends' test path at res)."""
+        if res != self.res:
+            self.res, self._work = res, None  # the reused buffers are res x res
+
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
 
@@ -290,11 +298,15 @@ class ResidentLoader:
                                     offsets=self._offsets[index], transposed=self._transposed[index], grid=grid)
 
     def _center_crops(self, index):
-        """The test crops: one slice of the canvas, transposed photos turned back."""
-        row, column, res = int(round((self.layout.size - self.res) / 2.0)), self.layout.column, self.res
+        """The test crops: one slice of the canvas, transposed photos turned back (resized after a set_res)."""
+        row, column, res = int(round((self.layout.size - self.layout.res) / 2.0)), self.layout.column, self.layout.res
         crops = self.images[index, :, row:row + res, column:column + res]
         transposed = self._transposed[index]
-        return torch.where(transposed[:, None, None, None], crops.transpose(2, 3), crops) if transposed.any() else crops
+        crops = torch.where(transposed[:, None, None, None], crops.transpose(2, 3), crops) if transposed.any() \
+            else crops
+        if self.res != res:
+            crops = F.interpolate(crops.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
+        return crops
 
     def __iter__(self):
         device, n = self.images.device, self.num_samples

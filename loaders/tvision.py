@@ -10,6 +10,7 @@ Normalisation always runs on the loader's device, after the (small, uint8) batch
 
 Ranks get a contiguous block of shard positions (loaders.common.rank_ids), as DALI's shard_id/num_shards.
 """
+import functools
 import os
 import tarfile
 from pathlib import Path
@@ -21,8 +22,8 @@ from torchvision.transforms import RandomResizedCrop, v2
 
 from cli import UsageError
 from ingest.layout import damaged_file, read_manifest
-from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, batched_resized_crop, epoch_seed,
-                            rank_ids, resized_crop, resolve_device, sample_crops, test_resize)
+from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
+                            epoch_seed, rank_ids, resized_crop, resolve_device, sample_crops, test_resize)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -35,7 +36,7 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
     on_gpu = device.type == "cuda"
     # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
-    samples.transform = None if on_gpu else image_transform(split == "train", res)
+    samples.transform = None if on_gpu else PerRes(functools.partial(image_transform, split == "train"), res)
     return TorchLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
                        device=device, seed=seed, workers=os.cpu_count() if workers is None else workers,
                        with_ids=with_ids)
@@ -165,6 +166,12 @@ class TorchLoader:
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)
+
+    def set_res(self, res):
+        """The CPU workers' transform reads res from shared memory (no restart); the GPU path crops here."""
+        self.res, self.test_transform = res, image_transform(False, res)
+        if self.loader.dataset.transform is not None:
+            self.loader.dataset.transform.set_res(res)
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
