@@ -94,10 +94,13 @@ class Config:
     log_every: int = 10            # steps between reads of the loss (each read syncs with the device)
     max_steps: int | None = None   # stop after this many steps in total, checkpointed and resumable
     bootstrap: int = 1000          # resamples for the 95 % intervals of the test metrics
+    recipe: str = "study"          # study | fast (see RECIPE_PIECES)
+    pieces: tuple | None = None    # the fast recipe's pieces that are on; None: all of FAST_DEFAULT
 
 
 def check(cfg):
     """Every impossible option as one UsageError line, before anything expensive starts."""
+    check_recipe(cfg)
     if cfg.net not in nets.NETS:
         raise UsageError(f"unknown net {cfg.net!r}: choose one of {', '.join(nets.NETS)}")
     if cfg.loader not in BACKENDS:
@@ -113,8 +116,8 @@ def check(cfg):
             raise UsageError(f"{flag} must be >= 1, got {value}")
     if cfg.workers is not None and cfg.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {cfg.workers}")
-    if cfg.res < 8:
-        raise UsageError(f"--res must be >= 8, got {cfg.res}")
+    if min(train_res(cfg, 0), cfg.res) < 8:
+        raise UsageError(f"--res must be >= 8 at every epoch, got {cfg.res} (lowest {train_res(cfg, 0)})")
     if not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
         raise UsageError(f"--lr ({cfg.lr}), --weight-decay ({cfg.weight_decay}) and --warmup ({cfg.warmup}) "
                          "must be finite and >= 0")
@@ -126,6 +129,80 @@ def check(cfg):
         raise UsageError(f"--init-from {cfg.init_from}: no such checkpoint")
     if Path(cfg.name).name != cfg.name:
         raise UsageError(f"--name {cfg.name!r} must be a plain folder name (it goes under {cfg.runs_dir})")
+
+
+# ----------------------------------------------------------------------------------------------- Recipes
+
+RECIPES = ("study", "fast")
+RECIPE_PIECES = {  # what --recipe fast may switch on, each measured in bench.tta's ablation
+    "progressive": "train at low res early, rising linearly to the top res (FFCV's ImageNet recipe)",
+    "batchnorm": "batch norm after every conv (the AlexNet family; resnet18 has its own)",
+    "label_smoothing": "cross-entropy against labels smoothed by LABEL_SMOOTHING",
+    "onecycle": "LR rises linearly over ONECYCLE_PEAK of the steps, then falls linearly to 0 (replaces --warmup "
+                "+ cosine)",
+    "no_bn_decay": "no weight decay on biases and norm weights",
+    "flip_tta": "test logits summed over each image and its mirror",
+    "ema": "test with an exponential moving average of the weights (decay EMA_DECAY per step)",
+    "fixres": "train up to res / FIXRES (a multiple of 8), test at res: RandomResizedCrop enlarges objects, so a model tests best "
+              "above its train res (Touvron et al., FixRes)",
+}
+FAST_DEFAULT = tuple(RECIPE_PIECES)
+LABEL_SMOOTHING = 0.1
+ONECYCLE_PEAK = 0.15
+EMA_DECAY = 0.9
+FIXRES = 1.15
+PROGRESSIVE_START = 0.625  # the first epoch's share of the top res (FFCV: 160 of 256)
+PROGRESSIVE_RAMP = 0.75  # the top res is reached at this share of the epochs
+RES_STEP = 16  # scheduled resolutions are multiples of it
+
+
+def check_recipe(cfg):
+    """Resolve the pieces of the recipe in place (so config.json records them) or say what is wrong."""
+    if cfg.recipe not in RECIPES:
+        raise UsageError(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
+    if cfg.recipe == "study":
+        if cfg.pieces:
+            raise UsageError("--pieces choose among the fast recipe's pieces: add --recipe fast")
+        cfg.pieces = ()
+        return
+    cfg.pieces = FAST_DEFAULT if cfg.pieces is None else tuple(cfg.pieces)
+    unknown = [p for p in cfg.pieces if p not in RECIPE_PIECES]
+    if unknown:
+        raise UsageError(f"unknown recipe piece {unknown[0]!r}: choose among {', '.join(RECIPE_PIECES)}")
+    if "batchnorm" in cfg.pieces and cfg.net != "resnet18":
+        cfg.batchnorm = True
+
+
+def train_res(cfg, epoch):
+    """The train resolution of an epoch: --res, or below it with fixres, rising from a share of it with
+    progressive (multiples of RES_STEP, as FFCV rounds to 32)."""
+    top = round(cfg.res / FIXRES / 8) * 8 if "fixres" in (cfg.pieces or ()) else cfg.res
+    if "progressive" not in (cfg.pieces or ()):
+        return top
+    low = max(RES_STEP, round(top * PROGRESSIVE_START / RES_STEP) * RES_STEP)
+    ramp = min(1.0, epoch / max(PROGRESSIVE_RAMP * (cfg.epochs - 1), 1))
+    return top if ramp == 1 else min(top, round((low + (top - low) * ramp) / RES_STEP) * RES_STEP)
+
+
+def onecycle_factor(step, total_steps):
+    """Linear rise to 1 at ONECYCLE_PEAK of the steps, linear fall to 0 at total_steps (FFCV's triangle)."""
+    peak = max(1, round(ONECYCLE_PEAK * total_steps))
+    if step < peak:
+        return (step + 1) / peak
+    return max(0.0, (total_steps - step) / max(total_steps - peak, 1))
+
+
+def decay_groups(params):
+    """no_bn_decay: biases and norm weights (every 0-d/1-d parameter) without weight decay."""
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def make_ema(model):
+    """An EMA of the weights and the batch-norm statistics, updated after every step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
 
 
 # ----------------------------------------------------------------------------------------------- Setup
@@ -196,7 +273,7 @@ def lr_factor(step, warmup_steps, total_steps):
 def make_optimizer(cfg, params):
     """fused=True: one kernel over all parameters, 4-7x faster than the default for our 60-75M-parameter
     AlexNets on the CPU (measured); RMSprop has no fused version."""
-    params = [p for p in params if p.requires_grad]
+    params = decay_groups(params) if "no_bn_decay" in cfg.pieces else [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
@@ -207,12 +284,13 @@ def make_optimizer(cfg, params):
 def make_model(cfg, num_classes, device):
     model = nets.build(cfg.net, num_classes, strides=cfg.strides, kernels=cfg.kernels, dropout=cfg.dropout,
                        batchnorm=cfg.batchnorm, pretrained=cfg.pretrained or None, freeze=cfg.freeze)
+    smallest = min(cfg.res, train_res(cfg, 0))
     try:  # one tiny forward now turns "this input is too small for these strides" into one clear line
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, cfg.res, cfg.res))
+            model.eval()(torch.zeros(1, 3, smallest, smallest))
     except RuntimeError:
         raise UsageError(f"{cfg.net} with strides {cfg.strides or 'default'} and kernels "
-                         f"{cfg.kernels or 'default'} shrinks a {cfg.res}px input to nothing: raise --res "
+                         f"{cfg.kernels or 'default'} shrinks a {smallest}px input to nothing: raise --res "
                          "or lower the strides") from None
     model.train()
     return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -316,14 +394,17 @@ def gather_to_rank0(obj, world):
     return blobs and [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
 
-def evaluate(model, loader, autocast, world):
+def evaluate(model, loader, autocast, world, flip=False):
     """Labels and predictions of every test sample exactly once, in id order, on rank 0 (None elsewhere:
-    only rank 0 computes metrics and writes)."""
+    only rank 0 computes metrics and writes); flip: logits of each image plus those of its mirror."""
     model.eval()
     preds, labels = [], []
     with torch.no_grad(), autocast():
         for images, y in loader:
-            preds.append(model(images).argmax(1))
+            logits = model(images)
+            if flip:
+                logits = logits + model(images.flip(3))
+            preds.append(logits.argmax(1))
             labels.append(y)
     model.train()
     # Ranks own contiguous id blocks (loaders.common.rank_ids), so rank order is id order.
@@ -450,7 +531,11 @@ class Run:
         total, warmup = cfg.epochs * self.steps_per_epoch, round(cfg.warmup * self.steps_per_epoch)
 
         self.optimizer = make_optimizer(cfg, self.model.parameters())
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+        schedule = (lambda s: onecycle_factor(s, total)) if "onecycle" in cfg.pieces else \
+            (lambda s: lr_factor(s, warmup, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.ema = make_ema(self.model) if "ema" in cfg.pieces else None
+        self.label_smoothing = LABEL_SMOOTHING if "label_smoothing" in cfg.pieces else 0.0
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         net = self.model
         if world > 1:
@@ -487,6 +572,8 @@ class Run:
             raise UsageError(f"{self.dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not "
                              f"{self.world}")
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -507,7 +594,8 @@ class Run:
                             scaler=self.scaler.state_dict(), epoch=next_epoch, step_in_epoch=step_in_epoch,
                             global_step=self.global_step, rng=[s["rng"] for s in states],
                             epoch_rng=[s["epoch_rng"] for s in states], sums=[s["sums"] for s in states],
-                            config=asdict(self.cfg), classes=self.classes, data_fingerprint=self.fingerprint)
+                            ema=self.ema.state_dict() if self.ema is not None else None, config=asdict(self.cfg),
+                            classes=self.classes, data_fingerprint=self.fingerprint)
 
     def start_epoch(self):
         """This epoch's batch iterator, and the RNG state it started from.
@@ -519,6 +607,8 @@ class Run:
             set_rng_state(self.epoch_rng if self.skip else self.resume_rng)
         start_rng = self.epoch_rng if self.skip else rng_state()
         self.train_loader.set_epoch(self.epoch)
+        if self.cfg.pieces:
+            self.train_loader.set_res(train_res(self.cfg, self.epoch))
         batches = iter(self.train_loader)
         for _ in range(self.skip):
             next(batches)
@@ -548,11 +638,13 @@ class Run:
             data_wait += wait
             with self.autocast():
                 logits = self.net(images)
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             loss = loss.detach()
@@ -585,7 +677,7 @@ class Run:
                   "train_loss": all_ranks(self.world, device, loss_sum.item(), "sum") / steps,
                   "train_acc": all_ranks(self.world, device, correct.item(), "sum") / seen,
                   "images_per_sec": fresh / epoch_s, "data_stall_fraction": data_wait / epoch_s,
-                  "epoch_s": epoch_s, "train_samples": seen, "partial": first > 0}
+                  "epoch_s": epoch_s, "train_samples": seen, "partial": first > 0, "res": images.shape[-1]}
         self.test_epoch(record)
         self.epoch, self.skip = self.epoch + 1, 0
         self.checkpoint(self.epoch, 0)
@@ -610,7 +702,8 @@ class Run:
     def test_epoch(self, record):
         """Test metrics into the epoch's record (rank 0), logged with one summary line."""
         t_eval = time.perf_counter()
-        y_true, y_pred = evaluate(self.model, self.test_loader, self.autocast, self.world)
+        model = self.model if self.ema is None else self.ema.module
+        y_true, y_pred = evaluate(model, self.test_loader, self.autocast, self.world, flip="flip_tta" in self.cfg.pieces)
         record["eval_s"] = time.perf_counter() - t_eval
         if self.writer:
             test = classification_metrics(y_true, y_pred, len(self.classes), resamples=self.cfg.bootstrap,
@@ -666,6 +759,10 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def name_list(text):
+    return tuple(v for v in text.split(",") if v)
+
+
 def parse(argv=None):
     d = Config()
     p = Parser(description=__doc__.splitlines()[0])
@@ -703,6 +800,10 @@ def parse(argv=None):
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss reads and log lines")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop (resumably) after this many steps")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--recipe", default=d.recipe, help="study (the 500px study's training, unchanged) or fast "
+                   "(the pieces of --pieces, for time to accuracy; see README, Recipe)")
+    p.add_argument("--pieces", type=name_list, default=d.pieces,
+                   help=f"with --recipe fast, the pieces to use (default: all of {','.join(FAST_DEFAULT)})")
     return Config(**{k: v for k, v in vars(p.parse_args(argv)).items()})
 
 
