@@ -143,8 +143,8 @@ RECIPE_PIECES = {  # what --recipe fast may switch on, each measured in bench.tt
     "no_bn_decay": "no weight decay on biases and norm weights",
     "flip_tta": "test logits summed over each image and its mirror",
     "ema": "test with an exponential moving average of the weights (decay EMA_DECAY per step)",
-    "fixres": "train up to res / FIXRES (a multiple of 8), test at res: RandomResizedCrop enlarges objects, so a model tests best "
-              "above its train res (Touvron et al., FixRes)",
+    "fixres": "train up to res / FIXRES (a multiple of 8), test at res: RandomResizedCrop enlarges objects, so "
+              "a model tests best above its train res (Touvron et al., FixRes)",
 }
 FAST_DEFAULT = tuple(RECIPE_PIECES)
 LABEL_SMOOTHING = 0.1
@@ -703,7 +703,8 @@ class Run:
         """Test metrics into the epoch's record (rank 0), logged with one summary line."""
         t_eval = time.perf_counter()
         model = self.model if self.ema is None else self.ema.module
-        y_true, y_pred = evaluate(model, self.test_loader, self.autocast, self.world, flip="flip_tta" in self.cfg.pieces)
+        y_true, y_pred = evaluate(model, self.test_loader, self.autocast, self.world,
+                                  flip="flip_tta" in self.cfg.pieces)
         record["eval_s"] = time.perf_counter() - t_eval
         if self.writer:
             test = classification_metrics(y_true, y_pred, len(self.classes), resamples=self.cfg.bootstrap,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import nets
 import train
+from report.runlog import read_metrics
 from cli import UsageError
 from loaders import make_loader
 
@@ -59,7 +60,7 @@ def test_study_is_the_default_and_bit_identical_to_the_plain_loop(ingested, tmp_
     assert train.Config().recipe == "study" and train.parse([]).recipe == "study"
     cfg = tiny(ingested, tmp_path, "study")
     summary = train.train(cfg)
-    steps, _ = train.read_metrics(summary["run_dir"])
+    steps, _ = read_metrics(summary["run_dir"])
     classes = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["classes"]
     losses, weights = plain_study_loop(tiny(ingested, tmp_path, "unused"), len(classes))
     assert [s["loss"] for s in steps] == losses  # exact floats, every step
@@ -127,7 +128,7 @@ def test_progressive_and_fixres_schedule():
 def test_a_tiny_fast_run_trains_at_the_scheduled_res_and_records_its_pieces(ingested, tmp_path):
     cfg = tiny(ingested, tmp_path, "fast", recipe="fast", res=64, epochs=3)
     summary = train.train(cfg)
-    _, epochs = train.read_metrics(summary["run_dir"])
+    _, epochs = read_metrics(summary["run_dir"])
     assert [e["res"] for e in epochs] == [train.train_res(cfg, e) for e in range(3)] == [32, 48, 56]
     assert all(math.isfinite(e["train_loss"]) for e in epochs) and summary["stopped"] is None
     config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["config"]
