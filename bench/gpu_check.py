@@ -1,70 +1,97 @@
-"""Exercise every GPU path of fastpix on a machine with one NVIDIA GPU and no internet, and say plainly what
-works: one JSON report (each check ok/failed/skipped + message + seconds) plus one log per check in OUTDIR.
+"""Exercise every GPU path of fastpix on the lent GPU machine, inside its few minutes, and say plainly what
+works: one JSON report (versions, results, each check ok/failed/skipped + message + seconds) and logs.
 
-GPU code cannot run in CI, so this is the one prepared thing to run when a GPU is lent. Every check runs in
-its own process group with its own timeout, so a hang or a CUDA crash costs one check, never the report;
-a check whose prerequisite failed is skipped with the reason. Standard library only: it runs before
-anything is installed. Normally started by bench/gpu_check.sh, which picks the interpreter.
+GPU code cannot run in CI, so this is the one prepared thing to run when a GPU is lent. The machine is known
+(README, GPU machine): its own `python3` holds a CUDA torch, and it has no DALI, FFCV, webdataset or network.
+So the checks run with that interpreter as it is; what is missing arrives as carried wheels that
+bench/gpu_wheels.py installs with `pip install --target`, put on PYTHONPATH; each check is gated on what
+it needs, and DALI/FFCV checks are SKIPPED with the reason when those do not import.
+
+Steps run one after another, most valuable first: the GPU loaders table, then flat training at res 224 with
+the best loader, then the correctness probes. Each has an estimate of its seconds on the GPU machine; a step
+is skipped, not started, when less of the budget is left than it needs, and report.json is rewritten after
+every step, so a run cut short still reports what it did. Every step runs in its own process group with its
+own timeout: a hang or a CUDA crash costs one check, never the report. Correctness probes that may share
+the GPU run side by side; timed steps never overlap anything. Standard library only.
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET_S = 330  # the whole run must fit in 6 minutes on one H200, set-up included; keep a margin
-MIN_STEP_S = 5  # a step with less time than this left is skipped rather than started to be killed
+BUDGET_S = 420  # 7 min: one 10-minute call with room to spare; with DALI brought, 15 min of device time
+DRY_RUN_BUDGET_S = 1500  # the same steps on 2 shared CPU cores
+SITE = Path("/tmp/fastpix-site")  # where bench/gpu_wheels.py installs carried wheels (pip --target)
+SKIP_EXIT = 3  # bench.gpu_probes.SKIP_EXIT: the step cannot run here, and says why
 
-# Python packages the GPU checks need, as (import name, wheel name); torch first because DALI/FFCV checks need it.
-CORE_PACKAGES = [("torch", "torch"), ("torchvision", "torchvision"), ("nvidia.dali", "nvidia-dali-cuda130"),
-                 ("webdataset", "webdataset"), ("numpy", "numpy"), ("sklearn", "scikit-learn"),
-                 ("matplotlib", "matplotlib"), ("tqdm", "tqdm"), ("psutil", "psutil"), ("PIL", "pillow")]
+# The GPU loaders table: each row with the module it needs. The libraries' own reference pipelines
+# (issue 13: "dali-reference" needing nvidia.dali, "ffcv-reference" needing ffcv) join here once
+# bench.loaders measures them; folder (the baseline) and the decode ceiling are always added by bench.loaders.
+LOADER_ROWS = {"torch": None, "resident": None, "dali": "nvidia.dali", "ffcv": "ffcv"}
+OPTIONAL = {"nvidia.dali": "dali_import", "ffcv": "ffcv_import"}  # module -> the step that finds out
 
 
 @dataclass
 class Step:
     name: str
     what: str  # one line for the report: which GPU path this proves
-    argv: list
-    timeout: int
+    argv: object  # a list, or a function of the run so far (statuses, results) returning one
+    estimate: float  # seconds it needs on the GPU machine; it is not started with less budget left
     needs: tuple = ()  # names of steps that must be ok first
-    env: dict = field(default_factory=dict)
-    parallel: bool = False  # may run alongside its parallel neighbours (correctness probes, never timings)
+    parallel: bool = False  # may run beside its parallel neighbours (correctness probes, never timings)
     skip: str = ""  # a reason to report this step as skipped without running it
+    result: Path | None = None  # a JSON file the step writes; the report takes it in under results[name]
+    env: dict = field(default_factory=dict)
+    timeout_s: float = 0  # 0: from the estimate, with room for a slow start; a hang still ends
+
+    @property
+    def timeout(self):
+        return self.timeout_s or max(30.0, 2.5 * self.estimate)
 
 
-def tail_line(log_path):
-    """The last non-empty line of a log: what a probe or a failing command said last."""
+# What a step said, in order of preference: a probe's verdict, an error line; torchrun ends its output with a
+# banner and its own ChildFailedError, which say nothing the child's error line does not.
+SAID = re.compile(r"^(OK |SKIPPED |error: |[\w.]*(Error|Exception): )")
+
+
+def tail_line(log_path, failed=False):
+    """What the step said last: the last verdict (or, when it failed, error) line, else the last line."""
     try:
-        lines = Path(log_path).read_text(errors="replace").strip().splitlines()
+        lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    return lines[-1].strip()[:400] if lines else ""
+    said = [line for line in lines if SAID.match(line) and "ChildFailedError" not in line
+            and (failed or line.startswith(("OK ", "SKIPPED ")))]
+    return (said or lines or [""])[-1][:400]
 
 
-def run_step(step, log_dir, deadline, base_env):
+def run_step(step, argv, log_dir, deadline, base_env, scale=1.0):
     """Run one step in its own process group; never raises. Returns the report entry."""
     entry = {"name": step.name, "what": step.what, "status": "skipped", "message": "", "seconds": 0.0,
-             "log": None}
+             "estimate_s": step.estimate * scale, "log": None}
     left = deadline - time.monotonic()
-    budget = min(step.timeout, left)
-    if left < MIN_STEP_S:
-        entry["message"] = "out of the time budget"
+    if left < step.estimate * scale:
+        entry["message"] = f"out of the time budget ({left:.0f} s left, needs ~{step.estimate * scale:.0f} s)"
         return entry
+    budget = min(step.timeout * scale, left)
     log_path = Path(log_dir) / f"{step.name}.log"
     entry["log"] = str(log_path.relative_to(Path(log_dir).parent))
     start = time.monotonic()
     with open(log_path, "wb") as log:
-        log.write(("$ " + " ".join(map(str, step.argv)) + "\n").encode())
+        log.write(("$ " + " ".join(map(str, argv)) + "\n").encode())
         log.flush()
         try:
-            proc = subprocess.Popen([str(a) for a in step.argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([str(a) for a in argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                     env={**base_env, **step.env}, start_new_session=True)
         except OSError as err:
             entry.update(status="failed", message=f"could not start: {err}")
@@ -77,46 +104,77 @@ def run_step(step, log_dir, deadline, base_env):
             proc.wait()
             code = None
     entry["seconds"] = round(time.monotonic() - start, 2)
-    said = tail_line(log_path)
+    said = tail_line(log_path, failed=code not in (0, SKIP_EXIT))
     if code is None:
         entry.update(status="failed", message=f"timed out after {budget:.0f} s; last output: {said}")
     elif code == 0:
         entry.update(status="ok", message=said)
+    elif code == SKIP_EXIT:
+        entry.update(status="skipped", message=said)
     else:
         entry.update(status="failed", message=f"exit {code}: {said}")
     return entry
 
 
-def run_checks(steps, out_dir, budget_s=BUDGET_S, mode="gpu", env=None):
-    """Run every step in order, skipping those whose needs failed; rewrite the report after each step so
-    that even a killed run leaves one. Returns the report dict."""
+class State:
+    """What later steps may depend on: each step's status and message, and the results taken in."""
+
+    def __init__(self):
+        self.status, self.message, self.results = {}, {}, {}
+
+
+def run_checks(steps, out_dir, budget_s=BUDGET_S, mode="gpu", env=None, scale=1.0, header=None, bundle=None,
+               max_parallel=16):
+    """Run every step in order, skipping those whose needs are not ok; rewrite the report after each step so
+    that even a killed run leaves one. `scale` multiplies every estimate (a CPU dry run is slower); at most
+    `max_parallel` probes run at once. Returns the report dict."""
     out_dir = Path(out_dir)
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    start_wall, start = time.time(), time.monotonic()
+    start = time.monotonic()
     deadline = start + budget_s
-    base_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
-    report = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start_wall)),
-              "budget_s": budget_s, "checks": []}
-    status = {}
+    base_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    report = {"mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": budget_s,
+              **(header or {}), "versions": {}, "results": {}, "checks": []}
+    state = State()
 
     def one(step):
-        unmet = [n for n in step.needs if status.get(n) != "ok"]
+        unmet = [n for n in step.needs if state.status.get(n) != "ok"]
         if step.skip or unmet:
+            reasons = [f"{n} ({state.status.get(n, 'not run')}: {state.message.get(n, '')[:150]})".replace(": )", ")")
+                       for n in unmet]
             return {"name": step.name, "what": step.what, "status": "skipped", "seconds": 0.0, "log": None,
-                    "message": step.skip or "needs " + ", ".join(f"{n} ({status.get(n, 'not run')})" for n in unmet)}
-        return run_step(step, log_dir, deadline, base_env)
+                    "estimate_s": step.estimate * scale, "message": step.skip or "needs " + "; ".join(reasons)}
+        argv = step.argv(state) if callable(step.argv) else step.argv
+        if isinstance(argv, str):  # decided now, from what ran before: nothing to run, and why
+            return {"name": step.name, "what": step.what, "status": "skipped", "seconds": 0.0, "log": None,
+                    "estimate_s": step.estimate * scale, "message": argv}
+        return run_step(step, argv, log_dir, deadline, base_env, scale)
 
     for batch in batches(steps):
-        # Probes that only check correctness share the GPU and the cores: minutes saved, nothing distorted.
-        with ThreadPoolExecutor(len(batch)) as pool:
+        with ThreadPoolExecutor(min(len(batch), max_parallel)) as pool:
             entries = list(pool.map(one, batch))
         for step, entry in zip(batch, entries):
-            status[step.name] = entry["status"]
+            state.status[step.name], state.message[step.name] = entry["status"], entry["message"]
+            if step.result and Path(step.result).is_file():
+                try:
+                    state.results[step.name] = json.loads(Path(step.result).read_text())
+                except ValueError:
+                    pass
             report["checks"].append(entry)
             print(f"[{entry['status']:>7}] {step.name} ({entry['seconds']:.1f} s) {entry['message']}", flush=True)
-        finish(report, out_dir, start)
+        report["results"] = {k: brief(k, v) for k, v in state.results.items() if k != "env"}
+        report["versions"] = state.results.get("env", {})
+        finish(report, out_dir, start, bundle)
     return report
+
+
+def brief(name, result):
+    """A result as the report keeps it: a bench.loaders results.json shrinks to its table's figures."""
+    if isinstance(result, dict) and "rows" in result:
+        keys = ("backend", "split", "images_per_sec", "vs_folder", "vs_ceiling", "build_s", "warmup_s", "error")
+        return {"title": result.get("title"), "rows": [{k: r.get(k) for k in keys if k in r} for r in result["rows"]]}
+    return result
 
 
 def batches(steps):
@@ -130,103 +188,139 @@ def batches(steps):
     return out
 
 
-def finish(report, out_dir, start):
+def finish(report, out_dir, start, bundle=None):
+    """Write report.json (atomically); with `bundle`, also copy it there with a tar.gz of logs and tables
+    (the device tool brings back 8 files at most, so the logs travel as one)."""
     counts = {s: sum(c["status"] == s for c in report["checks"]) for s in ("ok", "failed", "skipped")}
     report.update(seconds=round(time.monotonic() - start, 1), summary=counts)
     path = Path(out_dir) / "report.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
+    if bundle:
+        bundle = Path(bundle)
+        bundle.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, bundle / "report.json")
+        with tarfile.open(bundle / ".gpu_check.tar.gz.tmp", "w:gz") as tar:
+            for part in ("logs", "bench-loaders", "results"):
+                if (Path(out_dir) / part).exists():
+                    tar.add(Path(out_dir) / part, arcname=part)
+        os.replace(bundle / ".gpu_check.tar.gz.tmp", bundle / "gpu_check.tar.gz")
 
 
-def missing_modules(python, modules):
-    """Which of `modules` the interpreter cannot find (find_spec only: nothing is imported)."""
-    code = ("import importlib.util, sys\n"
-            "for m in sys.argv[1:]:\n"
-            "    try:\n        ok = importlib.util.find_spec(m) is not None\n"
-            "    except ModuleNotFoundError:\n        ok = False\n"
-            "    ok or print(m)\n")
-    out = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60)
-    return out.stdout.split()
-
-
-def install_step(name, what, python, wheels, packages, needs=()):
-    """pip install only what is missing, from the carried wheel folder, never from the network."""
-    missing = missing_modules(python, [m for m, _ in packages])
-    wanted = [w for m, w in packages if m in missing]
-    if not wanted:
-        return Step(name, what, [python, "-c", "print('already installed')"], 30, needs)
-    if not wheels or not Path(wheels).is_dir():
-        msg = f"missing {' '.join(wanted)} and no wheel folder (--wheels DIR): see README, GPU machine"
-        return Step(name, what, [python, "-c", f"raise SystemExit({msg!r})"], 30, needs)
-    return Step(name, what, [python, "-m", "pip", "install", "--no-index", "--find-links", wheels,
-                             "--disable-pip-version-check", *wanted], 150, needs)
-
-
-def probe(python, name, data, device, what, timeout, needs):
-    return Step(name, what, [python, "-m", "bench.gpu_probes", name, "--data", data, "--device", device],
-                timeout, needs, parallel=True)
+def pick_python(explicit, want_cuda):
+    """The interpreter the checks run with, and why: --python, else the first of the machine's `python3` and
+    the repository's .venv whose torch imports (and sees a GPU, unless a CPU dry run)."""
+    if explicit:
+        return explicit, "--python"
+    test = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" if want_cuda else "import torch"
+    candidates = [c for c in (shutil.which("python3"), str(REPO / ".venv" / "bin" / "python")) if c and
+                  Path(c).exists()]
+    for candidate in candidates:
+        try:
+            if subprocess.run([candidate, "-c", test], capture_output=True, timeout=180).returncode == 0:
+                return candidate, "its torch imports" + (" and sees a GPU" if want_cuda else "")
+        except subprocess.TimeoutExpired:
+            continue
+    return (candidates or [sys.executable])[0], "no interpreter's torch " + ("sees a GPU" if want_cuda else
+                                                                               "imports") + ": checks will say why"
 
 
 def plan(args):
-    """The ordered checks. In --cpu-dry-run every step runs with --device cpu: it proves the script's own
-    plumbing (commands, flags, data, reports), never a GPU path, and the report says so in its mode."""
+    """The ordered checks. In --cpu-dry-run every step runs with --device cpu on a small dataset: it proves
+    the script's own plumbing (commands, flags, data, gates, reports), never a GPU path; the report says so."""
     py, out = args.python, Path(args.outdir).resolve()
-    dev = "cpu" if args.cpu_dry_run else "cuda"
+    dry = args.cpu_dry_run
+    dev = "cpu" if dry else "cuda"
     data = str(Path(args.data).resolve()) if args.data else str(out / "data" / "ingested")
     runs = out / time.strftime("runs-%Y%m%d-%H%M%S")  # train.py never overwrites a run: fresh per invocation
-    gpu = () if args.cpu_dry_run else ("gpu",)
-    steps = []
-    if not args.cpu_dry_run:
-        steps.append(Step("gpu", "the driver sees an NVIDIA GPU",
-                          ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                          30))
-    if not args.skip_setup:
-        steps.append(install_step("install_core", "torch, DALI and friends importable (from --wheels if missing)",
-                                  py, args.wheels, CORE_PACKAGES))
-        steps.append(install_step("install_ffcv", "ffcv installed from --wheels if missing", py, args.wheels,
-                                  [("ffcv", "ffcv")], needs=("install_core",)))
-    setup = () if args.skip_setup else ("install_core",)
-    steps.append(Step("torch_cuda", "torch sees the GPU and runs a CUDA kernel",
-                      [py, "-m", "bench.gpu_probes", "torch_cuda", "--device", dev], 60, setup + gpu))
-    ffcv_ok = "import ffcv.loader, ffcv.fields, importlib.metadata as m; print('OK ffcv', m.version('ffcv'))"
-    steps.append(Step("ffcv_import", "FFCV's compiled part loads (needs system libturbojpeg and libopencv)",
-                      [py, "-c", ffcv_ok], 60, () if args.skip_setup else ("install_ffcv",)))
-    if not args.data:
-        steps.append(Step("data", "generate a small demo dataset and ingest it",
-                          [py, "-m", "bench.gpu_probes", "data", "--data", data], 120, setup))
+    results = out / "results"
+    probe = [py, "-m", "bench.gpu_probes"]
+    gpu = () if dry else ("gpu",)
     have_data = () if args.data else ("data",)
     need = ("torch_cuda",) + have_data
+
+    def p(name, what, estimate, needs, *extra, parallel=True, **kw):
+        return Step(name, what, probe + [kw.pop("probe", name), "--data", data, "--device", dev,
+                                         "--result", results / f"{name}.json", *extra],
+                    estimate, needs, parallel=parallel, result=results / f"{name}.json", **kw)
+
+    def train_step(name, loader):
+        step = p(name, f"flat training at res 224 with {loader}", 45, need, "--loader", loader, *train_probe,
+                 parallel=False, probe="train")
+        argv = step.argv
+        step.argv = lambda state: (f"train_best already trained with {loader}" if
+                                   state.results.get("train_best", {}).get("loader") == loader else argv)
+        return step
+
+    steps = []
+    if not dry:
+        steps.append(Step("gpu", "the driver sees an NVIDIA GPU",
+                          ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], 5))
+    if not args.skip_setup:
+        steps.append(Step("wheels", "carried wheels installed with pip --target (bench/gpu_wheels.py receive)",
+                          [py, REPO / "bench" / "gpu_wheels.py", "receive", "--folder", args.wheels,
+                           "--target", args.site], 60))
     steps += [
-        probe(py, "dali_mixed", data, dev, "DALI mixed (nvJPEG) decode, GPU augmentation; agrees with CPU DALI",
-              60, need),
-        probe(py, "ffcv_gpu", data, dev, "FFCV ToDevice + GPU normalise; agrees with CPU FFCV", 90,
-              need + ("ffcv_import",)),
-        probe(py, "torch_gpu_decode", data, dev, "torchvision batched decode_jpeg on the GPU; agrees with CPU",
-              60, need),
-        probe(py, "channels_last", data, dev, "channels_last + autocast forward/backward matches fp32", 60,
-              ("torch_cuda",)),
+        Step("env", "the versions this run used (report: versions)",
+             probe + ["env", "--result", results / "env.json"], 15, result=results / "env.json"),
+        Step("torch_cuda", "torch sees the GPU and runs a CUDA kernel",
+             probe + ["torch_cuda", "--device", dev], 15, gpu),
+        Step("dali_import", "DALI imports (carried: bench/gpu_wheels.py)",
+             probe + ["import", "--module", "nvidia.dali"], 20, parallel=True),
+        Step("ffcv_import", "FFCV's compiled part loads (needs system libturbojpeg and libopencv)",
+             probe + ["import", "--module", "ffcv"], 20, parallel=True),
     ]
-    train = [py, "train.py", "--data", data, "--device", dev, "--net", "flat", "--loader", "dali", "--epochs", "1",
-             "--batch-size", "64", "--res", "128", "--runs-dir", str(runs)]
+    if not args.data:
+        steps.append(Step("data", "generate the demo photos and ingest them (webdataset shards; .beton if FFCV)",
+                          probe + ["data", "--data", data, "--per-class", 12 if dry else 100,
+                                   "--result", results / "data.json"], 40, result=results / "data.json"))
+    rows = [b for b, module in LOADER_ROWS.items()]
+    bench_out = out / "bench-loaders"
+
+    def loaders_argv(state):  # rows whose library did not import are left out, and say so in the report
+        usable = [b for b in rows if not LOADER_ROWS[b] or state.status.get(OPTIONAL[LOADER_ROWS[b]]) == "ok"]
+        return [py, "-m", "bench.loaders", "--splits", "train", "--data", data, "--device", dev, "--res", 224,
+                "--batch-size", 256, "--epochs", 1 if dry else 2, "--backends", ",".join(usable), "--out", bench_out]
+
+    train = [py, "train.py", "--data", data, "--device", dev, "--net", "flat", "--epochs", "1",
+             "--batch-size", "64", "--res", "128", "--runs-dir", runs, "--bootstrap", "100"]
+    train_probe = ["--res", 224, "--epochs", 1 if dry else 3, "--batch-size", 256, "--runs-dir", runs]
     steps += [
-        Step("amp_bf16", "training step under bf16 autocast", train + ["--amp", "bf16", "--name", "amp-bf16"], 90,
-             need, parallel=True),
-        Step("amp_fp16", "training step under fp16 autocast with the gradient scaler",
-             train + ["--amp", "fp16", "--name", "amp-fp16"], 90, need, parallel=True,
-             skip="fp16 with a gradient scaler needs a GPU" if args.cpu_dry_run else ""),
-        Step("compile", "torch.compile of the net (includes compile time)",
-             train + ["--amp", "auto", "--compile", "--name", "compile"], 150, need, parallel=True),
-        Step("torchrun_nccl", "1-GPU DDP through torchrun (NCCL backend on the GPU; gloo in a CPU dry run)",
+        # 1. The GPU loaders table (timed: alone).
+        Step("bench_loaders", "GPU loaders table: loader-only img/s of every usable backend, train split, res 224",
+             loaders_argv, 20 + 15 * (len(rows) + 2), need, result=bench_out / "results.json"),
+        # 2. Flat training with the best loader of that table (timed: alone).
+        p("train_best", "flat training at res 224 with the best loader: img/s and data stall", 45, need,
+          "--loader", "best", "--loaders-results", bench_out / "results.json", *train_probe, parallel=False,
+          probe="train"),
+        # 3. Correctness probes, side by side where they only check correctness.
+        p("stream_race", "nvJPEG stream race (issue 13.5): GPU decode_jpeg of many batches vs the CPU decode",
+          30, need, *(["--batches", 3, "--busy", 1, "--busy-side", 256] if dry else ["--batches", 200])),
+        p("torch_gpu_decode", "torch backend: batched nvJPEG decode_jpeg on the GPU; agrees with CPU", 25, need),
+        p("resident_gpu", "resident: the split decoded into GPU memory, cropped there; agrees with CPU", 25, need),
+        p("dali_mixed", "DALI mixed (nvJPEG) decode, GPU augmentation; agrees with CPU DALI", 30,
+          need + ("dali_import",)),
+        p("ffcv_gpu", "FFCV ToDevice + GPU normalise; agrees with CPU FFCV", 40, need + ("ffcv_import",)),
+        Step("channels_last", "channels_last + autocast forward/backward matches fp32",
+             probe + ["channels_last", "--device", dev], 15, ("torch_cuda",), parallel=True),
+        Step("nccl", "a real NCCL process group: 1-process torchrun, train.start_distributed, all_reduce",
+             [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "bench.gpu_probes",
+              "nccl", "--device", dev], 25, ("torch_cuda",), parallel=True),
+        Step("amp_bf16", "training under bf16 autocast (resident)",
+             train + ["--loader", "resident", "--amp", "bf16", "--name", "amp-bf16"], 40, need, parallel=True),
+        Step("amp_fp16", "training under fp16 autocast with the gradient scaler (resident)",
+             train + ["--loader", "resident", "--amp", "fp16", "--name", "amp-fp16"], 40, need, parallel=True,
+             skip="fp16 with the gradient scaler needs a GPU (train.py refuses it on the CPU)" if dry else ""),
+        Step("compile", "torch.compile of the net (compile time included; resident)",
+             train + ["--loader", "resident", "--amp", "auto", "--compile", "--name", "compile"], 90, need,
+             parallel=True),
+        Step("torchrun_train", "1-GPU DDP training through torchrun (resident)",
              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] + train[1:]
-             + ["--name", "ddp"], 120, need, parallel=True),
-        # Timings run alone, after the probes, so nothing else competes for the GPU or the cores.
-        Step("bench_loaders", "loader-only bench of every backend (train split, 1 timed epoch)",
-             [py, "-m", "bench.loaders", "--quick", "--splits", "train", "--data", data, "--device", dev,
-              "--out", str(out / "bench-loaders")], 120, need),
-        Step("bench_e2e", "short end-to-end bench, every loader against the folder baseline",
-             [py, "-m", "bench", "--quick", "--data", data, "--device", dev, "--out", str(out / "bench-e2e")], 180,
-             need),
+             + ["--loader", "resident", "--name", "ddp"], 50, need, parallel=True),
+        # Training at the study's resolution with both torch-only loaders, unless train_best already did.
+        train_step("train_resident", "resident"),
+        train_step("train_torch", "torch"),
     ]
     if args.only:
         keep = set(args.only.split(","))
@@ -239,12 +333,17 @@ def plan(args):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("outdir", help="folder for report.json and logs/ (created)")
-    p.add_argument("--wheels", default=str(REPO / ".whl"),
-                   help="folder of carried wheels to install missing packages from (default: .whl)")
-    p.add_argument("--python", default=sys.executable, help="interpreter the checks run with")
+    p.add_argument("--python", help="interpreter the checks run with (default: the machine's python3 when its "
+                                    "torch sees the GPU, else the repository's .venv)")
+    p.add_argument("--wheels", default=str(REPO / ".gpuwheels"),
+                   help="carried wheel folders, from bench/gpu_wheels.py prepare (default .gpuwheels)")
+    p.add_argument("--site", default=str(SITE), help="pip --target of the carried wheels (default %(default)s)")
     p.add_argument("--data", help="an already ingested dataset to use instead of generating one")
-    p.add_argument("--budget", type=int, default=BUDGET_S, help="seconds for the whole run (default %(default)s)")
-    p.add_argument("--skip-setup", action="store_true", help="do not try to install anything")
+    p.add_argument("--budget", type=int, help=f"seconds for the whole run (default {BUDGET_S}; "
+                                              f"{DRY_RUN_BUDGET_S} with --cpu-dry-run)")
+    p.add_argument("--bundle", help="also copy report.json and gpu_check.tar.gz (logs, tables) here after each "
+                                    "step: give the device tool's $OUT")
+    p.add_argument("--skip-setup", action="store_true", help="do not install carried wheels")
     p.add_argument("--only", help="comma-separated check names to run (for rerunning what failed)")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="run every step with --device cpu to test the script itself; proves no GPU path")
@@ -253,16 +352,25 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.budget < MIN_STEP_S:
-        print(f"error: --budget {args.budget} is too short (>= {MIN_STEP_S} s)", file=sys.stderr)
+    dry = args.cpu_dry_run
+    budget = args.budget or (DRY_RUN_BUDGET_S if dry else BUDGET_S)
+    if budget < 10:
+        print(f"error: --budget {budget} is too short (>= 10 s)", file=sys.stderr)
         return 2
     if args.data and not (Path(args.data) / "manifest.json").is_file():
         print(f"error: --data {args.data} is not an ingested dataset (no manifest.json)", file=sys.stderr)
         return 2
+    args.python, why = pick_python(args.python, want_cuda=not dry)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    mode = "cpu-dry-run: every step ran with --device cpu; this proves no GPU path" if args.cpu_dry_run else "gpu"
-    report = run_checks(plan(args), out, args.budget, mode)
+    mode = "cpu-dry-run: every step ran with --device cpu; this proves no GPU path" if dry else "gpu"
+    site = [args.site] if not args.skip_setup else []
+    env = {"PYTHONPATH": os.pathsep.join(site + [str(REPO)] + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    header = {"python": args.python, "python_chosen_because": why}
+    print(f"gpu_check: checks run with {args.python} ({why}); budget {budget} s", flush=True)
+    # On 2 shared CPU cores the same steps take several times their GPU-machine estimates.
+    report = run_checks(plan(args), out, budget, mode, env=env, scale=4.0 if dry else 1.0, header=header,
+                        bundle=args.bundle, max_parallel=3 if dry else 16)
     s = report["summary"]
     print(f"gpu_check: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in {report['seconds']:.0f} s; "
           f"report: {out / 'report.json'}")

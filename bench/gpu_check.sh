@@ -1,27 +1,22 @@
 #!/usr/bin/env bash
-# Run every fastpix GPU check on a machine with one NVIDIA GPU and no internet; see README "GPU machine".
-# usage: bench/gpu_check.sh OUTDIR [--wheels DIR] [--data DIR] [--only a,b] [--skip-setup] [--cpu-dry-run]
-# Writes OUTDIR/report.json (each check ok/failed/skipped + message + seconds) and OUTDIR/logs/.
+# Run every fastpix GPU check on the lent GPU machine (one NVIDIA GPU, no network); see README "GPU machine".
+# usage: bench/gpu_check.sh OUTDIR [--python PY] [--wheels DIR] [--data DIR] [--only a,b] [--budget S]
+#                                  [--bundle DIR] [--skip-setup] [--cpu-dry-run]
+# Writes OUTDIR/report.json (versions, results, each check ok/failed/skipped + message + seconds) and OUTDIR/logs/.
 # Exit 0: every check ok or skipped; 1: some check failed (the report says which); 2: bad usage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
-  echo "error: usage: bench/gpu_check.sh OUTDIR [--wheels DIR] [--data DIR] [--only a,b] [--cpu-dry-run]" >&2
+  echo "error: usage: bench/gpu_check.sh OUTDIR [--python PY] [--wheels DIR] [--data DIR] [--only a,b] [--cpu-dry-run]" >&2
   exit 2
 fi
-
-# The interpreter: the repo's venv when set up; otherwise a venv that sees the machine's own torch
-# (--system-site-packages), so a preinstalled CUDA torch is used instead of carrying 3 GB of wheels.
-if [ -x .venv/bin/python ]; then
-  py=.venv/bin/python
-else
-  venv=${FASTPIX_GPU_VENV:-/tmp/fastpix-gpu-venv}
-  if [ ! -x "$venv/bin/python" ] && ! python3 -m venv --system-site-packages "$venv" >/dev/null 2>&1; then
-    echo "gpu_check: cannot create a venv at $venv (python3-venv missing?); using python3 itself" >&2
-    venv=""
+# gpu_check.py itself needs only the standard library; it picks the interpreter the checks run with (the
+# machine's own python3 when its torch sees the GPU) and never makes a venv, which would hide that torch.
+for py in python3 .venv/bin/python python; do
+  if command -v "$py" >/dev/null 2>&1; then
+    exec "$py" bench/gpu_check.py "$@"
   fi
-  py=${venv:+$venv/bin/python}
-  py=${py:-python3}
-fi
-exec "$py" bench/gpu_check.py "$@" --python "$py"
+done
+echo "error: no python3 on PATH" >&2
+exit 2
