@@ -284,7 +284,7 @@ def plan(args):
                 "--batch-size", 256, "--epochs", 1 if dry else 2, "--backends", ",".join(usable), "--out", bench_out]
 
     train = [py, "train.py", "--data", data, "--device", dev, "--net", "flat", "--epochs", "1",
-             "--batch-size", "64", "--res", "128", "--runs-dir", runs, "--bootstrap", "100"]
+             "--batch-size", "64", "--res", 64 if dry else 128, "--runs-dir", runs, "--bootstrap", "100"]
     train_probe = ["--res", 224, "--epochs", 1 if dry else 3, "--batch-size", 256, "--runs-dir", runs]
     steps += [
         # 1. The GPU loaders table (timed: alone).
