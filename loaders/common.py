@@ -122,11 +122,11 @@ class PerRes:
     def set_res(self, res):
         self._res.value = res
 
-    def __call__(self, image):
+    def __call__(self, *args):
         res = self._res.value
         if res not in self._made:
             self._made[res] = self.make(res)
-        return self._made[res](image)
+        return self._made[res](*args)
 
 
 class EpochSampler(torch.utils.data.Sampler):

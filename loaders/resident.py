@@ -20,7 +20,6 @@ generator). On the CPU each crop is one antialiased v2 resize of a view of the s
 pool (torch releases the GIL): 1.2-1.5x the batched grid_sample there (measured). On a GPU one grid_sample
 crops the whole batch (loaders.common.batched_resized_crop): no per-sample work.
 """
-import csv
 import hashlib
 import warnings
 import weakref
@@ -36,10 +35,10 @@ from tqdm import tqdm
 
 from cli import UsageError
 from ingest.atomic import atomic_path
-from ingest.layout import MANIFEST, SPLITS, csv_path, read_manifest
+from ingest.layout import MANIFEST, SPLITS, read_manifest
 from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, resolve_device,
                             sample_crops, test_resize)
-from loaders.tvision import ShardSamples, collate_bytes, decode_jpegs_on_gpu
+from loaders.tvision import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu, stored_sizes
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
 DECODE_BATCH = 64
@@ -58,7 +57,7 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     if not positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
     size = test_resize(res)
-    layout = Layout.plan(stored_sizes(data_dir, split, samples.ids[positions.start:positions.stop]), size, res)
+    layout = Layout.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size, res)
     held_key = (str(Path(data_dir).resolve()), split, rank, world, str(device))
     check_memory(data_dir, split, layout, batch_size, res, rank, world, device, memory_limit, held_key)
     path = Path(data_dir) / f"resident-{split}-{size}px-{positions.start}-{positions.stop}.pt"
@@ -76,13 +75,6 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
                             batch_size=batch_size, res=res, seed=seed, with_ids=with_ids)
     loader.from_cache = from_cache
     return loader
-
-
-def stored_sizes(data_dir, split, ids):
-    """(height, width) of the stored JPEG of each sample id, from `<split>.csv` (written by ingest)."""
-    with open(csv_path(data_dir, split), newline="") as f:
-        rows = [(int(row["height"]), int(row["width"])) for row in csv.DictReader(f)]
-    return torch.tensor(rows, dtype=torch.long)[ids]
 
 
 class Layout:
@@ -153,6 +145,8 @@ def check_memory(data_dir, split, layout, batch_size, res, rank, world, device, 
         count = read_manifest(data_dir)["splits"].get(other, {}).get("count", 0)
         block = rank_ids(count, rank, world)
         if len(block):
+            # its block's ids stand in for its shard positions (the same where shards are in id order, as
+            # test shards are, or with one rank): indexing the other split's shards here would cost seconds
             other_layout = Layout.plan(stored_sizes(data_dir, other, torch.arange(block.start, block.stop)),
                                        layout.size, res)
             need += other_layout.nbytes() + working_bytes(other_layout, batch_size, res, device)
@@ -191,13 +185,13 @@ def save_cache(path, key, images):
 
 
 class FitShorter:
-    """uint8 CHW photo -> resized to shorter side S, as the test path's resize."""
+    """uint8 CHW photo (or JPEG bytes, stored height, width) -> resized to shorter side S, as the test path."""
 
     def __init__(self, size):
         self.size = size
 
-    def __call__(self, image):
-        return v2.functional.resize(image, self.size, antialias=True)
+    def __call__(self, image, height=None, width=None):
+        return v2.functional.resize(image if height is None else decode(image), self.size, antialias=True)
 
 
 def collate_list(batch):
