@@ -119,10 +119,12 @@ class WorkerRss:
             self.peak_mb = max(self.peak_mb, total / 2**20)
 
 
-def _decoded_shape(image):
-    """What a decode-only worker sends back: the image's shape, so IPC costs nothing next to the decode."""
+def _decoded_shape(data, height, width):
+    """A decode-only worker decodes a sample's JPEG bytes and sends back only the image's shape, so IPC costs
+    nothing next to the decode."""
     import torch
-    return torch.tensor(image.shape)
+    from loaders.tvision import decode
+    return torch.tensor(decode(data).shape)
 
 
 class DecodeOnly:
