@@ -28,15 +28,17 @@ def write_text(path, text):
 
 @contextlib.contextmanager
 def exclusive(lock_path):
-    """Hold an exclusive lock on `lock_path` (created if needed): two builds of one folder take turns, and the
-    second then finds the work done instead of racing the first."""
+    """Hold an exclusive lock on `lock_path`, a folder or a file (created if needed): two builds of one folder
+    take turns, and the second then finds the work done instead of racing the first. Locking a folder itself
+    leaves no lock file behind in it, so a folder can be locked before it is known to be ours."""
     import fcntl
 
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    flags = os.O_RDONLY if lock_path.is_dir() else os.O_RDWR | os.O_CREAT
+    fd = os.open(lock_path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -7,11 +7,15 @@ a no-op; a run killed at any point is finished by the next one with the same res
 500px-like demo is generated (once) into data/demo-500px and ingested.
 """
 import csv
+import errno
+import functools
 import io
 import json
 import multiprocessing
+import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,9 +32,11 @@ from ingest import layout  # noqa: E402
 from ingest.atomic import exclusive, write_text  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
+from ingest.journal import claim  # noqa: E402
 from ingest.scan import scan  # noqa: E402
 from ingest.split import split  # noqa: E402
 from ingest.validate import check  # noqa: E402
+
 
 def build(cfg, progress=True, log=print, timings=None):
     """Ingest cfg.src into cfg.out; returns the manifest (dict). Raises UsageError for bad input.
@@ -42,16 +48,37 @@ def build(cfg, progress=True, log=print, timings=None):
         cfg.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {cfg.out} cannot be created: {err.strerror}") from None
-    with exclusive(cfg.out / ".lock"):
-        return _build(cfg, found, clock, progress, log)
+    with exclusive(cfg.out):
+        journal = claim(cfg.out, cfg.force)
+        doing = {"what": f"the validated images to {cfg.cache_dir}", "bytes_left": _image_bytes(cfg.store_size)
+                 * len(found.candidates) * 3}  # the cache, then a tar and a beton copy of it
+        try:
+            return _build(cfg, found, journal, clock, progress, log, doing)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            free = shutil.disk_usage(cfg.out).free
+            raise UsageError(f"disk full while writing {doing['what']}: about {doing['bytes_left'] / 1e6:.0f} MB more "
+                             f"is needed ({free / 1e6:.0f} MB free); what was written is kept: free space and rerun "
+                             "to finish") from None
 
 
-def _build(cfg, found, clock, progress, log):
+def _image_bytes(store_size):
+    """Rough size of one stored JPEG before any is made: ~0.3 byte per pixel at quality 90, 4:3 photos."""
+    return int(0.4 * store_size ** 2)
+
+
+def _build(cfg, found, journal, clock, progress, log, doing):
     clock.lap("scan")
     fingerprint = found.fingerprint({**_params(cfg), "source": str(cfg.src)})
-    if not cfg.force and _up_to_date(cfg.out, fingerprint):
-        log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
-        return layout.read_manifest(cfg.out)
+    previous = _previous_manifest(cfg.out)
+    damaged = None  # None: write everything; else the names to rewrite
+    if not cfg.force and _same_build(previous, fingerprint):
+        damaged = journal.damaged(previous["files"])
+        if not damaged:
+            log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
+            return previous
+        log(f"{cfg.out}: {', '.join(damaged)} damaged or missing: rewriting {'it' if len(damaged) == 1 else 'them'}")
     if cfg.force:
         _clear_cache(cfg.cache_dir)
 
@@ -60,15 +87,26 @@ def _build(cfg, found, clock, progress, log):
     kept, duplicates = dedup([c for c in checked if not c.reason], found.classes)
     quarantine = sorted(found.quarantined + [(c.rel, c.reason) for c in checked if c.reason] + duplicates)
     splits = split(kept, found.classes, cfg.seed, cfg.test_share)  # may raise: nothing written yet
+    formats = _formats(log)
+    outputs, shards = _plan(cfg, splits, quarantine, formats)
 
+    if damaged is not None:
+        doing["what"] = f"the damaged files ({', '.join(damaged)}) to {cfg.out}"
+        if _repaired(journal, outputs, damaged, previous["files"], log):
+            clock.lap("write")
+            return previous
     (cfg.out / layout.MANIFEST).unlink(missing_ok=True)  # from here the folder is incomplete until the end
-    for name, samples in splits.items():
-        write_text(layout.csv_path(cfg.out, name), _csv(
-            ("path", "label", "sha256", "width", "height"),
-            [(s.rel, s.label, s.sha256, s.width, s.height) for s in samples]))
-    write_text(cfg.out / layout.QUARANTINE, _csv(("path", "reason"), quarantine))
-    manifest = _manifest(cfg, found, fingerprint, quarantine, splits, shards=_write_formats(cfg, splits))
-    _remove_stale(cfg.out, manifest)
+    journal.plan(outputs)
+    files, images = {}, sum(os.path.getsize(s.cached) for part in splits.values() for s in part)
+    doing["bytes_left"] = images * len(formats) + 2048 * len(kept)  # + tar headers; the csvs are small
+    for name, write in outputs.items():
+        doing["what"] = str(cfg.out / name)
+        write(cfg.out / name)
+        files[name] = journal.record(name)
+        doing["bytes_left"] = max(0, doing["bytes_left"] - files[name]["bytes"])
+    doing["what"] = str(cfg.out / layout.MANIFEST)
+    manifest = _manifest(cfg, found, fingerprint, quarantine, splits, shards, formats, files)
+    journal.remove_stale(keep=outputs)
     write_text(cfg.out / layout.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _prune_cache(cfg.cache_dir, [s.cached for part in splits.values() for s in part])
     clock.lap("write")
@@ -77,6 +115,38 @@ def _build(cfg, found, clock, progress, log):
     log(f"{m['written']} written + {m['quarantined']} quarantined + {m['ignored']} ignored = {m['found']} found; "
         f"train {len(splits['train'])}, test {len(splits['test'])} -> {cfg.out}")
     return manifest
+
+
+def _previous_manifest(out):
+    """The manifest already in `out` if it is readable, else None (then everything is rewritten)."""
+    path = out / layout.MANIFEST
+    if not path.is_file() or layout.manifest_problem(path):
+        return None
+    return json.loads(path.read_text())
+
+
+def _same_build(manifest, fingerprint):
+    """Whether `manifest` is what this build would write, judged without reading the data files: same
+    source and settings, made by a fastpix that records `files`, and with the formats this machine can
+    write now (a webdataset-only build is redone once FFCV imports)."""
+    if manifest is None or manifest.get("fingerprint") != fingerprint or "files" not in manifest:
+        return False
+    return "ffcv" in manifest.get("formats", []) or _ffcv_error() is not None
+
+
+def _repaired(journal, outputs, damaged, files, log):
+    """Rewrite just the damaged files; True if they came out with the manifest's bytes again (the rest
+    was intact, so the folder is whole). False when the writers no longer reproduce them (another library
+    version, say): then the caller rebuilds everything, as the files would not fit together."""
+    if not set(damaged) <= set(outputs):
+        return False
+    for name in damaged:
+        outputs[name](journal.out / name)
+        if journal.record(name) != files[name]:
+            log(f"{name} came out different from the manifest's: rebuilding everything")
+            return False
+    log(f"repaired {', '.join(damaged)} in {journal.out}")
+    return True
 
 
 class _Clock:
@@ -108,16 +178,61 @@ def validate_all(cfg, candidates, progress=True):
                          unit="img", disable=not progress))
 
 
-def _write_formats(cfg, splits):
-    """Beton and shards of every split; returns {split: the shards' manifest entries}."""
-    from ingest.beton import write_beton  # imports torch and numba: only when there is work
-    from ingest.shards import write_shards
+def _formats(log):
+    """The formats this machine can write; FFCV's missing compiled libraries cost only the .beton."""
+    error = _ffcv_error()
+    if error is None:
+        return ["webdataset", "ffcv"]
+    log(f"warning: FFCV cannot be imported ({error}): writing the webdataset shards only; "
+        "the ffcv loader will not read this dataset")
+    return ["webdataset"]
 
+
+@functools.cache
+def _ffcv_error():
+    """None if FFCV's writer imports, else why not (once per process: the import takes seconds)."""
+    try:
+        import ffcv.fields  # noqa: F401
+        import ffcv.writer  # noqa: F401
+    except ImportError as err:  # a missing libturbojpeg or libopencv surfaces as an ImportError too
+        return str(err)
+    return None
+
+
+def _plan(cfg, splits, quarantine, formats):
+    """({file name: function writing it atomically to a path}, in write order; {split: shard entries})."""
+    from ingest.shards import plan_shards, write_tar
+
+    rows = ("path", "label", "sha256", "width", "height")
+    outputs = {layout.csv_path("", name).name: _text_writer(_csv(rows, [
+        (s.rel, s.label, s.sha256, s.width, s.height) for s in samples])) for name, samples in splits.items()}
+    outputs[layout.QUARANTINE] = _text_writer(_csv(("path", "reason"), quarantine))
     shards = {}
-    for name, samples in splits.items():  # FFCV's writer shows its own progress bar
-        write_beton(layout.beton_path(cfg.out, name), samples)
-        shards[name] = write_shards(cfg.out, name, samples, cfg.seed, cfg.shard_size)
-    return shards
+    for name, samples in splits.items():
+        if "ffcv" in formats:  # FFCV's writer shows its own progress bar
+            outputs[layout.beton_path("", name).name] = functools.partial(_write_beton, samples=samples)
+        shards[name] = []
+        for tar, ids in plan_shards(name, len(samples), cfg.seed, cfg.shard_size):
+            outputs[tar] = functools.partial(write_tar, samples=samples, ids=ids)
+            outputs[layout.index_name(tar)] = functools.partial(_write_index, tar=tar)
+            shards[name].append({"tar": tar, "count": len(ids)})
+    return outputs, shards
+
+
+def _text_writer(text):
+    return lambda path: write_text(path, text)
+
+
+def _write_beton(path, samples):
+    from ingest.beton import write_beton  # imports torch and numba: only when there is work
+
+    write_beton(path, samples)
+
+
+def _write_index(path, tar):
+    from ingest.shards import write_index
+
+    write_index(path.with_name(tar), path)
 
 
 def _params(cfg):
@@ -126,7 +241,7 @@ def _params(cfg):
             "pipeline": cfg.cache_params()}
 
 
-def _manifest(cfg, found, fingerprint, quarantine, splits, shards):
+def _manifest(cfg, found, fingerprint, quarantine, splits, shards, formats, files):
     written = sum(len(part) for part in splits.values())
     assert written + len(quarantine) + len(found.ignored) == found.found, "a source file was lost or doubled"
     return {
@@ -137,6 +252,7 @@ def _manifest(cfg, found, fingerprint, quarantine, splits, shards):
                           "per_class": {c: sum(s.label == i for s in part) for i, c in enumerate(found.classes)},
                           "shards": shards[name]}
                    for name, part in splits.items()},
+        "formats": formats, "files": files,
     }
 
 
@@ -158,30 +274,6 @@ def _csv(header, rows):
     return buf.getvalue()
 
 
-def _up_to_date(out, fingerprint):
-    try:
-        manifest = json.loads((out / layout.MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    files = [layout.beton_path(out, s).name for s in layout.SPLITS] + [layout.csv_path(out, s).name
-                                                                       for s in layout.SPLITS]
-    files += [f for s in layout.SPLITS for sh in manifest["splits"][s]["shards"]
-              for f in (sh["tar"], layout.index_name(sh["tar"]))]
-    return manifest.get("fingerprint") == fingerprint and all((out / f).is_file() for f in files)
-
-
-def _remove_stale(out, manifest):
-    """Shards of an earlier, bigger build and temp files of a killed one."""
-    keep = {f for part in manifest["splits"].values() for sh in part["shards"]
-            for f in (sh["tar"], layout.index_name(sh["tar"]))}
-    for split_name in layout.SPLITS:
-        for path in [*out.glob(f"{split_name}-*.tar"), *out.glob(f"{split_name}-*.idx")]:
-            if path.name not in keep:
-                path.unlink()
-    for tmp in out.glob(".*.tmp*"):
-        tmp.unlink()
-
-
 def _prune_cache(cache, used):
     used = {Path(p) for p in used}
     for path in cache.glob("*/*"):
@@ -192,6 +284,22 @@ def _prune_cache(cache, used):
 def _clear_cache(cache):
     for path in cache.glob("*/*"):
         path.unlink()
+
+
+def _verify(out, workers, started):
+    from ingest.verify import verify
+
+    problems, size = verify(out.resolve(), workers)
+    for line in problems:
+        print(line)
+    took = time.perf_counter() - started
+    if problems:
+        source = layout.read_manifest(out)["source"]
+        print(f"{len(problems)} problem{'s' * (len(problems) > 1)} in {out}: rerun python ingest/build.py "
+              f"--src {source} --out {out} to rewrite the damaged files")
+        return 1
+    print(f"{out}: {size / 1e6:.1f} MB verified in {took:.1f} s: no damage found")
+    return 0
 
 
 def main(argv=None):
@@ -208,10 +316,15 @@ def main(argv=None):
     p.add_argument("--min-side", type=int, default=d.min_side, help="smaller photos are quarantined, px")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger headers are quarantined as bombs")
     p.add_argument("--workers", type=int, default=d.workers, help="validation processes (0 = all cores)")
-    p.add_argument("--force", action="store_true", help="rebuild even if up to date, without the file cache")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date, without the file cache; "
+                   "also write into a non-empty folder that holds no fastpix dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verify", action="store_true",
+                   help="only re-read every file of --out and name what is damaged (exit 1 if anything is)")
     args = p.parse_args(argv)
     started = time.perf_counter()
+    if args.verify:
+        return _verify(args.out, args.workers or len(os.sched_getaffinity(0)), started)
     src = args.src
     if src is None:
         from ingest import demo

@@ -13,14 +13,20 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
   `classes` (sorted names; label = index), `store_size`, `quality`, `seed`, `test_share`, `source`
   (absolute path of the source folder), `fingerprint`, `versions`, `found`/`written`/`quarantined`/
   `ignored` counts, and `splits.<split>` = {`count`, `per_class` {name: n}, `shards` [{`tar`, `count`}]};
-  also `shard_size`, `min_side`, `max_pixels` and `pipeline` (what else decided the bytes).
+  also `shard_size`, `min_side`, `max_pixels` and `pipeline` (what else decided the bytes);
+  `formats`: `["webdataset", "ffcv"]`, or `["webdataset"]` when FFCV could not be imported at ingest (then
+  there is no `.beton`); `files`: {name relative to the folder: {`bytes`, `sha256`}} of every data file ingest
+  wrote (betons, tars, idx files, the csvs and quarantine.csv; not the manifest itself), what
+  `python ingest/build.py --verify` and the loaders' start-up check compare against.
 - The stored JPEGs are baseline (nvJPEG's hardware decoder takes no other), RGB, upright (no EXIF), with
   the shorter side = `store_size` unless the photo was smaller (never upscaled).
-- Hidden entries (`.cache/`, `.lock`, temp files) belong to ingest; other tools may add files of their own.
+- Hidden entries (`.cache/`, `.ingest-journal.json`, temp files `.<name>.tmp<pid>`) belong to ingest; other tools
+  may add files of their own, and ingest deletes only files its journal says it wrote (ingest/journal.py).
 
 The sample id is the row number in `<split>.csv`, so every backend can be checked against the others.
 """
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,6 +37,7 @@ DEFAULT_SRC = Path("data/demo-500px")
 DEFAULT_OUT = Path("data/ingested")
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
+JOURNAL = ".ingest-journal.json"  # ingest's marker and record of what it wrote (ingest/journal.py)
 
 
 def beton_path(data_dir, split):
@@ -49,12 +56,37 @@ def index_name(tar_name):
     return tar_name[: -len(".tar")] + ".idx"
 
 
+def file_sha256(path):
+    """Hex sha256 of a file's bytes, read in chunks (about 2 s per GB on these shared cores)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_manifest(data_dir):
-    """The manifest of an ingested folder, or a UsageError that says how to make one."""
+    """The manifest of an ingested folder, or a UsageError that says how to make or repair one."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise UsageError(f"{data_dir} is not an ingested dataset (no {MANIFEST}): run python ingest/build.py first")
+    problem = manifest_problem(path)
+    if problem:
+        raise UsageError(f"{path} is damaged ({problem}): rerun python ingest/build.py --src <photos> --out {data_dir}")
     return json.loads(path.read_text())
+
+
+def manifest_problem(path):
+    """Why the file at `path` is not a readable manifest (a short phrase), or None if it is one."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    except ValueError:  # JSON errors and undecodable bytes alike
+        return "not valid JSON"
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    missing = [k for k in ("classes", "fingerprint", "splits") if k not in manifest]
+    missing += [f"splits.{s}.{k}" for s in SPLITS for k in ("count", "shards")
+                if not isinstance(manifest.get("splits"), dict) or k not in manifest["splits"].get(s, {})]
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 def shard_paths(data_dir, split):

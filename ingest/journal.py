@@ -1,0 +1,114 @@
+"""What ingest wrote into an --out folder, kept in its hidden `.ingest-journal.json`.
+
+The journal does three jobs. It is ingest's marker: ingest writes only into a folder it created, an empty
+one, or one holding its journal or manifest (anything else needs --force). It lists every file ingest wrote
+or is about to write, so a rerun deletes only those (stale shards of a bigger build, its own temp files),
+never whatever else matches a name pattern. And it keeps a stamp per file (size, mtime, ctime, inode) taken
+right after the file was hashed, so the up-to-date check re-hashes only files whose stamp changed: a full
+hash costs about 2 s per GB here, too much for a no-op rerun of a big dataset. A rewrite in place changes
+mtime and ctime (ctime cannot be set back), so the stamp catches edits; bit rot that keeps the stamp is
+what `python ingest/build.py --verify` is for.
+"""
+import json
+import os
+import re
+
+from cli import UsageError
+from ingest import layout
+from ingest.atomic import write_text
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp\d+")  # the names ingest/atomic.py gives its temp files
+
+
+class Journal:
+    def __init__(self, out):
+        self.out = out
+        self.path = out / layout.JOURNAL
+        try:
+            self.files = json.loads(self.path.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or torn by hand: files are re-hashed
+            self.files = {}
+
+    def save(self):
+        write_text(self.path, json.dumps({"files": self.files}, indent=1, sort_keys=True) + "\n")
+
+    def plan(self, names):
+        """Note files about to be written, before writing them: a kill then leaves nothing unlisted."""
+        new = [n for n in names if n not in self.files]
+        if new:
+            self.files.update({n: {} for n in new})
+            self.save()
+
+    def record(self, name):
+        """Hash a file just written (from the OS cache) and note it; returns its manifest entry."""
+        path = self.out / name
+        entry = {"bytes": path.stat().st_size, "sha256": layout.file_sha256(path)}
+        self.files[name] = {**entry, "stamp": _stamp(path)}
+        self.save()
+        return entry
+
+    def digest(self, name):
+        """{bytes, sha256} of a file as it is now, hashing only when its stamp changed; None if missing."""
+        path = self.out / name
+        try:
+            stamp = _stamp(path)
+        except OSError:
+            return None
+        known = self.files.get(name, {})
+        if known.get("stamp") != stamp:
+            known = {"bytes": stamp[0], "sha256": layout.file_sha256(path), "stamp": stamp}
+            self.files[name] = known
+        return {"bytes": known["bytes"], "sha256": known["sha256"]}
+
+    def damaged(self, files):
+        """Names among `files` ({name: {bytes, sha256}}) missing or different on disk; a wrong size needs
+        no hash. Fresh stamps are saved, so the next check is cheap again."""
+        bad = [name for name, want in files.items()
+               if not (self.out / name).is_file() or (self.out / name).stat().st_size != want["bytes"]
+               or self.digest(name) != want]
+        self.save()
+        return bad
+
+    def remove_stale(self, keep):
+        """Delete the files this journal lists that are not in `keep`, and temp files of any listed name."""
+        ours = set(self.files) | set(keep) | {layout.MANIFEST, layout.JOURNAL}
+        for name in [n for n in self.files if n not in keep]:
+            (self.out / name).unlink(missing_ok=True)
+            del self.files[name]
+        for entry in os.scandir(self.out):
+            match = _TEMP.fullmatch(entry.name)
+            if match and match["name"] in ours and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        self.save()
+
+
+def _stamp(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def claim(out, force):
+    """The journal of `out`, once `out` is known to be ingest's: new or empty (then it is marked), marked
+    already, or holding a manifest of an older fastpix (its files are adopted). A folder of someone else's
+    is refused with one line unless `force`. Call with `out` locked."""
+    journal = Journal(out)
+    if journal.path.is_file():
+        return journal
+    manifest = out / layout.MANIFEST
+    if manifest.is_file() and layout.manifest_problem(manifest) is None:
+        old = json.loads(manifest.read_text())
+        journal.plan(old.get("files") or _older_files(old))
+    elif any(os.scandir(out)) and not force:
+        raise UsageError(f"--out {out} is not empty and holds no dataset of fastpix's: choose a new or empty "
+                         "folder, or pass --force to write into it (files of other tools are never deleted)")
+    journal.save()
+    return journal
+
+
+def _older_files(manifest):
+    """What a manifest from before `files` existed says ingest wrote."""
+    names = [layout.QUARANTINE]
+    for split in layout.SPLITS:
+        names += [layout.beton_path("", split).name, layout.csv_path("", split).name]
+        names += [f for sh in manifest["splits"][split]["shards"] for f in (sh["tar"], layout.index_name(sh["tar"]))]
+    return names
