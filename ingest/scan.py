@@ -33,21 +33,29 @@ def _hidden(name):
 
 
 def scan(src):
-    """Scan `src` (absolute): class = immediate non-hidden subfolder; files below it (any depth) are its."""
+    """Scan `src` (absolute): class = immediate non-hidden subfolder; files below it (any depth) are its.
+    A symlinked folder is never followed (its files would be counted twice, or come from outside the
+    source): it is quarantined as one entry saying where it points. An unreadable subfolder is quarantined
+    the same way; an unreadable class folder or source stops the scan with one line."""
     src = Path(src)
-    classes = sorted(e.name for e in os.scandir(src) if e.is_dir(follow_symlinks=False) and not _hidden(e.name))
+    try:
+        entries = list(os.scandir(src))
+    except OSError as err:
+        raise UsageError(f"--src {src} cannot be read: {err.strerror}") from None
+    classes = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and not _hidden(e.name))
     if not classes:
         raise UsageError(f"--src {src} has no class folders: put each class's photos in a subfolder named after it")
     result = Scan(classes)
-    for entry in os.scandir(src):
-        if not entry.is_dir(follow_symlinks=False) and not entry.is_dir():
+    for entry in entries:
+        if entry.is_symlink() and entry.is_dir() and not _hidden(entry.name):  # a linked class folder
+            result.quarantined.append((entry.name, _link_or_special(entry.path, src)))
+            result.stats.append((entry.name, *_size_mtime(entry.path)))
+        elif not entry.is_dir():
             result.ignored.append(entry.name)
             result.stats.append((entry.name, *_size_mtime(entry.path)))
-        elif entry.is_symlink():  # a linked class folder: its files may be anywhere, so it is not scanned
-            result.ignored.append(entry.name)
-            result.stats.append((entry.name, 0, 0))
     for label, name in enumerate(classes):
-        for root, dirs, files in os.walk(src / name):
+        errors = []
+        for root, dirs, files in os.walk(src / name, onerror=errors.append):
             dirs[:] = sorted(d for d in dirs if not _hidden(d))
             for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
                 dirs.remove(d)  # os.walk would not follow it anyway; account for it as one entry
@@ -66,6 +74,13 @@ def scan(src):
                     result.quarantined.append((rel, reason))
                 else:
                     result.candidates.append((rel, label))
+        for err in errors:  # folders os.walk could not list
+            if os.path.samefile(err.filename, src / name):
+                raise UsageError(f"class folder {src / name} cannot be read: {err.strerror}: fix its permissions "
+                                 "or move it out of --src")
+            rel = os.path.relpath(err.filename, src)
+            result.quarantined.append((rel, f"unreadable folder: {err.strerror} (its files are not counted)"))
+            result.stats.append((rel, *_size_mtime(err.filename)))
     return result
 
 
@@ -93,6 +108,8 @@ def _link_or_special(path, src):
             return f"symlink leaves the source: points to {target}"
         if not target.exists():
             return "unreadable: broken symlink"
+        if target.is_dir():
+            return f"symlinked folder, not followed: points to {target.relative_to(src)}"
     try:
         mode = os.stat(path).st_mode
     except OSError as err:
