@@ -12,20 +12,38 @@ from cli import Parser, UsageError, run
 from ingest import layout
 
 
-def make_demo_data(out, per_class=None, src=None, progress=True):
-    """Generate (once) and ingest (once) the demo dataset; returns the manifest."""
+def make_demo_data(out, per_class=None, src=None, progress=True, force=False):
+    """Generate (once) and ingest (once) the demo dataset; returns the manifest. An `out` holding anything
+    but the demo ingested from `src` is refused with one line unless `force`: it may be someone's dataset."""
     from ingest.build import build
     from ingest.config import IngestConfig
     from ingest.demo import DemoConfig, generate
     out = Path(out)
     src = Path(src) if src else (layout.DEFAULT_SRC if per_class is None else out.parent / f"demo-{per_class}")
+    if not force:
+        _refuse_other_data(out, src)
     generate(src, DemoConfig() if per_class is None else DemoConfig(per_class=per_class), progress=progress)
-    return build(IngestConfig(src=src, out=out), progress=progress)
+    return build(IngestConfig(src=src, out=out, force=force), progress=progress)
+
+
+def _refuse_other_data(out, src):
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        source = layout.read_manifest(out)["source"]
+    except UsageError:
+        source = None
+    if source is None or Path(source) != src.resolve():
+        what = f"a dataset ingested from {source}" if source else "files that are not a demo dataset"
+        raise UsageError(f"--data {out} holds {what}; the demo never replaces it: choose another --data, or pass "
+                         "--force to replace it with the demo")
 
 
 def main(argv=None):
     p = Parser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset (made if missing)")
+    p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT,
+                   help="ingested demo dataset (made if missing; another dataset there is refused)")
+    p.add_argument("--force", action="store_true", help="replace whatever --data holds with the demo")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the demo training run")
     p.add_argument("--res", type=int, default=112, help="training resolution (the study used 224)")
     p.add_argument("--loader", default="dali", help="loader of the demo training run")
@@ -37,7 +55,7 @@ def main(argv=None):
     started = time.perf_counter()
 
     print("== 1/3 demo photos and ingest (skipped when up to date)")
-    make_demo_data(args.data)
+    make_demo_data(args.data, force=args.force)
 
     print(f"== 2/3 train flat for {args.epochs} epochs with the {args.loader} loader")
     import train
