@@ -5,7 +5,10 @@ FFCV's RGBImageField encodes pixels with OpenCV; we want the very bytes the tar 
 from its exact class, and a subclass would be written as 'unknown', which every reader would then need
 `custom_fields` for. The file stays a plain RGBImageField (mode jpg) + IntField beton.
 """
+import errno
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -45,8 +48,14 @@ def write_beton(path, samples):
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
     # a page must hold the biggest sample; beyond that, small pages keep small datasets small
-    biggest = max((os.path.getsize(s.cached) for s in samples), default=0)
-    page_size = max(MIN_PAGE_SIZE, 1 << (4 * biggest).bit_length())
+    sizes = [os.path.getsize(s.cached) for s in samples]
+    page_size = max(MIN_PAGE_SIZE, 1 << (4 * max(sizes, default=0)).bit_length())
+    # FFCV writes in a child process, and its parent waits for a count that a child killed by a full disk
+    # never reaches: it would hang. So make sure of the space first (data, a partial page, the tables).
+    needed = sum(sizes) + 2 * page_size + 64 * len(samples)
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{needed} bytes needed, {free} free")
     image = RGBImageField(write_mode="jpg")
     image.encode = _store_jpeg
     with atomic_path(path) as tmp:

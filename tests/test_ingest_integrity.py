@@ -24,8 +24,7 @@ def copy(ingested, tmp_path):
 
 def test_manifest_records_size_and_sha256_of_every_data_file(ingested):
     m = layout.read_manifest(ingested)
-    data_files = {p.name for p in ingested.iterdir() if p.is_file() and not p.name.startswith(".")}
-    assert set(m["files"]) == data_files - {layout.MANIFEST}
+    assert set(m["files"]) == set(outputs(ingested)) - {layout.MANIFEST}  # loaders may add caches of their own
     for name, entry in m["files"].items():
         path = ingested / name
         assert entry == {"bytes": path.stat().st_size, "sha256": layout.file_sha256(path)}
@@ -178,3 +177,19 @@ def test_disk_full_is_one_line_keeps_what_was_written_and_a_rerun_completes(tiny
     monkeypatch.undo()
     build(tiny_cfg(tiny_src, out), **SILENT)
     assert outputs(out) == outputs(ingested)
+
+
+def test_beton_checks_the_space_first_instead_of_hanging(ingested, tmp_path, monkeypatch):
+    """FFCV's writer waits forever for a child process that a full disk killed; the space is checked first."""
+    import errno
+    import shutil as shutil_module
+
+    from ingest import beton
+    from ingest.validate import Checked
+
+    cached = sorted((ingested / ".cache").glob("*/*.jpg"))[:3]
+    samples = [Checked(f"a/{i}.jpg", 0, "", width=64, height=64, cached=str(p)) for i, p in enumerate(cached)]
+    monkeypatch.setattr(beton.shutil, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(OSError) as err:
+        beton.write_beton(tmp_path / "train.beton", samples)
+    assert err.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
