@@ -3,8 +3,10 @@ in both FFCV and DALI webdataset form (the format is ingest/layout.py).
 
 scan -> validate in worker processes (cached per file) -> drop duplicates -> split -> write, manifest last.
 Every file found is accounted for as written, quarantined or ignored. A rerun over an unchanged source is
-a no-op; a run killed at any point is finished by the next one with the same result. Without --src the
-500px-like demo is generated (once) into data/demo-500px and ingested.
+a no-op if every data file still has the manifest's size and checksum, and otherwise rewrites just the
+damaged files; a run killed at any point is finished by the next one with the same result. It writes only
+into a folder of its own (ingest/journal.py). Without --src the 500px-like demo is generated (once) into
+data/demo-500px and ingested. `--verify` only reads: ingest/verify.py.
 """
 import csv
 import errno

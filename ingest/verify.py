@@ -28,7 +28,7 @@ def verify(out, workers=1):
                          f"ingest/build.py --src {manifest.get('source', '<photos>')} --out {out}")
     problems = [p for name, want in manifest["files"].items() for p in _file_problems(out, name, want)]
     damaged = {line.split(":")[0] for line in problems}
-    tables = {split: _table(out, split, manifest, problems) for split in layout.SPLITS}
+    tables = {split: _table(out, split, manifest, problems, damaged) for split in layout.SPLITS}
     tar_tasks = [(str(out), split, sh["tar"], sh["count"], tables[split])
                  for split in layout.SPLITS for sh in manifest["splits"][split]["shards"]]
     jpegs = {split: {} for split in layout.SPLITS}
@@ -56,9 +56,11 @@ def _file_problems(out, name, want):
     return []
 
 
-def _table(out, split, manifest, problems):
-    """{id: (label, width, height)} from the split's csv, or None if the csv is unusable (then noted)."""
+def _table(out, split, manifest, problems, damaged):
+    """{id: (label, width, height)} from the split's csv, or None if it is damaged or unusable (then noted)."""
     name = layout.csv_path(out, split).name
+    if name in damaged:
+        return None
     try:
         with open(out / name, newline="") as f:
             table = {i: (int(r["label"]), int(r["width"]), int(r["height"])) for i, r in enumerate(csv.DictReader(f))}
