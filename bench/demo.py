@@ -44,6 +44,8 @@ def main(argv=None):
     p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT,
                    help="ingested demo dataset (made if missing; another dataset there is refused)")
     p.add_argument("--force", action="store_true", help="replace whatever --data holds with the demo")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="photos per class of a smaller or larger demo (default: the demo's 50, in data/demo-500px)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the demo training run")
     p.add_argument("--res", type=int, default=112, help="training resolution (the study used 224)")
     p.add_argument("--loader", default="dali", help="loader of the demo training run")
@@ -52,10 +54,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.epochs < 2:
         raise UsageError("--epochs must be >= 2 (images/s is the median of epochs 2+)")
+    if args.per_class is not None and args.per_class < 4:
+        raise UsageError(f"--per-class must be >= 4 (a test share and a batch of each class), got {args.per_class}")
     started = time.perf_counter()
 
     print("== 1/3 demo photos and ingest (skipped when up to date)")
-    make_demo_data(args.data, force=args.force)
+    make_demo_data(args.data, per_class=args.per_class, force=args.force)
 
     print(f"== 2/3 train flat for {args.epochs} epochs with the {args.loader} loader")
     import train
