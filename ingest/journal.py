@@ -98,11 +98,17 @@ def claim(out, force):
     if manifest.is_file() and layout.manifest_problem(manifest) is None:
         old = json.loads(manifest.read_text())
         journal.plan(old.get("files") or _older_files(old))
-    elif any(os.scandir(out)) and not force:
+    elif any(not _journal_temp(e.name) for e in os.scandir(out)) and not force:
         raise UsageError(f"--out {out} is not empty and holds no dataset of fastpix's: choose a new or empty "
                          "folder, or pass --force to write into it (files of other tools are never deleted)")
     journal.save()
     return journal
+
+
+def _journal_temp(name):
+    """A temp file of the journal itself: all a run killed right after creating the folder leaves in it."""
+    match = _TEMP.fullmatch(name)
+    return bool(match) and match["name"] == layout.JOURNAL
 
 
 def _older_files(manifest):

@@ -193,3 +193,14 @@ def test_beton_checks_the_space_first_instead_of_hanging(ingested, tmp_path, mon
     with pytest.raises(OSError) as err:
         beton.write_beton(tmp_path / "train.beton", samples)
     assert err.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+
+
+def test_a_folder_holding_only_a_killed_runs_journal_temp_is_still_ours(tmp_path):
+    from ingest.journal import claim
+
+    (tmp_path / f".{layout.JOURNAL}.tmp4242").write_text("{")  # killed between mkdir and the journal's rename
+    assert claim(tmp_path, force=False).files == {}
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / layout.JOURNAL).unlink()
+    with pytest.raises(cli.UsageError):
+        claim(tmp_path, force=False)
