@@ -134,7 +134,7 @@ def check(cfg):
 # ----------------------------------------------------------------------------------------------- Recipes
 
 RECIPES = ("study", "fast")
-RECIPE_PIECES = {  # what --recipe fast may switch on, each measured in bench.tta's ablation
+RECIPE_PIECES = {  # what --recipe fast may switch on; bench.tta turns each off in turn (its ablation)
     "progressive": "train at low res early, rising linearly to the top res (FFCV's ImageNet recipe)",
     "batchnorm": "batch norm after every conv (the AlexNet family; resnet18 has its own)",
     "label_smoothing": "cross-entropy against labels smoothed by LABEL_SMOOTHING",

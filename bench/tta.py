@@ -61,6 +61,8 @@ def run_one(cfg, recipe, without, seed, out_dir):
         res=cfg.res, lr=cfg.lr, device=cfg.device, amp=cfg.amp, seed=seed, workers=cfg.workers, recipe=recipe,
         pieces=pieces, name=name, runs_dir=str(Path(out_dir) / "runs")))
     (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)  # ~600 MB of weights per run
+    if summary["stopped"] is not None:  # a partial run has no time to target: it is a failed row
+        raise UsageError(f"{name} stopped early ({summary['stopped']}) after {summary['epochs']} epochs")
     _, epochs = read_metrics(summary["run_dir"])
     wall, curve = 0.0, []
     for e in epochs:

@@ -1,5 +1,6 @@
-"""bench.tta on the tiny demo: both recipes side by side over two seeds and one ablation run, every promised
-output with its fields, time to target read off the accuracy curves, and one-line errors."""
+"""bench.tta on the tiny demo: both recipes side by side and one ablation run (one seed: each run is a process
+of its own; the mean over seeds is checked on made-up curves), every promised output with its fields, time to
+target read off the accuracy curves, and one-line errors."""
 import json
 import subprocess
 import sys
@@ -12,24 +13,22 @@ from cli import UsageError
 
 def test_tta_trains_both_recipes_and_writes_table_json_plot(ingested, tmp_path):
     out = tmp_path / "tta"
-    cfg = TtaConfig(data=ingested, net="resnet18", loader="resident", epochs=2, batch_size=16, res=32, seeds=(0, 1),
+    cfg = TtaConfig(data=ingested, net="resnet18", loader="resident", epochs=2, batch_size=16, res=32, seeds=(0,),
                     ablation_seeds=(0,), ablate=("ema",), workers=1, amp="off", out=out)
     out_dir, lines = tta(cfg, progress=False)
     saved = json.loads((out / "results.json").read_text())
     rows = saved["rows"]
-    assert [(r["label"], r["seed"]) for r in rows] == [("study", 0), ("fast", 0), ("study", 1), ("fast", 1),
-                                                        ("fast - ema", 0)]
+    assert [(r["label"], r["seed"]) for r in rows] == [("study", 0), ("fast", 0), ("fast - ema", 0)]
     for r in rows:
         assert not r.get("error"), r
         walls = [p["wall_s"] for p in r["curve"]]
         assert len(walls) == 2 and 0 < walls[0] < walls[1] == r["wall_s"] and r["images_per_sec"] > 0
         assert r["test_acc_ci"][0] <= r["test_acc"] <= r["test_acc_ci"][1]
-    assert saved["targets"] == {"0": rows[0]["test_acc"], "1": rows[2]["test_acc"]}  # each seed's study final
+    assert saved["targets"] == {"0": rows[0]["test_acc"]}  # the seed's study final
     assert [line["label"] for line in lines] == ["study", "fast", "fast - ema"]
     study = lines[0]
-    assert study["reached"] == 2 and study["time_to_target_s"] <= study["wall_s"]
-    fast_curves = [r["curve"] for r in rows if r["label"] == "fast"]
-    assert [p["res"] for p in fast_curves[0]] == [16, 24]  # progressive + fixres at res 32 over 2 epochs
+    assert study["reached"] == 1 and study["time_to_target_s"] <= study["wall_s"]
+    assert [p["res"] for p in rows[1]["curve"]] == [16, 24]  # progressive + fixres at res 32 over 2 epochs
     config = json.loads((out / "runs" / "fast-no-ema-seed0" / "config.json").read_text())["config"]
     assert config["recipe"] == "fast" and "ema" not in config["pieces"] and "flip_tta" in config["pieces"]
     table = (out / "table.md").read_text()
