@@ -242,11 +242,12 @@ def config_from_args(argv):
     p.add_argument("--loader", default=d.loader, help=f"one of {', '.join(BACKENDS)}")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every run")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    p.add_argument("--res", type=int, default=d.res, help="resolution (fast: the top of its schedule, the test res)")
+    p.add_argument("--res", type=int, default=d.res,
+                   help="resolution (fast: its test res; its train res rises to it, or to res / 1.15 with fixres)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of both recipes")
     p.add_argument("--seeds", type=int_tuple, default=d.seeds, help="seeds of study and fast, >= 2 for a claim")
     p.add_argument("--target", type=float, default=d.target,
-                   help="test accuracy to reach (default: the study recipe's final, mean over seeds)")
+                   help="test accuracy to reach (default: per seed, the study recipe's final test accuracy)")
     p.add_argument("--ablation-seeds", type=int_tuple, default=d.ablation_seeds,
                    help="seeds of the ablation runs (fast, each piece off in turn); empty: no ablation")
     p.add_argument("--ablate", type=name_tuple, default=d.ablate,
