@@ -17,8 +17,10 @@ so the next run skips decoding; on the CPU the cache is memory-mapped rather tha
 Train batches: a permutation drawn from (seed, epoch), then RandomResizedCrop + flip with torchvision's
 box distribution over each whole photo (loaders.common.sample_crops, drawn per batch from the same
 generator). On the CPU each crop is one antialiased v2 resize of a view of the store, spread over a thread
-pool (torch releases the GIL): 1.2-1.5x the batched grid_sample there (measured). On a GPU one grid_sample
-crops the whole batch (loaders.common.batched_resized_crop): no per-sample work.
+pool (torch releases the GIL): ~3.5x the batched grid_sample over the float canvas there (2 threads,
+interleaved in one process on shared cores). On a GPU one grid_sample crops the whole batch
+(loaders.common.batched_resized_crop): no per-sample work, bilinear without antialiasing (a box is at most
+~1.5x the output side at this store size).
 """
 import hashlib
 import warnings

@@ -93,7 +93,7 @@ class TrainCrop:
         top, left, height, width = box
         photo = Image.open(io.BytesIO(data.numpy()))
         full_width = photo.size[0]
-        # the smallest DCT scale that keeps the box at least res px both ways
+        # the largest DCT reduction that keeps the box at least res px both ways
         photo.draft("RGB", (-(-photo.size[0] * self.res // width), -(-photo.size[1] * self.res // height)))
         scale = round(full_width / photo.size[0])
         crop = photo.convert("RGB").resize((self.res, self.res), Image.BILINEAR, box=(
