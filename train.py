@@ -16,6 +16,8 @@ A run writes only into a folder it made (the marker says so) and deletes only it
 every checkpoint record the dataset's fingerprint, so --resume and --init-from notice other data.
 """
 import argparse
+import contextlib
+import errno
 import io
 import json
 import math
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -208,9 +211,10 @@ def make_ema(model):
 # ----------------------------------------------------------------------------------------------- Setup
 
 def start_distributed(device_option):
-    """(rank, world, device) from torchrun's environment; a plain `python train.py` is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """(rank, world, device) from torchrun's environment; a plain `python train.py` is rank 0 of 1. Under
+    torchrun the process group is made even for one process, so a 1-GPU torchrun really brings up NCCL (the
+    communicator at once, with device_id) and its gradients go through DDP."""
+    if "RANK" not in os.environ:
         return 0, 1, resolve_device(device_option)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_option)
@@ -218,7 +222,8 @@ def start_distributed(device_option):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -250,7 +255,7 @@ def rng_state():
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
             "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # this process's GPU only
 
 
 def set_rng_state(state):
@@ -259,7 +264,7 @@ def set_rng_state(state):
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -340,9 +345,61 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+class KeepsWriteError:
+    """A file for torch.save that remembers why a write failed: torch's zip writer turns a full disk into an
+    opaque RuntimeError ("unexpected pos"), to a path or to a Python file alike (seen on a full tmpfs)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def save_checkpoint(path, **state):
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Atomically; a failed write raises its own OSError (ENOSPC on a full disk)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        out = KeepsWriteError(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
+def tensor_bytes(obj):
+    """Bytes of every tensor in a (nested) state: a checkpoint's size on disk, to within its zip headers.
+    fp32 weights plus SGD's momentum are 8 bytes per parameter: 600 MB for flat (75.1M parameters), 470 MB
+    for alexnet, 90 MB for resnet18; Adam keeps two moments, 12 bytes per parameter (900 MB for flat)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def drop_torn_line(path):
+    """A metrics line cut short by a kill or a full disk ends the file without its newline: cut it off, so that
+    a resume reads only whole records."""
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    if whole < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(whole)
+
+
+def megabytes(n):
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
 
 
 # ----------------------------------------------------------------------------------------------- Training
@@ -432,6 +489,7 @@ def new_run_dir(cfg):
         if not restartable(run_dir):
             raise UsageError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
         print(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", file=sys.stderr)
+        remove_run(run_dir)
     elif run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file: pick another --name or --runs-dir")
     return run_dir
@@ -487,7 +545,7 @@ def train(cfg):
         run.finish()
         return summarize(run)
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -538,27 +596,51 @@ class Run:
         self.label_smoothing = LABEL_SMOOTHING if "label_smoothing" in cfg.pieces else 0.0
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         net = self.model
-        if world > 1:
+        if dist.is_initialized():
             net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                             else None)
         self.net = torch.compile(net) if cfg.compile else net
 
         self.epoch = self.skip = self.global_step = 0
         self.epoch_rng = self.resume_rng = self.epoch_sums = None
-        self.history, self.last_test, self.stopped = [], None, None
+        self.history, self.stopped, self.saved_step = [], None, None
+        if self.writer and self.dir.is_dir():
+            for path in own_temp_files(self.dir):  # left by a write that was killed
+                path.unlink()
         if cfg.resume:
             self.restore(manifest)
         elif self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run's steps before it died
-            write_json(self.dir / RUN_MARKER, {"finished": False})
-            write_json(self.dir / "config.json", {
-                "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
-                "classes": self.classes, "data_fingerprint": self.fingerprint,
-                "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__})
-        if self.writer:
-            for path in own_temp_files(self.dir):  # left by a write that was killed
-                path.unlink()
+            with self.writing("config.json"):
+                write_json(self.dir / RUN_MARKER, {"finished": False})
+                write_json(self.dir / "config.json", {
+                    "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
+                    "process_group": dist.get_backend() if dist.is_initialized() else None,
+                    "classes": self.classes, "data_fingerprint": self.fingerprint,
+                    "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__})
+
+    @contextlib.contextmanager
+    def writing(self, what, need=None):
+        """A full disk while writing `what` becomes one line: what, how much it needs, what is kept and how to
+        go on. With `need` (bytes), the free space is checked first, so a 600 MB checkpoint is not written in
+        vain. Any other OSError stays a traceback: it is not the user's to fix."""
+        free = shutil.disk_usage(self.dir).free
+        try:
+            if need is not None and free < need:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            yield
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            needs = f"needs {megabytes(need)}, " if need is not None else ""
+            if self.saved_step is not None:
+                kept = (f"kept {self.dir / CHECKPOINT} (step {self.saved_step}) and the metrics; free some space, "
+                        f"then: python train.py --resume {self.dir}")
+            else:
+                kept = (f"no checkpoint yet; free some space, then rerun with --name {self.cfg.name} "
+                        "(it starts again)")
+            raise UsageError(f"disk full writing {what} in {self.dir} ({needs}{megabytes(free)} free): "
+                             f"{kept}") from None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -580,8 +662,11 @@ class Run:
         self.epoch, self.skip, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.epoch_rng, self.resume_rng = ckpt["epoch_rng"][self.rank], ckpt["rng"][self.rank]
         self.epoch_sums = ckpt["sums"][self.rank]
+        self.saved_step = self.global_step
         if self.writer:
-            trim_metrics(self.dir, self.global_step, self.epoch)
+            drop_torn_line(self.dir / "metrics.jsonl")
+            with self.writing("metrics.jsonl"):
+                trim_metrics(self.dir, self.global_step, self.epoch)
             self.history = read_metrics(self.dir)[1]  # the summary describes the whole run, not this process
 
     def checkpoint(self, next_epoch, step_in_epoch, start_rng=None, sums=None):
@@ -589,13 +674,15 @@ class Run:
         and, mid-epoch, its sums so far (loss, correct, samples), so the epoch's record covers all of it."""
         states = gather_to_rank0({"rng": rng_state(), "epoch_rng": start_rng, "sums": sums}, self.world)
         if self.writer:
-            save_checkpoint(self.dir / CHECKPOINT, model=self.model.state_dict(),
-                            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                            scaler=self.scaler.state_dict(), epoch=next_epoch, step_in_epoch=step_in_epoch,
-                            global_step=self.global_step, rng=[s["rng"] for s in states],
-                            epoch_rng=[s["epoch_rng"] for s in states], sums=[s["sums"] for s in states],
-                            ema=self.ema.state_dict() if self.ema is not None else None, config=asdict(self.cfg),
-                            classes=self.classes, data_fingerprint=self.fingerprint)
+            state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), epoch=next_epoch,
+                         step_in_epoch=step_in_epoch, global_step=self.global_step, rng=[s["rng"] for s in states],
+                         epoch_rng=[s["epoch_rng"] for s in states], sums=[s["sums"] for s in states],
+                         ema=self.ema.state_dict() if self.ema is not None else None, config=asdict(self.cfg),
+                         classes=self.classes, data_fingerprint=self.fingerprint)
+            with self.writing(CHECKPOINT, need=tensor_bytes(state) + 2**20):  # + the zip's headers
+                save_checkpoint(self.dir / CHECKPOINT, **state)
+            self.saved_step = self.global_step
 
     def start_epoch(self):
         """This epoch's batch iterator, and the RNG state it started from.
@@ -689,9 +776,10 @@ class Run:
         ips = sum(p[4] for p in pending) * self.world / (now - self.t_window)
         self.t_window = now
         if self.writer:
-            append_jsonl(self.dir / "metrics.jsonl", [
-                {"kind": "step", "epoch": self.epoch, "step": s, "loss": loss, "lr": lr, "images_per_sec": ips,
-                 "data_wait_s": wait} for (s, _, lr, wait, _), loss in zip(pending, losses)])
+            with self.writing("metrics.jsonl"):
+                append_jsonl(self.dir / "metrics.jsonl", [
+                    {"kind": "step", "epoch": self.epoch, "step": s, "loss": loss, "lr": lr, "images_per_sec": ips,
+                     "data_wait_s": wait} for (s, _, lr, wait, _), loss in zip(pending, losses)])
         bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{ips:.0f}")
         if not all(math.isfinite(v) for v in losses):
             kept = f"the last good checkpoint is {self.dir / CHECKPOINT}" if (self.dir / CHECKPOINT).exists() \
@@ -711,8 +799,10 @@ class Run:
                                           seed=self.cfg.seed)
             record.update(test_acc=test["acc"], test_acc_ci=test["acc_ci"], macro_precision=test["macro_precision"],
                           macro_precision_ci=test["macro_precision_ci"], test_samples=len(y_true))
-            self.last_test = (y_true, y_pred)
-            append_jsonl(self.dir / "metrics.jsonl", [record])
+            with self.writing("metrics.jsonl and test_predictions.npz"):
+                append_jsonl(self.dir / "metrics.jsonl", [record])
+                with atomic_path(self.dir / "test_predictions.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez(f, y_true=y_true, y_pred=y_pred)
             r = record
             tqdm.write(f"epoch {self.epoch + 1}/{self.cfg.epochs}  loss {r['train_loss']:.3f}  train acc "
                        f"{r['train_acc']:.3f}  test acc {r['test_acc']:.3f} [{r['test_acc_ci'][0]:.3f}, "
@@ -721,16 +811,15 @@ class Run:
         self.history.append(record)
 
     def finish(self):
-        """Plots and the last test predictions (for the confusion matrix and for bench), rank 0 only."""
+        """The plots, from the files alone (so --resume of a finished run redraws them), rank 0 only."""
         if not self.writer:
             return
-        write_json(self.dir / RUN_MARKER, {"finished": self.stopped is None})
-        plot_run(self.dir)
-        if self.last_test is not None:
-            y_true, y_pred = self.last_test
-            with atomic_path(self.dir / "test_predictions.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, y_true=y_true, y_pred=y_pred)
-            plot_confusion(y_true, y_pred, self.classes, self.dir / "confusion.png")
+        with self.writing("the plots"):
+            write_json(self.dir / RUN_MARKER, {"finished": self.stopped is None})
+            plot_run(self.dir)
+            if (self.dir / "test_predictions.npz").is_file():
+                last = np.load(self.dir / "test_predictions.npz")
+                plot_confusion(last["y_true"], last["y_pred"], self.classes, self.dir / "confusion.png")
 
 
 def summarize(run):

@@ -12,12 +12,14 @@ from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
 
+from cli import UsageError
+
 RESULTS_ROOT = Path("results")
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "scikit-learn", "pillow", "webdataset")
 
 
 def new_results_dir(kind, root=RESULTS_ROOT):
-    """results/<kind>-YYYYmmdd-HHMMSS, unique even when two runs start in the same second."""
+    """results/<kind>-YYYYmmdd-HHMMSS (claimed for `kind`), unique even when two runs start in the same second."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(root) / f"{kind}-{stamp}"
     suffix = 1
@@ -25,7 +27,21 @@ def new_results_dir(kind, root=RESULTS_ROOT):
         suffix += 1
         path = Path(root) / f"{kind}-{stamp}-{suffix}"
     path.mkdir(parents=True)
-    return path
+    return claim(path, kind)
+
+
+def claim(folder, kind):
+    """`folder` as a results folder of `kind` ("bench", "study"): created with the marker .fastpix-<kind>
+    when missing or empty, reused when it holds that marker, refused (one line) when it holds anything else,
+    so that results never mix with, or replace, files this tool did not write."""
+    folder, marker = Path(folder), f".fastpix-{kind}"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file: pick another --out")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise UsageError(f"--out {folder} is not empty and was not made by the {kind}: pick another --out")
+    if not (folder / marker).is_file():
+        atomic_write(folder / marker, "")
+    return folder
 
 
 def atomic_write(path, data):

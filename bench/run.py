@@ -4,7 +4,9 @@
 Each cell runs in its own process (so peak RSS is the cell's own, and one crashing backend costs one row):
 a short training run (train.train) on a fixed schedule, then the loader alone (bench.loaders.measure).
 Output, in one results folder: table.md, results.json (+ exact config and versions), results.csv and
-throughput.png (bars annotated with accuracy and the ratio to the baseline).
+throughput.png (bars annotated with accuracy and the ratio to the baseline). The bench writes only into a
+folder it made (marker .fastpix-bench): a rerun into it replaces its own results, any other --out that is
+not empty is refused.
 """
 import os
 import subprocess
@@ -14,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.results import (atomic_write, environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir,
-                           read_json, write_config, write_csv, write_json)
+from bench.results import (atomic_write, claim, environment, fmt, fmt_ci, machine_label, markdown_table,
+                           new_results_dir, read_json, write_config, write_csv, write_json)
 from cli import Parser, UsageError
 from ingest.layout import DEFAULT_OUT, read_manifest
 from loaders import BACKENDS
@@ -54,10 +56,13 @@ def run_cell(cfg, net, loader, out_dir):
     from bench.loaders import measure
 
     name = f"{net}-{loader}"
+    runs_dir = Path(out_dir) / "runs"
+    if (runs_dir / name).exists():  # this cell's run from an earlier bench into the same --out
+        train.remove_run(runs_dir / name)
     summary = train.train(train.Config(
         net=net, loader=loader, data=str(cfg.data), epochs=cfg.epochs, batch_size=cfg.batch_size, res=cfg.res,
         device=cfg.device, amp=cfg.amp, seed=cfg.seed, workers=cfg.workers or None, name=name,
-        runs_dir=str(Path(out_dir) / "runs")))
+        runs_dir=str(runs_dir)))
     # A bench keeps each run's metrics and plots, not its weights: AlexNet-size checkpoints are ~600 MB each.
     (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)
     loader_stats = measure(loader, cfg.data, "train", batch_size=cfg.batch_size, res=cfg.res, device=cfg.device,
@@ -155,8 +160,7 @@ def write_outputs(cfg, rows, out_dir, env):
 def bench(cfg, progress=True):
     """Run the matrix and write every output; returns (results folder, rows)."""
     read_manifest(cfg.data)  # a one-line UsageError before anything starts when the data is not ingested
-    out_dir = Path(cfg.out) if cfg.out else new_results_dir("bench")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim(cfg.out, "bench") if cfg.out else new_results_dir("bench")
     env = environment()
     write_config(out_dir, cfg)
     rows = run_matrix(cfg, out_dir, progress)

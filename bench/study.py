@@ -9,12 +9,12 @@
    (--pretrained PATH), head only vs full fine-tune; skipped with a note when no weights are given.
 
 Every run is cached in <out>/runs/<run>.json with the exact train.Config it ran (its run folder is
-<out>/train/<run>/); a rerun reuses a cached run whose config is unchanged, and continues (train --resume)
-one that was interrupted. Experiments share runs: flat with AlexNet's strides and kernels is trained once.
+<out>/train/<run>/); a rerun reuses a cached run whose config and data (fingerprint) are unchanged, and
+continues (train --resume) one that was interrupted. The study writes only into an --out it made (marker
+.fastpix-study) and replaces only runs of its own. Experiments share runs: flat with AlexNet's strides and kernels is trained once.
 The defaults fit the demo data on a 2-core CPU well under an hour; raise --epochs/--res for a GPU.
 """
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.results import atomic_write, environment, fmt, fmt_ci, machine_label, markdown_table, read_json, \
-    write_config, write_json
+from bench.results import atomic_write, claim, environment, fmt, fmt_ci, machine_label, markdown_table, \
+    read_json, write_config, write_json
 from cli import Parser, UsageError
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
@@ -67,19 +67,19 @@ def run(study, name, **overrides):
                 workers=study.workers, bootstrap=study.bootstrap, name=name, runs_dir=str(runs_dir))
     cfg = train.Config(**{**base, **overrides})
     cache = Path(study.out) / "runs" / f"{name}.json"
-    wanted = _plain_config(cfg)
-    if cache.is_file() and read_json(cache)["config"] == wanted:
+    wanted = {"config": _plain_config(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
+    if cache.is_file() and {k: read_json(cache).get(k) for k in wanted} == wanted:
         return read_json(cache)
     run_dir = runs_dir / name
-    if (run_dir / train.CHECKPOINT).is_file() and (run_dir / "config.json").is_file() and \
-            read_json(run_dir / "config.json")["config"] == wanted:
+    saved = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    if (run_dir / train.CHECKPOINT).is_file() and {k: saved.get(k) for k in wanted} == wanted:
         summary = train.train(replace(cfg, resume=str(run_dir)))  # interrupted earlier: continue it exactly
     else:
-        if run_dir.exists():  # a different or checkpoint-less attempt of this run: start it afresh
-            shutil.rmtree(run_dir)
+        if run_dir.exists():  # another config, other data, or a checkpoint-less attempt: start it afresh
+            train.remove_run(run_dir)
         summary = train.train(cfg)
     steps, epochs = read_metrics(summary["run_dir"])
-    result = {"config": wanted, "summary": summary,
+    result = {**wanted, "summary": summary,
               "loss": {"step": [s["step"] for s in steps], "loss": [s["loss"] for s in steps]},
               "epochs": [{k: e[k] for k in ("epoch", "train_acc", "test_acc", "test_acc_ci", "images_per_sec")}
                          for e in epochs]}
@@ -217,6 +217,7 @@ def study_main(study, which):
     if study.pretrained and not Path(study.pretrained).is_file():
         raise UsageError(f"--pretrained {study.pretrained} is not a file")
     env = environment()
+    claim(study.out, "study")
     write_config(Path(study.out), study, experiments=which)
     start = time.perf_counter()
     tables = [RUNNERS[exp](study) for exp in which]

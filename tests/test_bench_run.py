@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -71,3 +72,19 @@ def test_arguments(tmp_path):
         config_from_args(parse_args(["--epochs", "1"]))
     proc = subprocess.run([sys.executable, "-m", "bench", "--data", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "ingest/build.py" in proc.stderr
+
+
+def test_the_bench_writes_only_into_its_own_results_folder(ingested, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "table.md").write_text("the user's")
+    cfg = BenchConfig(data=ingested, loaders=("folder",), nets=("resnet18",), epochs=2, batch_size=32, res=32,
+                      workers=1, loader_epochs=1, out=foreign)
+    with pytest.raises(UsageError, match="not empty and was not made by the bench"):
+        bench(cfg, progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["table.md"]
+    # A rerun into its own folder replaces its own cell runs instead of failing on them.
+    out = tmp_path / "bench"
+    for _ in range(2):
+        _, rows = bench(replace(cfg, out=out), progress=False)
+        assert not rows[0].get("error"), rows[0]

@@ -57,3 +57,28 @@ def test_bad_arguments_are_usage_errors(tmp_path):
         parse_args(["strides", "--strides", "4,x"])
     with pytest.raises(UsageError, match="not an ingested dataset"):
         study_main(StudyConfig(data=tmp_path, out=tmp_path / "o"), ("nets",))
+
+
+def test_the_study_writes_only_into_its_own_folder_and_retrains_on_other_data(ingested, tmp_path, monkeypatch):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "summary.md").write_text("the user's")
+    with pytest.raises(UsageError, match="not empty and was not made by the study"):
+        study_main(tiny(ingested, foreign), ("nets",))
+    assert [p.name for p in foreign.iterdir()] == ["summary.md"]
+
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(ingested, data, ignore=shutil.ignore_patterns("resident-*"))
+    cfg = tiny(data, tmp_path / "study", res=32)
+    import train
+    trained, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda c: trained.append(c.name) or real(c))
+    first = study_mod.run(cfg, "r18", net="resnet18")
+    study_mod.run(cfg, "r18", net="resnet18")
+    assert trained == ["r18"]  # unchanged data: the cached run
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "f" * 64}))  # re-ingested
+    again = study_mod.run(cfg, "r18", net="resnet18")
+    assert trained == ["r18", "r18"] and again["summary"]["stopped"] is None
+    assert again["data_fingerprint"] == "f" * 64 and first["data_fingerprint"] == manifest["fingerprint"]

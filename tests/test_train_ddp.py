@@ -5,6 +5,7 @@
    change it: ResNet-18 with a frozen backbone (FrozenBatchNorm2d keeps even the running statistics) and lr 0.
 2. With a real learning rate, gradients are synced: both ranks end with the same weights although they
    trained on different samples; and a 2-process run cut mid-epoch resumes to the uninterrupted run exactly.
+3. One process under torchrun still makes the process group (the 1-GPU NCCL check depends on it).
 """
 import csv
 import json
@@ -100,3 +101,16 @@ def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
     for r in (0, 1):
         a, b = (torch.load(tmp_path / f"{run}-rank{r}.pt", weights_only=True) for run in ("full", "resumed"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_process_under_torchrun_brings_up_the_process_group(ingested, tmp_path):
+    """The 1-GPU NCCL check of bench/gpu_check runs this with NCCL; here gloo stands in for it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           train.__file__, "--net", "resnet18", "--loader", "resident", "--data", str(ingested),
+                           "--res", "32", "--batch-size", "16", "--max-steps", "1", "--workers", "1", "--amp", "off",
+                           "--runs-dir", str(tmp_path), "--name", "one"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["world"] == 1 and config["process_group"] == "gloo"

@@ -2,9 +2,13 @@
 train writes only into folders it made, and a run that died before its first checkpoint starts again.
 Runs are one step of ResNet-18 at 32 px (see test_train.py), on a private copy of the tiny dataset whenever
 the test changes it."""
+import errno
+import io
 import json
+import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -134,3 +138,78 @@ def test_remove_run_deletes_only_what_train_wrote(stopped, tmp_path):
     shutil.copytree(stopped, run_dir, dirs_exist_ok=True)
     train.remove_run(run_dir)
     assert not run_dir.exists()
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(ingested, tmp_path, monkeypatch):
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "full"
+
+    class FullDisk(io.FileIO):  # fills up 64 KB into the checkpoint; torch.save itself then hides the OSError
+        def write(self, data):
+            return enospc() if self.tell() + len(data) > 2**16 else super().write(data)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "open", FullDisk, raising=False)
+        with pytest.raises(UsageError, match=r"disk full writing last.pt in .*full \(needs \d+ MB, .* free\): no "
+                                             r"checkpoint yet; .* rerun with --name full"):
+            train.train(tiny(ingested, runs, "full", max_steps=1))
+    assert not (run_dir / "last.pt").exists() and not list(run_dir.glob(".last.pt.tmp*"))
+    assert train.train(tiny(ingested, runs, "full", max_steps=1))["stopped"] == "max_steps"
+
+    with monkeypatch.context() as m:  # the free-space check refuses before writing a byte
+        m.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=5000))
+        with pytest.raises(UsageError, match=r"disk full writing last.pt .*\(needs \d+ MB, 5 KB free\): kept .*"
+                                             r"last.pt \(step 1\) .* --resume .*full"):
+            train.train(train.Config(resume=str(run_dir), max_steps=2))
+    assert torch.load(run_dir / "last.pt", weights_only=True)["global_step"] == 1
+
+    def torn_append(path, records):  # the disk fills in the middle of a metrics line
+        with open(path, "a") as f:
+            f.write('{"kind": "step", "epoch": 0, "st')
+        enospc()
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "append_jsonl", torn_append)
+        with pytest.raises(UsageError, match="disk full writing metrics.jsonl .* kept .*step 1"):
+            train.train(train.Config(resume=str(run_dir), max_steps=3))
+    assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")  # the torn line is there
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "plot_run", enospc)
+        with pytest.raises(UsageError, match="disk full writing the plots .* kept .*step 8"):
+            train.train(train.Config(resume=str(run_dir)))  # to the end: 2 epochs of 4 steps
+    steps, epochs = read_metrics(run_dir)  # the torn line was dropped on resume
+    assert [s["step"] for s in steps] == list(range(8)) and [e["epoch"] for e in epochs] == [0, 1]
+    assert not (run_dir / "accuracy.png").exists()  # drawn only at the end of a run with whole epochs
+    finished = train.train(train.Config(resume=str(run_dir)))  # nothing left to train: only the plots
+    assert finished["epochs"] == 2
+    for png in ("loss.png", "accuracy.png", "confusion.png"):
+        assert (run_dir / png).is_file()
+
+
+def test_resume_restores_only_this_processs_gpu_rng_state(monkeypatch):
+    """Saved by the process on GPU 1 of a 2-GPU machine, restored on a machine with one GPU (no GPU here:
+    torch.cuda's RNG calls are faked, failing like torch does for a device that is not there)."""
+    gpus, current = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([11], dtype=torch.uint8)}, [1]
+
+    def index(device):
+        return current[0] if device == "cuda" else torch.device("cuda", device).index
+
+    def set_state(state, device="cuda"):
+        if index(device) not in gpus:
+            raise IndexError("tuple index out of range")  # torch.cuda.default_generators[index]
+        gpus[index(device)] = state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpus[index(device)])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gpus[i] for i in sorted(gpus)])
+    for module in (torch.cuda, torch.cuda.random):  # set_rng_state_all calls the one in torch.cuda.random
+        monkeypatch.setattr(module, "set_rng_state", set_state)
+    saved = train.rng_state()
+    del gpus[1]
+    current[0] = 0
+    train.set_rng_state(saved)
+    assert gpus == {0: torch.tensor([11], dtype=torch.uint8)}
