@@ -5,6 +5,7 @@ Backends are imported lazily so that a user of one never pays the import of the 
 import importlib
 
 from cli import UsageError
+from loaders.common import resolve_workers
 
 BACKENDS = {  # --loader name -> module defining `build(data_dir, split, **kwargs)`
     "dali": "loaders.dali",
@@ -17,7 +18,8 @@ BACKENDS = {  # --loader name -> module defining `build(data_dir, split, **kwarg
 
 def make_loader(name, data_dir, split, *, batch_size, res=224, device="auto", seed=0, rank=0, world=1,
                 workers=None, **options):
-    """An iterable of (images, labels) batches with len() and set_epoch(epoch); see loaders.common."""
+    """An iterable of (images, labels) batches with len() and set_epoch(epoch); see loaders.common (which also
+    says what `workers` means)."""
     if name not in BACKENDS:
         raise UsageError(f"unknown loader {name!r}: choose one of {', '.join(BACKENDS)}")
     if split not in ("train", "test"):
@@ -26,4 +28,4 @@ def make_loader(name, data_dir, split, *, batch_size, res=224, device="auto", se
         raise UsageError(f"batch size ({batch_size}) must be >= 1 and res ({res}) >= 8")
     backend = importlib.import_module(BACKENDS[name])
     return backend.build(data_dir, split, batch_size=batch_size, res=res, device=device, seed=seed,
-                         rank=rank, world=world, workers=workers, **options)
+                         rank=rank, world=world, workers=resolve_workers(workers), **options)

@@ -11,6 +11,12 @@ to set_epoch (default 0): iterating twice without set_epoch repeats the order, l
 `set_res(res)` changes the side of the batches from the next pass on (progressive resizing, a test pass at
 another resolution) without rebuilding what need not be rebuilt: no re-decode, no worker restart.
 
+`workers` means the same to every backend: None (the default) is this process's share of the cores, the
+CPUs it may run on divided by the processes of a DDP run on this machine (LOCAL_WORLD_SIZE), at least 1, so
+that ranks do not oversubscribe the CPU; 0 is in the training process (torch, folder, resident; DALI and FFCV
+have no such mode and run one thread); n is n worker processes (torch, folder, resident) or threads (DALI,
+FFCV). A negative count is a UsageError.
+
 Option `with_ids=True` (a check for tests and debugging, not the hot path) makes a backend yield
 `(images, labels, ids)`, ids being int64 sample ids (row numbers of `<split>.csv`) on the CPU, so that tests
 can see which samples came out rather than infer it.
@@ -19,8 +25,10 @@ Labels and ids belong to the caller; on the CPU images may be views of a loader'
 a few batches later (a fresh buffer per batch costs more than filling it; see Normalizer): clone images to
 keep them.
 """
+import contextlib
 import math
 import multiprocessing
+import os
 
 import numpy as np
 import torch
@@ -45,6 +53,54 @@ def test_resize(res):
 def epoch_seed(seed, epoch):
     """A 31-bit seed for one epoch, hashed from (seed, epoch): seed + epoch would repeat across runs."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
+
+
+def sample_seed(epoch_key, sample):
+    """The seed of one sample's augmentation draws (crop, flip) in the epoch whose epoch_seed is `epoch_key`.
+
+    Draws that are a function of (seed, epoch, sample id) alone do not depend on which worker process or
+    thread makes them, nor on what ran before: a resumed run draws what the uninterrupted one drew, and no
+    random state has to be checkpointed. Plain integer arithmetic, so FFCV's numba code compiles this very
+    function; nearby seeds give unrelated streams (Mersenne Twister seeding mixes them)."""
+    return (epoch_key + sample * 0x9E3779B1) % 2**31
+
+
+@contextlib.contextmanager
+def drawing_from(seed):
+    """torch's CPU draws inside come from `seed`; the caller's random stream is left as it was."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+class SampleError(UsageError):
+    """A sample that cannot be read or decoded. The run stops on it, with one line naming the split, the
+    sample id, the file and the repair: a sample is never skipped, nor trained on as noise (see README).
+
+    Raised in a DataLoader worker, it reaches the main process re-made from the worker's traceback text:
+    the constructor keeps our line of it."""
+
+    def __init__(self, message):
+        super().__init__(message.rstrip().splitlines()[-1].rpartition("SampleError: ")[2])
+
+
+def undecodable(data_dir, split, sample, where):
+    """The SampleError of `split`'s sample id `sample`, whose bytes are in `where` (a shard or the beton)."""
+    return SampleError(f"{split} sample {sample} in {where} does not decode: run python ingest/build.py --verify "
+                       f"--out {data_dir} to see what is damaged, then rerun the ingest to repair it")
+
+
+def resolve_workers(workers):
+    """The `workers` of the module docstring as a count: None -> this process's share of the cores."""
+    if workers is None:
+        return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0: load in the training process), not {workers}")
+    return workers
 
 
 def resolve_device(device="auto"):
@@ -133,10 +189,13 @@ class EpochSampler(torch.utils.data.Sampler):
     """This rank's sample positions: shuffled from (seed, epoch) for train, in order for test.
 
     A Sampler (rather than a list) so one DataLoader with persistent workers serves every epoch: the order is
-    drawn in the main process when an epoch starts, after `set_epoch`."""
+    drawn in the main process when an epoch starts, after `set_epoch`. With `keyed`, train items are
+    (position, epoch key) pairs, so that a DataLoader worker, which never sees set_epoch, can seed each
+    sample's draws with sample_seed."""
 
-    def __init__(self, positions, seed, shuffle):
+    def __init__(self, positions, seed, shuffle, keyed=False):
         self.positions, self.seed, self.shuffle, self.epoch = torch.as_tensor(list(positions)), seed, shuffle, 0
+        self.keyed = keyed
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -147,8 +206,9 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         if not self.shuffle:
             return iter(self.positions.tolist())
-        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(self.positions[torch.randperm(len(self.positions), generator=gen)].tolist())
+        key = epoch_seed(self.seed, self.epoch)
+        order = self.positions[torch.randperm(len(self.positions), generator=torch.Generator().manual_seed(key))]
+        return ((position, key) for position in order.tolist()) if self.keyed else iter(order.tolist())
 
 
 # ---------------------------------------------------------------- RandomResizedCrop + flip, shared by torch and resident

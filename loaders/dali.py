@@ -16,7 +16,6 @@ engines are the larger share (DALI's own default is 0.65 for its classic decoder
 """
 import csv
 import mmap
-import os
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     if not positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
     return DaliLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
-                      device=resolve_device(device), seed=seed, threads=workers or os.cpu_count(),
+                      device=resolve_device(device), seed=seed, threads=max(workers, 1),
                       with_ids=with_ids)
 
 

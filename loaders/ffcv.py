@@ -13,7 +13,6 @@ train images/s of FFCV's NormalizeImage in the loader's threads (measured side b
 FFCV's NormalizeImage needs cupy, which we do not ship.
 """
 import contextlib
-import os
 
 import numpy as np
 import torch
@@ -32,15 +31,20 @@ def keep_torch_threads():
 
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder, get_center_crop, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.pipeline_spec import PipelineSpec
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+    from numba import carray, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
 from cli import UsageError
 from ingest import layout
 from loaders.common import (RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, epoch_seed, rank_ids,
-                            resolve_device)
+                            resolve_device, sample_seed, undecodable)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -52,9 +56,69 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     ids = np.array(rank_ids(manifest["splits"][split]["count"], rank, world))
     if len(ids) == 0:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    return FfcvLoader(str(beton), ids, train=split == "train", batch_size=batch_size, res=res,
-                      device=resolve_device(device), seed=seed, workers=workers or os.cpu_count(),
+    return FfcvLoader(str(beton), ids, split=split, data_dir=data_dir, batch_size=batch_size, res=res,
+                      device=resolve_device(device), seed=seed, workers=max(workers, 1),
                       with_ids=with_ids)
+
+
+@intrinsic
+def _pointer(typingctx, address):
+    """An integer address as a void pointer, so compiled code can read and write an array we keep."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
+class CheckedCropDecoder(ResizedCropRGBImageDecoder):
+    """FFCV's crop-decode (RandomResizedCrop + flip for train, center crop for test) with two changes.
+
+    Train draws (crop box, flip) come from loaders.common.sample_seed per sample. FFCV's own decoder and flip
+    draw from numba's per-thread generators, which nothing seeds and whose threads share a batch out by
+    chance: no two runs, and no resume, got the same crops. And a JPEG that libjpeg-turbo reports as
+    corrupt is recorded, where FFCV ignores the return code and hands the noise on. Both pass through
+    `shared` (int64 [epoch key, failed sample id + 1]), which the compiled code reaches by its address:
+    numba freezes the arrays a function captures into constants."""
+
+    def __init__(self, res, train):
+        super().__init__((res, res))
+        self.train = train
+        self.scale, self.ratio = (np.array(RRC_SCALE), np.array(RRC_RATIO)) if train else (None, TEST_CROP_RATIO)
+        self.shared = np.zeros(2, np.int64)
+
+    @property
+    def get_crop_generator(self):
+        return get_random_crop if self.train else get_center_crop
+
+    def generate_code(self):
+        mem_read, train, scale, ratio, address = self.memory_read, self.train, self.scale, self.ratio, \
+            self.shared.ctypes.data
+        my_range = Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        get_crop_c, seed_of = Compiler.compile(self.get_crop_generator), Compiler.compile(sample_seed)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            shared = carray(_pointer(address), 2, np.int64)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = np.int64(batch_indices[dst_ix])
+                field = metadata[source_ix]  # the beton's images are all JPEG (ingest/layout.py)
+                height, width = np.uint32(field['height']), np.uint32(field['width'])
+                image = temp_storage[dst_ix]
+                if imdecode_c(mem_read(field['data_ptr'], storage_state), image,
+                              height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+                    shared[1] = source_ix + 1
+                image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                if train:
+                    np.random.seed(seed_of(shared[0], source_ix))  # this thread's generator, this sample
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+                if train and np.random.random() < 0.5:
+                    destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
 
 class SampleIdDecoder(IntDecoder):
@@ -72,22 +136,22 @@ class SampleIdDecoder(IntDecoder):
 class FfcvLoader:
     """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
 
-    def __init__(self, beton, ids, *, train, batch_size, res, device, seed, workers, with_ids):
+    def __init__(self, beton, ids, *, split, data_dir, batch_size, res, device, seed, workers, with_ids):
         if device.type == "cuda" and device.index is None:  # FFCV allocates its buffers on this exact device
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.with_ids, self.batch_size, self.seed = device, with_ids, batch_size, seed
+        self.beton, self.split, self.data_dir = beton, split, data_dir
+        train = split == "train"
         self.num_samples = len(ids)
         self.epoch = 0
         self.normalize = Normalizer(device)
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         # set_res changes its output_size: FFCV sizes its buffers from it at every epoch (ffcv-imagenet's
         # progressive resizing does the same), and the compiled decode code does not depend on it.
-        self.decoder = decoder = (
-            RandomResizedCropRGBImageDecoder((res, res), scale=RRC_SCALE, ratio=RRC_RATIO) if train
-            else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
+        self.decoder = decoder = CheckedCropDecoder(res, train)
+        self.shared = decoder.shared
         pipelines = {
-            "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()] + to_device
-                     + [ToTorchImage(channels_last=True)],
+            "image": [decoder, ToTensor()] + to_device + [ToTorchImage(channels_last=True)],
             "label": [IntDecoder(), ToTensor(), Squeeze(1)] + to_device,  # Squeeze() makes a batch of 1 0-d
         }
         if with_ids:
@@ -109,11 +173,14 @@ class FfcvLoader:
     def __iter__(self):
         # FFCV draws a RANDOM order from seed + epoch, so seed 1's epoch 0 would be seed 0's epoch 1 and runs
         # with consecutive seeds would share orders: each epoch gets its own hashed seed instead.
-        self.loader.traversal_order.seed = epoch_seed(self.seed, self.epoch)
+        self.loader.traversal_order.seed = self.shared[0] = epoch_seed(self.seed, self.epoch)
+        self.shared[1] = 0
         self.loader.next_epoch = 0
         with keep_torch_threads():
             batches = iter(self.loader)
         for images, labels, *ids in batches:
+            if self.shared[1]:  # checked before the batch is used; a failure may be in a batch decoded ahead
+                raise undecodable(self.data_dir, self.split, self.shared[1] - 1, self.beton)
             # FFCV reuses its output buffers batches_ahead (3) batches later: the Normalizer copies the images
             # out; labels are often kept for metrics and cost nothing to copy.
             batch = (self.normalize(images), labels.clone())

@@ -10,7 +10,6 @@ which would pad ranks by repeating samples.
 """
 import csv
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import UsageError
 from ingest.layout import csv_path, read_manifest
-from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, PerRes, rank_ids,
-                            resolve_device, test_resize)
+from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, PerRes,
+                            SampleError, drawing_from, rank_ids, resolve_device, sample_seed, test_resize)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -37,9 +36,9 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     if not positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
     transform = PerRes(functools.partial(source_transform, split == "train"), res)
-    return FolderLoader(SourceFiles(rows, transform), positions,
+    return FolderLoader(SourceFiles(rows, transform, split), positions,
                         train=split == "train", batch_size=batch_size, device=resolve_device(device), seed=seed,
-                        workers=os.cpu_count() if workers is None else workers, with_ids=with_ids)
+                        workers=workers, with_ids=with_ids)
 
 
 def source_transform(train, res):
@@ -60,15 +59,25 @@ def open_rgb(path):
 class SourceFiles(Dataset):
     """(path, label) rows -> (transformed image, label, sample id)."""
 
-    def __init__(self, rows, transform):
-        self.rows, self.transform = rows, transform
+    def __init__(self, rows, transform, split):
+        self.rows, self.transform, self.split = rows, transform, split
 
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        """item: a sample id, or (sample id, epoch key) from a train EpochSampler."""
+        i, key = item if isinstance(item, tuple) else (item, None)
         path, label = self.rows[i]
-        return self.transform(open_rgb(path)), label, i
+        try:
+            image = open_rgb(path)
+        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for unreadable or broken photos
+            raise SampleError(f"{self.split} sample {i}: photo {path} cannot be read ({err}): restore it, or "
+                              "rerun the ingest (it quarantines unreadable photos)") from None
+        if key is None:
+            return self.transform(image), label, i
+        with drawing_from(sample_seed(key, i)):  # the same draws in any worker, after a resume too
+            return self.transform(image), label, i
 
 
 class FolderLoader:
@@ -77,10 +86,10 @@ class FolderLoader:
     def __init__(self, files, positions, *, train, batch_size, device, seed, workers, with_ids):
         self.device, self.with_ids, self.batch_size, self.files = device, with_ids, batch_size, files
         self.num_samples = len(positions)
-        self.sampler = EpochSampler(positions, seed, shuffle=train)
+        self.sampler = EpochSampler(positions, seed, shuffle=train, keyed=True)
         self.loader = DataLoader(files, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed))  # leaves the caller's RNG alone
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)

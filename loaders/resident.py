@@ -209,7 +209,7 @@ def decode_split(samples, positions, layout, device, workers, split):
     fit, on_gpu = FitShorter(layout.size), device.type == "cuda"
     samples.transform = None if on_gpu else fit
     batches = DataLoader(Subset(samples, positions), batch_size=DECODE_BATCH,
-                         num_workers=(workers if workers is not None else len(psutil.Process().cpu_affinity())),
+                         num_workers=workers,
                          collate_fn=collate_bytes if on_gpu else collate_list)
     canvas = torch.empty(len(positions), 3, layout.size, layout.width, dtype=torch.uint8, device=device,
                          memory_format=torch.channels_last).zero_()  # padding: never read, but cached

@@ -27,7 +27,8 @@ from torchvision.transforms import RandomResizedCrop, v2
 from cli import UsageError
 from ingest.layout import csv_path, damaged_file, read_manifest
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
-                            epoch_seed, rank_ids, resized_crop, resolve_device, sample_crops, test_resize)
+                            drawing_from, epoch_seed, rank_ids, resized_crop, resolve_device, sample_crops,
+                            sample_seed, test_resize, undecodable)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
@@ -42,7 +43,7 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
     # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
     samples.transform = None if on_gpu else PerRes(functools.partial(image_transform, split == "train"), res)
     return TorchLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
-                       device=device, seed=seed, workers=os.cpu_count() if workers is None else workers,
+                       device=device, seed=seed, workers=workers,
                        with_ids=with_ids)
 
 
@@ -121,7 +122,7 @@ class ShardSamples(Dataset):
         manifest = read_manifest(data_dir)
         shards = manifest["splits"][split]["shards"]
         self.tars = [str(Path(data_dir) / shard["tar"]) for shard in shards]
-        self.transform = transform
+        self.data_dir, self.split, self.transform = data_dir, split, transform
         jpegs, labels, ids = [], [], []
         for t, (tar, shard) in enumerate(zip(self.tars, shards)):
             start = len(jpegs)
@@ -160,14 +161,24 @@ class ShardSamples(Dataset):
         if t not in self._fds:
             self._fds[t] = os.open(self.tars[t], os.O_RDONLY)
         data = bytearray(size)
-        if os.preadv(self._fds[t], [data], offset) != size:
-            raise UsageError(f"{self.tars[t]} is truncated: ingest again with python ingest/build.py")
+        if os.preadv(self._fds[t], [data], offset) != size:  # the file shrank after the start-up check
+            raise undecodable(self.data_dir, self.split, int(self.ids[position]), self.tars[t])
         return torch.frombuffer(data, dtype=torch.uint8)
 
-    def __getitem__(self, position):
+    def __getitem__(self, item):
+        """item: a position, or (position, epoch key) from a train EpochSampler."""
+        position, key = item if isinstance(item, tuple) else (item, None)
         data = self.read(position)
         if self.transform is not None:
-            data = self.transform(data, *self.sizes[position])
+            try:
+                if key is None:
+                    data = self.transform(data, *self.sizes[position])
+                else:  # loaders.common.sample_seed: the same draws in any worker, after a resume too
+                    with drawing_from(sample_seed(key, int(self.ids[position]))):
+                        data = self.transform(data, *self.sizes[position])
+            except (RuntimeError, OSError):  # what torchvision's and PIL's JPEG decoders raise
+                raise undecodable(self.data_dir, self.split, int(self.ids[position]),
+                                  self.tars[self.jpegs[position][0]]) from None
         return data, self.labels[position], self.ids[position]
 
 
@@ -204,7 +215,7 @@ class TorchLoader:
     def __init__(self, samples, positions, *, train, batch_size, res, device, seed, workers, with_ids):
         self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
         self.train, self.res, self.seed, self.num_samples = train, res, seed, len(positions)
-        self.sampler = EpochSampler(positions, seed, shuffle=train)
+        self.sampler = EpochSampler(positions, seed, shuffle=train, keyed=True)
         self.test_transform = TestCrop(res).transform
         self.normalize = Normalizer(device)
         on_gpu = device.type == "cuda"
@@ -212,7 +223,7 @@ class TorchLoader:
             samples, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate_bytes if on_gpu else collate_images, pin_memory=on_gpu,
             persistent_workers=workers > 0,  # workers start once, not every epoch
-            generator=torch.Generator().manual_seed(seed))  # worker RNG (crop, flip) follows the seed
+            generator=torch.Generator().manual_seed(seed))  # the workers' base seed leaves the caller's RNG alone
 
     def set_epoch(self, epoch):
         self.sampler.set_epoch(epoch)

@@ -11,6 +11,7 @@ the tests, with workers=1: an FFCV loader spends seconds compiling with numba on
 import csv
 import gc
 import importlib
+import os
 import shutil
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import loaders
 from cli import UsageError, run
 from ingest import layout
 from loaders import make_loader
-from loaders.common import rank_ids
+from loaders.common import rank_ids, resolve_workers
 
 BACKENDS = ["dali", "ffcv", "torch", "folder", "resident"]
 # A numba finalizer of FFCV prints a harmless KeyError when a process holds several Loaders (DEPENDENCIES.md).
@@ -139,6 +140,34 @@ def test_two_ranks_partition_the_split(name, split, runs, ingested):
     assert sorted(ranks[0] + ranks[1]) == list(range(count))
     if split == "test":  # in id order, each rank a contiguous block, so metrics can be gathered by id
         assert ranks == [list(rank_ids(count, r, 2)) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_two_ranks_keep_their_test_blocks_pass_after_pass(name, runs, ingested):
+    """The id-order contract under DDP from the second evaluation on (DALI's reader moved each rank on to the
+    next rank's shard at every reset)."""
+    count = len(csv_labels(ingested, "test"))
+    for rank in range(2):
+        for epoch in runs.epochs(name, "test", (0, 1, 2), rank=rank, world=2):
+            assert epoch.ids == list(rank_ids(count, rank, 2))
+
+
+def test_workers_default_to_this_process_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers(None) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two DDP ranks on this machine (torchrun sets it)
+    assert resolve_workers(None) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert resolve_workers(None) == 1
+    assert resolve_workers(0) == 0 and resolve_workers(3) == 3
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_negative_workers_are_one_line(name, ingested):
+    require(name)
+    with pytest.raises(UsageError, match="^--workers must be >= 0 \\(0: load in the training process\\), not -1$"):
+        make_loader(name, ingested, "test", batch_size=4, workers=-1)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

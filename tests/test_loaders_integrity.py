@@ -5,6 +5,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from cli import UsageError
@@ -111,3 +112,61 @@ def test_a_broken_tar_header_stops_the_loader_with_one_line(name, split, ingeste
                                          "ingest/build.py --verify"):
         make_loader(name, data, split, batch_size=4, res=32, device="cpu", workers=0, cache=False) \
             if name == "resident" else make_loader(name, data, split, batch_size=4, res=32, device="cpu", workers=0)
+
+
+def corrupt_jpeg(data, sample, pattern):
+    """Overwrite a quarter of test sample `sample`'s JPEG bytes, in its shard and in the beton alike; every file
+    keeps its size, so only reading the bytes can tell. "noise" breaks the entropy-coded data so that libjpeg
+    gives up; "zeros" only makes it warn and carry on with a grey smear."""
+    tar = data / "test-00000.tar"
+    offset, size = layout.read_index(data / "test-00000.idx")[sample]["jpg"]  # test shards are in id order
+    raw = tar.read_bytes()
+    jpeg = raw[offset:offset + size]
+    start, stop = size // 3, size // 3 + size // 4
+    bad = jpeg[:start] + (np.random.default_rng(0).integers(0, 256, stop - start, dtype=np.uint8).tobytes()
+                          if pattern == "noise" else bytes(stop - start))
+    bad += jpeg[stop:]
+    tar.write_bytes(raw[:offset] + bad + raw[offset + size:])
+    beton = data / "test.beton"
+    raw = beton.read_bytes()
+    at = raw.index(jpeg)
+    beton.write_bytes(raw[:at] + bad + raw[at + size:])
+
+
+def read_all(name, data, split="test", workers=1):
+    options = {"cache": False} if name == "resident" else {}
+    loader = make_loader(name, data, split, batch_size=4, res=32, device="cpu", workers=workers, **options)
+    return sum(len(labels) for _, labels in loader)
+
+
+@pytest.mark.parametrize("name,workers", [("torch", 0), ("torch", 1), ("resident", 1), ("ffcv", 1)])
+def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, ingested, tmp_path):
+    require(name)
+    data, _ = dataset_copy(ingested, tmp_path)
+    corrupt_jpeg(data, 3, "noise")
+    with pytest.raises(UsageError) as err:  # from a DataLoader worker too, where it is re-made from a traceback
+        read_all(name, data, workers=workers)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"test sample 3 in {data / ('test.beton' if name == 'ffcv' else 'test-00000.tar')} does not decode: run python ingest/build.py --verify --out {data}")
+
+
+def test_ffcv_stops_on_a_jpeg_that_libjpeg_only_warns_about(ingested, tmp_path):
+    require("ffcv")
+    data, _ = dataset_copy(ingested, tmp_path)
+    corrupt_jpeg(data, 3, "zeros")
+    with pytest.raises(UsageError, match="test sample 3 in .*test.beton does not decode"):
+        read_all("ffcv", data)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_photo_stops_the_folder_baseline_with_one_line(workers, ingested, tiny_src, tmp_path):
+    data, manifest = dataset_copy(ingested, tmp_path)
+    source = tmp_path / "src"
+    shutil.copytree(tiny_src, source)
+    write_manifest(data, {**manifest, "source": str(source)})
+    photo = source / (data / "test.csv").read_text().splitlines()[1 + 2].split(",")[0]  # test sample 2
+    photo.write_bytes(photo.read_bytes()[:40])
+    with pytest.raises(UsageError) as err:
+        read_all("folder", data, workers=workers)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"test sample 2: photo {photo} cannot be read") and "restore it" in line
