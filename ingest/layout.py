@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 
 from cli import UsageError
+from ingest.atomic import atomic_path
 
 SPLITS = ("train", "test")
 DEFAULT_SRC = Path("data/demo-500px")
@@ -118,13 +119,13 @@ def damaged_file(data_dir, manifest, path, problem):
 
 
 def check_split(data_dir, split, manifest, *, reads=("webdataset",)):
-    """Cheap start-up check that what a loader reads matches `manifest`: UsageError naming the first mismatch.
+    """Start-up check that what a loader reads matches `manifest`: UsageError naming the first mismatch.
 
-    Sizes of the split's csv and of the files of each format in `reads` ("webdataset": tars + indexes, "ffcv":
-    the beton) against the manifest's `files`; each index's sample count against its shard's `count`, and
-    every indexed member inside its tar; the csv's rows against the split's count. Reads only the small
-    files (indexes, csv) and stats the big ones, so a loader pays milliseconds, not a pass over the data:
-    damage that keeps a file's size (flipped bytes) is for `python ingest/build.py --verify` to find."""
+    Cheap, every start: sizes of the split's csv and of the files of each format in `reads` ("webdataset":
+    tars + indexes, "ffcv": the beton) against the manifest's `files`; each index's sample count against its
+    shard's `count`, and every indexed member inside its tar; the csv's rows against the split's count.
+    Once per file version: its full sha256 against the manifest's (verify_digests), for the damage that keeps
+    sizes, which a JPEG decoder may not notice."""
     data_dir = Path(data_dir)
     if "files" not in manifest:
         raise UsageError(f"{data_dir} was ingested by an older fastpix: rerun python ingest/build.py "
@@ -144,8 +145,10 @@ def check_split(data_dir, split, manifest, *, reads=("webdataset",)):
             raise damaged(path, "is not in the manifest's files")
         if size != expected:
             raise damaged(path, f"has {size:,} bytes where the manifest says {expected:,}")
+        checked.append(path)
         return size
 
+    checked = []
     csv_file = csv_path(data_dir, split)
     check_size(csv_file)
     with open(csv_file, newline="") as f:
@@ -167,3 +170,34 @@ def check_split(data_dir, split, manifest, *, reads=("webdataset",)):
                 raise damaged(idx, f"lists {len(samples)} samples where the manifest says {shard['count']}")
             if any(offset + size > tar_size for sample in samples for offset, size in sample.values()):
                 raise damaged(idx, f"points past the end of {tar.name}")
+    verify_digests(data_dir, manifest, checked)
+
+
+VERIFIED = ".verified.json"  # the loaders' record of file versions whose sha256 matched the manifest
+
+
+def verify_digests(data_dir, manifest, paths):
+    """Each file's full sha256 against the manifest, once per file version (about 2 s per GB here).
+
+    A file whose (size, mtime, ctime, inode) and manifest digest are recorded in VERIFIED as matching is not
+    read again: any write changes its ctime, and a new ingest its digest. The record is written atomically;
+    in a read-only folder it is not, and the next start hashes again."""
+    record_path = Path(data_dir) / VERIFIED
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    verified = {}
+    for path in paths:
+        stat, digest = path.stat(), manifest["files"][path.name]["sha256"]
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, digest]
+        if record.get(path.name) != stamp:
+            if file_sha256(path) != digest:
+                raise damaged_file(data_dir, manifest, path, "does not match its sha256 in the manifest")
+            verified[path.name] = stamp
+    if verified:
+        try:
+            with atomic_path(record_path) as tmp:
+                tmp.write_text(json.dumps({**record, **verified}))
+        except OSError:
+            pass

@@ -32,11 +32,7 @@ HW_DECODER_LOAD = 0.9  # share of JPEGs for the GPU's hardware decoder (see the 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
     """A DALI loader over `<split>-*.tar` for this rank's block of samples."""
-    layout.read_manifest(data_dir)
-    tars, indexes = layout.shard_paths(data_dir, split)
-    missing = [p for p in tars + indexes if not p.is_file()]
-    if missing:
-        raise UsageError(f"{missing[0]} is missing: run python ingest/build.py again")
+    layout.check_split(data_dir, split, layout.read_manifest(data_dir))
     samples = ShardIndex(data_dir, split)
     positions = rank_ids(len(samples), rank, world)
     if not positions:

@@ -50,9 +50,11 @@ from loaders.common import (RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, e
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
     """An FFCV loader over `<split>.beton` for this rank's block of samples."""
     manifest = layout.read_manifest(data_dir)
+    if "ffcv" not in manifest.get("formats", ["ffcv"]):  # an older manifest is check_split's to refuse
+        raise UsageError(f"{data_dir} has no FFCV files (FFCV could not be imported when it was ingested): use "
+                         "another --loader, or install FFCV and rerun python ingest/build.py")
+    layout.check_split(data_dir, split, manifest, reads=("ffcv",))
     beton = layout.beton_path(data_dir, split)
-    if not beton.is_file():
-        raise UsageError(f"{beton} is missing: run python ingest/build.py again")
     ids = np.array(rank_ids(manifest["splits"][split]["count"], rank, world))
     if len(ids) == 0:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")

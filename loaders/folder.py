@@ -18,14 +18,16 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from cli import UsageError
-from ingest.layout import csv_path, read_manifest
+from ingest.layout import check_split, csv_path, read_manifest
 from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, PerRes,
                             SampleError, drawing_from, rank_ids, resolve_device, sample_seed, test_resize)
 
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
     """A PIL + DataLoader loader over this rank's block of the split's source files."""
-    source = Path(read_manifest(data_dir)["source"])
+    manifest = read_manifest(data_dir)
+    check_split(data_dir, split, manifest, reads=())  # the csv: the baseline reads the photos themselves
+    source = Path(manifest["source"])
     with open(csv_path(data_dir, split), newline="") as f:
         rows = [(source / row["path"], int(row["label"])) for row in csv.DictReader(f)]
     missing = next((path for path, _ in rows if not path.is_file()), None)

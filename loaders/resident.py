@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from cli import UsageError
 from ingest.atomic import atomic_path
-from ingest.layout import MANIFEST, SPLITS, read_manifest
+from ingest.layout import MANIFEST, SPLITS, check_split, read_manifest
 from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, resolve_device,
                             sample_crops, test_resize)
 from loaders.tvision import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu, stored_sizes
@@ -52,7 +52,7 @@ def build(data_dir, split, *, batch_size, res, device, seed, rank, world, worker
           memory_limit=None):
     """A resident loader for this rank's block of samples; `memory_limit` (bytes) replaces the measured free
     memory (to check the guard), `cache=False` neither reads nor writes the disk cache."""
-    read_manifest(data_dir)
+    check_split(data_dir, split, read_manifest(data_dir))
     device = resolve_device(device)
     samples = ShardSamples(data_dir, split)
     positions = rank_ids(len(samples), rank, world)

@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
 from cli import UsageError
-from ingest.layout import csv_path, damaged_file, read_manifest
+from ingest.layout import check_split, csv_path, damaged_file, read_manifest
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
                             drawing_from, epoch_seed, rank_ids, resized_crop, resolve_device, sample_crops,
                             sample_seed, test_resize, undecodable)
@@ -33,7 +33,7 @@ from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerR
 
 def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
     """A torchvision loader over `<split>-*.tar` for this rank's block of samples."""
-    read_manifest(data_dir)  # a missing or unfinished ingest is a UsageError, not a tarfile traceback
+    check_split(data_dir, split, read_manifest(data_dir))  # a missing or damaged ingest is one line
     device = resolve_device(device)
     samples = ShardSamples(data_dir, split)
     positions = rank_ids(len(samples), rank, world)
