@@ -22,6 +22,7 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
   the shorter side = `store_size` unless the photo was smaller (never upscaled).
 - Hidden entries (`.cache/`, `.ingest-journal.json`, temp files `.<name>.tmp<pid>`) belong to ingest; other tools
   may add files of their own, and ingest deletes only files its journal says it wrote (ingest/journal.py).
+  The loaders add `.verified.json` (VERIFIED: which file versions' sha256 they checked, see check_split).
 
 The sample id is the row number in `<split>.csv`, so every backend can be checked against the others.
 """
