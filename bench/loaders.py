@@ -1,13 +1,15 @@
-"""Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline and the decode
-ceiling measured in the same run on the same cores.
+"""Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline, each library's
+own recommended pipeline and the fastest decoder, all measured in the same run on the same cores.
 
 `python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 1] [--backends ...]`
 Each (backend, split) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
 row): build the loader (time reported: DALI pipeline build, resident decode or cache load), one warm-up epoch
 (worker start, numba compilation: reported, not counted), then `--epochs` timed epochs; the figure is their
-median. The decode ceiling is decode-only of the stored JPEG bytes with libjpeg-turbo (torchvision.io), in as
-many worker processes as the loaders get, no augmentation, nothing sent back; on a GPU it is a batched nvJPEG
-decode. Output under the results folder: table.md, results.json (+ config.json) and throughput.png.
+median. Time to first batch is build + the warm-up epoch's first batch. Beside the backends run the rows of
+bench/references.py: `dali-reference` and `ffcv-reference` (the libraries' own example pipelines, added with
+their backend; "× reference" is a backend's ratio to its library's) and decode-only rates of torchvision, PIL
+and DALI, the fastest of which is the decode ceiling ("of ceiling"). Output under the results folder:
+table.md, results.json (+ config.json) and throughput.png.
 """
 import argparse
 import gc
@@ -30,7 +32,7 @@ if __package__ in (None, ""):  # run as `python bench/loaders.py`: make the repo
 
 from cli import Parser, UsageError, run  # noqa: E402
 
-BASELINE, CEILING = "folder", "decode"
+BASELINE = "folder"
 SPLITS = ("train", "test")
 
 
@@ -41,9 +43,10 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
     """Loader-only throughput of one backend in this process: {images_per_sec (median of `epochs` timed epochs
     after a warm-up epoch), epoch_images_per_sec, warmup_s, build_s, samples, peak_rss_mb, peak_worker_rss_mb}.
 
-    backend "decode" is the decode ceiling. Peak RSS is this process's high-water mark so far, so it is the
+    backend may also be a row of bench/references.py. Peak RSS is this process's high-water mark so far, so it is the
     backend's own only in a fresh process (see isolated). `threads` sets torch's intra-op threads here."""
     import torch
+    from bench.references import LIBRARY, ROWS
     from loaders import BACKENDS, make_loader
     from loaders.common import resolve_device
 
@@ -58,31 +61,37 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
                            workers=workers, epochs=epochs, seed=seed)
         finally:
             torch.set_num_threads(before)
-    if backend != CEILING:
-        importlib.import_module(BACKENDS[backend])  # module import (seconds for torchvision) is not build time
+    importlib.import_module(BACKENDS.get(backend) or LIBRARY[backend])  # import (seconds) is not build time
     started = time.perf_counter()
-    if backend == CEILING:
-        loader = DecodeOnly(data_dir, split, batch_size=batch_size, device=device, workers=workers)
+    if backend in ROWS:
+        loader = ROWS[backend](data_dir, split, batch_size=batch_size, res=res, device=device, seed=seed,
+                               workers=workers)
     else:
         loader = make_loader(backend, data_dir, split, batch_size=batch_size, res=res, device=str(device),
                              seed=seed, workers=workers)
     build_s = time.perf_counter() - started
-    seconds, batch = [], None
+    seconds, counts, batch, first_batch_s = [], [], None, None
     with WorkerRss() as workers_rss:
         for epoch in range(epochs + 1):
             loader.set_epoch(epoch)
-            started = time.perf_counter()
+            started, count = time.perf_counter(), 0
             for batch in loader:
-                pass  # loader only: each batch is ready (on the device) when the loader hands it over
+                count += len(batch[1])  # the labels: what the loader really gave, not what it claims
+                if first_batch_s is None:  # loader only: each batch is ready (on the device) when handed over
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    first_batch_s = build_s + time.perf_counter() - started
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
-    samples = loader.num_samples
+            counts.append(count)
     del loader, batch
     gc.collect()
-    rates = [samples / s for s in seconds[1:]]
+    rates = [n / s for n, s in zip(counts[1:], seconds[1:])]
+    samples = counts[-1]
     return {"backend": backend, "split": split, "images_per_sec": statistics.median(rates),
-            "epoch_images_per_sec": rates, "warmup_s": seconds[0], "build_s": build_s, "samples": samples,
+            "epoch_images_per_sec": rates, "warmup_s": seconds[0], "build_s": build_s,
+            "first_batch_s": first_batch_s, "samples": samples,
             "device": str(device), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_worker_rss_mb": workers_rss.peak_mb or None}
 
@@ -119,40 +128,6 @@ class WorkerRss:
             self.peak_mb = max(self.peak_mb, total / 2**20)
 
 
-def _decoded_shape(data, height, width):
-    """A decode-only worker decodes a sample's JPEG bytes and sends back only the image's shape, so IPC costs
-    nothing next to the decode."""
-    import torch
-    from loaders.tvision import decode
-    return torch.tensor(decode(data).shape)
-
-
-class DecodeOnly:
-    """The decode ceiling, shaped like a loader: every stored JPEG of the split decoded once per epoch."""
-
-    def __init__(self, data_dir, split, *, batch_size, device, workers):
-        from torch.utils.data import DataLoader
-        from loaders.tvision import ShardSamples, collate_bytes
-
-        samples = ShardSamples(data_dir, split)
-        self.device, self.num_samples = device, len(samples)
-        on_gpu = device.type == "cuda"
-        samples.transform = None if on_gpu else _decoded_shape
-        workers = os.cpu_count() if workers is None else workers
-        self.loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
-                                 persistent_workers=workers > 0, collate_fn=collate_bytes if on_gpu else None)
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        from torchvision.io import ImageReadMode, decode_jpeg
-        for data, labels, _ in self.loader:
-            if self.device.type == "cuda":
-                data = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            yield data, labels
-
-
 def isolated(backend, data_dir, split, timeout=1800, **kwargs):
     """measure() in a fresh `python -m bench.loaders --child` process; a failure becomes {error: last line}."""
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
@@ -180,33 +155,45 @@ def merge_rounds(runs):
     worst = lambda key: max((r[key] for r in ok if r.get(key) is not None), default=None)  # noqa: E731
     return {**ok[0], "images_per_sec": statistics.median(rates), "epoch_images_per_sec": rates,
             "warmup_s": statistics.median(r["warmup_s"] for r in ok),
-            "build_s": statistics.median(r["build_s"] for r in ok), "peak_rss_mb": worst("peak_rss_mb"),
+            "build_s": statistics.median(r["build_s"] for r in ok),
+            "first_batch_s": statistics.median(r["first_batch_s"] for r in ok), "peak_rss_mb": worst("peak_rss_mb"),
             "peak_worker_rss_mb": worst("peak_worker_rss_mb"), "rounds": len(ok),
             "load_avg_1min": [r["load_avg_1min"] for r in runs]}
 
 
 def add_ratios(rows):
-    """Each row's ratio to the folder baseline and share of the decode ceiling, of the same split."""
+    """Each row's ratio to the folder baseline, to its library's reference pipeline and to the decode ceiling
+    (the fastest decode-only row), of the same split; the ceiling row gets `ceiling: True`."""
+    from bench.references import DECODERS, REFERENCES
     ok = {(r["backend"], r["split"]): r["images_per_sec"] for r in rows if not r.get("error")}
-    for r in rows:
-        base, ceiling = ok.get((BASELINE, r["split"])), ok.get((CEILING, r["split"]))
-        rate = r.get("images_per_sec")
-        r["vs_folder"] = rate / base if rate and base else None
-        r["vs_ceiling"] = rate / ceiling if rate and ceiling else None
+    for split in {r["split"] for r in rows}:
+        decoders = [(ok[(d, split)], d) for d in DECODERS if (d, split) in ok]
+        ceiling, fastest = max(decoders) if decoders else (None, None)
+        for r in (r for r in rows if r["split"] == split):
+            base, reference = ok.get((BASELINE, split)), ok.get((REFERENCES.get(r["backend"]), split))
+            rate = r.get("images_per_sec")
+            r["vs_folder"] = rate / base if rate and base else None
+            r["vs_reference"] = rate / reference if rate and reference else None
+            r["vs_ceiling"] = rate / ceiling if rate and ceiling else None
+            r["ceiling"] = r["backend"] == fastest
     return rows
 
 
 def targets(rows, split="train"):
-    """The issue's targets on one split: best backend vs folder and vs the ceiling, the slowest vs folder."""
-    loaders = [r for r in rows if r["split"] == split and r.get("vs_folder") and r["backend"] not in (BASELINE,
-                                                                                                     CEILING)]
+    """The issue's targets on one split: best backend vs folder and vs the ceiling, the slowest vs folder, each
+    backend vs its library's reference."""
+    from loaders import BACKENDS
+    loaders = [r for r in rows if r["split"] == split and r.get("vs_folder") and r["backend"] in BACKENDS
+               and r["backend"] != BASELINE]
     if not loaders:
         return {}
     best, slowest = max(loaders, key=lambda r: r["vs_folder"]), min(loaders, key=lambda r: r["vs_folder"])
     resident = next((r["vs_folder"] for r in loaders if r["backend"] == "resident"), None)
     return {"split": split, "best": best["backend"], "best_vs_folder": best["vs_folder"],
             "best_vs_ceiling": best["vs_ceiling"], "slowest": slowest["backend"],
-            "slowest_vs_folder": slowest["vs_folder"], "resident_vs_folder": resident}
+            "slowest_vs_folder": slowest["vs_folder"], "resident_vs_folder": resident,
+            "ceiling": next((r["backend"] for r in rows if r["split"] == split and r.get("ceiling")), None),
+            "vs_reference": {r["backend"]: r["vs_reference"] for r in loaders if r.get("vs_reference")}}
 
 
 def table(rows):
@@ -215,13 +202,15 @@ def table(rows):
     def number(key, form):
         return lambda r: form.format(r[key]) if r.get(key) is not None else "–"
 
-    columns = [("backend", lambda r: r["backend"] + (" (ceiling)" if r["backend"] == CEILING else "")),
+    columns = [("backend", lambda r: r["backend"] + (" (ceiling)" if r.get("ceiling") else "")),
                ("split", lambda r: r["split"]),
                ("img/s (median)", lambda r: f"failed: {r['error'][:80]}" if r.get("error") else
                 f"{r['images_per_sec']:,.0f}"),
                ("× folder", number("vs_folder", "{:.2f}×")),
+               ("× reference", number("vs_reference", "{:.2f}×")),
                ("of ceiling", lambda r: f"{100 * r['vs_ceiling']:.0f} %" if r.get("vs_ceiling") else "–"),
                ("build s", number("build_s", "{:.2f}")),
+               ("first batch s", number("first_batch_s", "{:.2f}")),
                ("warm-up epoch s", number("warmup_s", "{:.2f}")),
                ("peak RSS MB", number("peak_rss_mb", "{:,.0f}")),
                ("workers' RSS MB", number("peak_worker_rss_mb", "{:,.0f}"))]
@@ -245,7 +234,8 @@ def plot(rows, path, title):
             row = by_name.get(n, {})
             note = "failed" if row.get("error") else f"{row['vs_folder']:.1f}× folder" if row.get("vs_folder") else ""
             ax.text(rates[i] + right * 0.01, i + shift, note, va="center", fontsize=8)
-    ax.set_yticks(y, [n + (" (ceiling)" if n == CEILING else "") for n in names])
+    ceilings = {r["backend"] for r in rows if r.get("ceiling")}
+    ax.set_yticks(y, [n + (" (ceiling)" if n in ceilings else "") for n in names])
     ax.invert_yaxis()
     ax.set_xlim(0, right * 1.3)
     ax.set_xlabel("images / s (loader only, median over epochs)")
@@ -257,6 +247,7 @@ def plot(rows, path, title):
 # ---------------------------------------------------------------- command line
 
 def parse(argv):
+    from bench.references import DECODERS, REFERENCES
     from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
     p = Parser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
@@ -265,7 +256,8 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one")
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated; folder and the decode ceiling are always added (default: all)")
+                   help="comma-separated; folder and the decoders are always added, dali-reference and "
+                        "ffcv-reference with dali and ffcv (default: all)")
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: each backend's)")
@@ -284,7 +276,8 @@ def parse(argv):
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         raise UsageError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(BACKENDS)}")
-    args.backends = [CEILING, BASELINE] + [b for b in names if b != BASELINE]
+    args.backends = [*DECODERS, BASELINE] + [row for b in names if b != BASELINE
+                                             for row in (b, REFERENCES.get(b)) if row]
     args.splits = [s for s in args.splits.split(",") if s]
     if not args.splits or set(args.splits) - set(SPLITS):
         raise UsageError(f"--splits must be a comma-separated subset of {', '.join(SPLITS)}")
@@ -339,9 +332,10 @@ def main(argv=None):
     write_json(out / "results.json", {"title": title, "settings": settings, "rows": rows, "targets": summary})
     text = f"# {title}\n\n{table(rows)}\n" + "".join(
         f"- {s}: best {t['best']} {t['best_vs_folder']:.2f}× folder, "
-        f"{100 * t['best_vs_ceiling']:.0f} % of the decode ceiling; slowest {t['slowest']} "
+        f"{100 * t['best_vs_ceiling']:.0f} % of the decode ceiling ({t['ceiling']}); slowest {t['slowest']} "
         f"{t['slowest_vs_folder']:.2f}× folder"
-        + (f"; resident {t['resident_vs_folder']:.2f}× folder" if t.get("resident_vs_folder") else "") + "\n"
+        + (f"; resident {t['resident_vs_folder']:.2f}× folder" if t.get("resident_vs_folder") else "")
+        + "".join(f"; {b} {v:.2f}× its reference" for b, v in t["vs_reference"].items()) + "\n"
         for s, t in summary.items() if t and t.get("best_vs_ceiling"))
     atomic_write(out / "table.md", text)
     plot(rows, out / "throughput.png", title)

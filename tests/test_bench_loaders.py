@@ -1,15 +1,19 @@
-"""bench/loaders.py on tiny data: every row measured, ratios against the folder baseline and the decode ceiling
-of the same run, and the three promised outputs (table, JSON, plot). Timings themselves are not asserted:
-they belong to the bench, not to a test on 2 shared cores."""
+"""bench/loaders.py on tiny data: every row measured, ratios against the folder baseline, the libraries' reference
+pipelines and the fastest decoder of the same run, and the three promised outputs (table, JSON, plot). Timings
+themselves are not asserted: they belong to the bench, not to a test on 2 shared cores."""
 import json
 
 import pytest
 
 from bench import loaders as bench
+from bench.references import DECODERS, REFERENCES
 from cli import UsageError
 from ingest import layout
+from test_loaders import require
 
 TINY = ["--res", "32", "--batch-size", "16", "--epochs", "2", "--workers", "0", "--threads", "1"]
+pytestmark = pytest.mark.filterwarnings(  # FFCV's finalizers (DEPENDENCIES.md)
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 
 
 def test_tiny_run_writes_table_json_and_plot(ingested, tmp_path):
@@ -17,26 +21,54 @@ def test_tiny_run_writes_table_json_and_plot(ingested, tmp_path):
     assert bench.main(["--data", str(ingested), "--backends", "resident", "--in-process", "--out", str(out), *TINY]) == 0
     report = json.loads((out / "results.json").read_text())
     rows = {(r["backend"], r["split"]): r for r in report["rows"]}
-    assert set(rows) == {(b, s) for b in ("decode", "folder", "resident") for s in ("train", "test")}
+    assert set(rows) == {(b, s) for b in (*DECODERS, "folder", "resident") for s in ("train", "test")}
     for (backend, split), row in rows.items():
         assert "error" not in row, row
         assert row["images_per_sec"] > 0 and len(row["epoch_images_per_sec"]) == 2
         assert row["samples"] == layout.read_manifest(ingested)["splits"][split]["count"]
-        assert row["warmup_s"] >= 0 and row["build_s"] >= 0 and row["peak_rss_mb"] > 100
-        folder, ceiling = rows[("folder", split)], rows[("decode", split)]
+        assert row["warmup_s"] >= 0 and row["peak_rss_mb"] > 100
+        assert 0 <= row["build_s"] <= row["first_batch_s"] <= row["build_s"] + row["warmup_s"]
+        folder = rows[("folder", split)]
+        ceiling = max(rows[(d, split)]["images_per_sec"] for d in DECODERS)
         assert row["vs_folder"] == pytest.approx(row["images_per_sec"] / folder["images_per_sec"])
-        assert row["vs_ceiling"] == pytest.approx(row["images_per_sec"] / ceiling["images_per_sec"])
+        assert row["vs_ceiling"] == pytest.approx(row["images_per_sec"] / ceiling)
+        assert row["ceiling"] == (row["images_per_sec"] == ceiling and backend in DECODERS)
+        assert row["vs_reference"] is None  # resident has no library of its own
     assert report["targets"]["train"]["best"] == "resident"
     table = (out / "table.md").read_text()
-    assert table.count("\n| ") == 1 + 6 and "× folder" in table and "of ceiling" in table
+    assert table.count("\n| ") == 1 + 10 and "× folder" in table and "× reference" in table
+    assert table.count("(ceiling)") == 2 and "first batch s" in table
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
 
 
+@pytest.mark.parametrize("backend", sorted(REFERENCES))
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_reference_pipelines_give_the_whole_split_on_the_cpu(backend, split, ingested):
+    """dali-reference and ffcv-reference run like the other rows: every sample of the split once per epoch."""
+    require(backend)
+    row = bench.measure(REFERENCES[backend], ingested, split, batch_size=16, res=32, device="cpu", workers=1,
+                        epochs=2, threads=1)
+    assert row["samples"] == layout.read_manifest(ingested)["splits"][split]["count"]
+    assert len(row["epoch_images_per_sec"]) == 2
+
+
+def test_references_come_with_their_library_and_get_its_ratio():
+    args = bench.parse(["--backends", "dali,torch"])
+    assert args.backends == [*DECODERS, "folder", "dali", "dali-reference", "torch"]
+    rows = bench.add_ratios([{"backend": b, "split": "train", "images_per_sec": rate} for b, rate in
+                             [("decode-pil", 400), ("decode-dali", 500), ("folder", 10), ("dali", 300),
+                              ("dali-reference", 200), ("torch", 100)]])
+    by_name = {r["backend"]: r for r in rows}
+    assert by_name["dali"]["vs_reference"] == 1.5 and by_name["torch"]["vs_reference"] is None
+    assert by_name["dali"]["vs_ceiling"] == 0.6 and by_name["decode-dali"]["ceiling"]
+    assert bench.targets(rows)["vs_reference"] == {"dali": 1.5}
+
+
 def test_a_row_in_a_fresh_process_reports_its_own_numbers(ingested):
     """The default mode: one process per row, so peak RSS is the row's own (the slowest test here: an import)."""
-    row = bench.isolated("decode", ingested, "test", batch_size=16, res=32, device="cpu", workers=0, epochs=1,
-                         threads=1)
+    row = bench.isolated("decode-torchvision", ingested, "test", batch_size=16, res=32, device="cpu", workers=0,
+                         epochs=1, threads=1)
     assert "error" not in row, row
     assert row["samples"] > 0 and row["images_per_sec"] > 0 and row["peak_rss_mb"] > 100
 

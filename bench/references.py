@@ -1,0 +1,193 @@
+"""The rows bench/loaders.py measures beside fastpix's backends: each library's own recommended pipeline over
+the same ingested files, and decode-only rates. Each is shaped like a loader (set_epoch, iteration over
+(images, labels), num_samples) and built by `ROWS[name](data_dir, split, batch_size=, res=, device=, seed=,
+workers=)`.
+
+- `dali-reference`: the train and val pipelines of DALI's ResNet-50 example
+  (docs/examples/use_cases/pytorch/resnet50/main.py): image_random_crop (area 0.1-1, aspect 0.8-1.25,
+  100 attempts), resize with INTERP_TRIANGULAR, crop_mirror_normalize to CHW float; one pipeline built once,
+  seed 12, default prefetch, DALIClassificationIterator with auto_reset. Its `readers.file` becomes
+  `readers.webdataset` over our shards; `--dali_cpu` is the CPU variant, where the example's `.gpu()`
+  before crop_mirror_normalize is left out.
+- `ffcv-reference`: the train and val loaders of ffcv-imagenet (train_imagenet.py): RandomResizedCrop /
+  CenterCrop (224/256) decoders, flip, ToTensor, ToDevice, ToTorchImage, NormalizeImage, QUASI_RANDOM order,
+  os_cache. Two changes, both to match fastpix's batch contract: NormalizeImage writes float32 (the example:
+  float16, a GPU trainer's choice) and the last partial batch is kept (the example drops it).
+- `decode-torchvision`, `decode-pil`, `decode-dali`: every stored JPEG of the split decoded once per epoch in
+  `workers` threads (each library releases the GIL while decoding), nothing else; PIL asks libjpeg-turbo for
+  the smallest DCT scale (draft) that keeps the shorter side >= test_resize(res), which any pipeline could use.
+  On a GPU torchvision and DALI decode batches with nvJPEG. The fastest is the bench's decode ceiling.
+"""
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from loaders.common import IMAGENET_MEAN, IMAGENET_STD, TEST_CROP_RATIO, test_resize
+
+
+def _threads(workers):
+    return workers or os.cpu_count()
+
+
+def dali_reference(data_dir, split, *, batch_size, res, device, seed, workers):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
+
+    from ingest import layout
+    tars, indexes = layout.shard_paths(data_dir, split)
+    on_gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=_threads(workers), device_id=(device.index or 0) if on_gpu else None,
+                  seed=12)
+    def graph():
+        jpegs, labels = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(i) for i in indexes],
+                                              ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
+                                              random_shuffle=split == "train", pad_last_batch=True, name="Reader")
+        decoder = "mixed" if on_gpu else "cpu"
+        if split == "train":
+            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                                   random_aspect_ratio=[0.8, 1.25], random_area=[0.1, 1.0],
+                                                   num_attempts=100)
+            images = fn.resize(images, resize_x=res, resize_y=res, interp_type=types.INTERP_TRIANGULAR)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, size=test_resize(res), mode="not_smaller", interp_type=types.INTERP_TRIANGULAR)
+            mirror = False
+        images = fn.crop_mirror_normalize(images.gpu() if on_gpu else images, dtype=types.FLOAT, output_layout="CHW",
+                                          crop=(res, res), mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                                          mirror=mirror)
+        return images, labels.gpu() if on_gpu else labels
+
+    pipe = graph()
+    pipe.build()
+    batches = DALIClassificationIterator(pipe, reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
+                                         auto_reset=True)
+    return Reference(_dali_epochs(batches, "data", "label"), pipe.reader_meta("Reader")["epoch_size"])
+
+
+def ffcv_reference(data_dir, split, *, batch_size, res, device, seed, workers):
+    import torch
+
+    from ingest import layout
+    from loaders.ffcv import keep_torch_threads
+    with keep_torch_threads():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
+                                     ToTorchImage)
+
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    train = split == "train"
+    decoder = (RandomResizedCropRGBImageDecoder((res, res)) if train
+               else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
+    pipelines = {
+        "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()] + to_device
+                 + [ToTorchImage(), NormalizeImage(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), np.float32)],
+        "label": [IntDecoder(), ToTensor(), Squeeze()] + to_device,
+    }
+    with keep_torch_threads():
+        loader = Loader(str(layout.beton_path(data_dir, split)), batch_size=batch_size,
+                        num_workers=_threads(workers), order=OrderOption.QUASI_RANDOM if train else
+                        OrderOption.SEQUENTIAL, os_cache=True, drop_last=False, pipelines=pipelines, seed=seed)
+
+    def epochs():
+        while True:
+            threads = torch.get_num_threads()
+            yield iter(loader)
+            torch.set_num_threads(threads)
+    return Reference(epochs(), len(loader.indices))
+
+
+def _dali_epochs(batches, *names):
+    """Epochs of a DALI iterator with auto_reset, each an iterator of tuples of its outputs `names`."""
+    while True:
+        yield (tuple(b[0][n] for n in names) for b in batches)
+
+
+class Reference:
+    """A reference pipeline as a loader: each iteration is its next epoch; set_epoch is the library's business."""
+
+    def __init__(self, epochs, num_samples):
+        self.epochs, self.num_samples = epochs, num_samples
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        return next(self.epochs)
+
+
+class DecodeOnly:
+    """Every stored JPEG of the split decoded once per epoch by `decode(list of JPEG byte tensors)`, batch by
+    batch, in `workers` threads; the images are dropped (a loader would still have to crop and normalise)."""
+
+    def __init__(self, data_dir, split, *, batch_size, decode, workers):
+        from loaders.tvision import ShardSamples
+        self.samples, self.batch_size, self.decode = ShardSamples(data_dir, split), batch_size, decode
+        self.num_samples = len(self.samples)
+        self.pool = ThreadPoolExecutor(_threads(workers))
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        for start in range(0, self.num_samples, self.batch_size):
+            positions = range(start, min(start + self.batch_size, self.num_samples))
+            yield self.decode(self.pool, [self.samples.read(p) for p in positions]), self.samples.labels[positions]
+
+
+def decode_torchvision(data_dir, split, *, batch_size, res, device, seed, workers):
+    from loaders.tvision import decode, decode_jpegs_on_gpu
+
+    def decode_batch(pool, jpegs):
+        return decode_jpegs_on_gpu(jpegs, device) if device.type == "cuda" else list(pool.map(decode, jpegs))
+    return DecodeOnly(data_dir, split, batch_size=batch_size, decode=decode_batch, workers=workers)
+
+
+def decode_pil(data_dir, split, *, batch_size, res, device, seed, workers):
+    from PIL import Image
+    short = test_resize(res)
+
+    def one(jpeg):
+        image = Image.open(io.BytesIO(jpeg.numpy().tobytes()))
+        image.draft("RGB", (short, short))  # the largest DCT scale-down that keeps both sides >= short
+        image.load()
+        return image.size
+
+    return DecodeOnly(data_dir, split, batch_size=batch_size, decode=lambda pool, jpegs: list(pool.map(one, jpegs)),
+                      workers=workers)
+
+
+def decode_dali(data_dir, split, *, batch_size, res, device, seed, workers):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from ingest import layout
+    tars, indexes = layout.shard_paths(data_dir, split)
+    on_gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=_threads(workers), device_id=(device.index or 0) if on_gpu else None)
+    def graph():
+        jpegs, labels = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(i) for i in indexes],
+                                              ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
+                                              pad_last_batch=True, name="Reader")
+        images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        return images.shape(), labels  # the images stay in DALI's buffers
+
+    pipe = graph()
+    pipe.build()
+    batches = DALIGenericIterator(pipe, ["shapes", "labels"], reader_name="Reader",
+                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+    return Reference(_dali_epochs(batches, "shapes", "labels"), pipe.reader_meta("Reader")["epoch_size"])
+
+
+LIBRARY = {"dali-reference": "loaders.dali", "ffcv-reference": "loaders.ffcv", "decode-torchvision": "loaders.tvision",
+           "decode-pil": "loaders.tvision", "decode-dali": "loaders.dali"}  # imported before the build is timed
+REFERENCES = {"dali": "dali-reference", "ffcv": "ffcv-reference"}  # backend -> its library's own pipeline
+DECODERS = ("decode-torchvision", "decode-pil", "decode-dali")
+ROWS = {"dali-reference": dali_reference, "ffcv-reference": ffcv_reference, "decode-torchvision": decode_torchvision,
+        "decode-pil": decode_pil, "decode-dali": decode_dali}
