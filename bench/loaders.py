@@ -76,7 +76,7 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
             loader.set_epoch(epoch)
             started, count = time.perf_counter(), 0
             for batch in loader:
-                count += len(batch[1])  # the labels: what the loader really gave, not what it claims
+                count += batch[1].numel()  # the labels: what the loader really gave, not what it claims
                 if first_batch_s is None:  # loader only: each batch is ready (on the device) when handed over
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)

@@ -11,8 +11,9 @@ workers=)`.
   before crop_mirror_normalize is left out.
 - `ffcv-reference`: the train and val loaders of ffcv-imagenet (train_imagenet.py): RandomResizedCrop /
   CenterCrop (224/256) decoders, flip, ToTensor, ToDevice, ToTorchImage, NormalizeImage, QUASI_RANDOM order,
-  os_cache. Two changes, both to match fastpix's batch contract: NormalizeImage writes float32 (the example:
-  float16, a GPU trainer's choice) and the last partial batch is kept (the example drops it).
+  os_cache. Two changes to match fastpix's batch contract: NormalizeImage writes float32 (the example:
+  float16, a GPU trainer's choice) and the last partial batch is kept (the example drops it). On the CPU
+  NormalizeImage runs before ToTensor, where FFCV compiles it (after ToTorchImage it is a Python loop).
 - `decode-torchvision`, `decode-pil`, `decode-dali`: every stored JPEG of the split decoded once per epoch in
   `workers` threads (each library releases the GIL while decoding), nothing else; PIL asks libjpeg-turbo for
   the smallest DCT scale (draft) that keeps the shorter side >= test_resize(res), which any pipeline could use.
@@ -84,9 +85,11 @@ def ffcv_reference(data_dir, split, *, batch_size, res, device, seed, workers):
     train = split == "train"
     decoder = (RandomResizedCropRGBImageDecoder((res, res)) if train
                else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
-    pipelines = {
-        "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()] + to_device
-                 + [ToTorchImage(), NormalizeImage(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), np.float32)],
+    normalize = [NormalizeImage(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), np.float32)]
+    on_gpu = device.type == "cuda"
+    pipelines = {  # FFCV's CPU NormalizeImage is compiled on numpy images only: before ToTensor on the CPU
+        "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + ([] if on_gpu else normalize)
+                 + [ToTensor()] + to_device + [ToTorchImage()] + (normalize if on_gpu else []),
         "label": [IntDecoder(), ToTensor(), Squeeze()] + to_device,
     }
     with keep_torch_threads():
