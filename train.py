@@ -11,9 +11,11 @@ default batch 150 the convolutions dominate even more. So `--amp auto` picks bf1
 (AMX or AVX512-BF16) and off on the others, where bf16 is emulated and slower.
 
 Everything a run produces lives in runs/<name>/: config.json, metrics.jsonl, last.pt, test_predictions.npz
-and the PNG plots (loss.png, accuracy.png, confusion.png), plus the marker .fastpix-run; only rank 0 writes.
-A run writes only into a folder it made (the marker says so) and deletes only its own files. config.json and
-every checkpoint record the dataset's fingerprint, so --resume and --init-from notice other data.
+(label, prediction, confidence per test sample), the plots (loss.png, accuracy.png, confusion.png,
+grad_norms.png), at the end what the net learnt and how it predicts (layers.md, filters.png, feature_maps.png,
+samples.png, predictions.png, per_class.md, suspects.csv; see report/), and the marker .fastpix-run; only rank 0
+writes. A run writes only into a folder it made (the marker says so) and deletes only its own files. config.json
+and every checkpoint record the dataset's fingerprint, so --resume and --init-from notice other data.
 """
 import argparse
 import contextlib
@@ -50,7 +52,10 @@ from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import rank_ids, resolve_device  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
+from report.images import plot_feature_maps, plot_filters, plot_predictions, plot_samples  # noqa: E402
+from report.layers import layer_table, layers_markdown  # noqa: E402
 from report.plots import plot_confusion, plot_run  # noqa: E402
+from report.quality import per_class_markdown, write_suspects  # noqa: E402
 from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -452,22 +457,25 @@ def gather_to_rank0(obj, world):
 
 
 def evaluate(model, loader, autocast, world, flip=False):
-    """Labels and predictions of every test sample exactly once, in id order, on rank 0 (None elsewhere:
-    only rank 0 computes metrics and writes); flip: logits of each image plus those of its mirror."""
+    """Labels, predictions and the softmax confidence of each prediction for every test sample exactly once,
+    in id order, on rank 0 (None elsewhere: only rank 0 computes metrics and writes); flip: logits of each
+    image averaged with those of its mirror."""
     model.eval()
-    preds, labels = [], []
+    preds, confs, labels = [], [], []
     with torch.no_grad(), autocast():
         for images, y in loader:
             logits = model(images)
             if flip:
-                logits = logits + model(images.flip(3))
-            preds.append(logits.argmax(1))
+                logits = (logits + model(images.flip(3))) / 2
+            conf, pred = logits.float().softmax(1).max(1)
+            preds.append(pred)
+            confs.append(conf)
             labels.append(y)
     model.train()
     # Ranks own contiguous id blocks (loaders.common.rank_ids), so rank order is id order.
-    gathered = gather_to_rank0((torch.cat(labels).cpu(), torch.cat(preds).cpu()), world)
+    gathered = gather_to_rank0((torch.cat(labels).cpu(), torch.cat(preds).cpu(), torch.cat(confs).cpu()), world)
     if gathered is None:
-        return None, None
+        return None, None, None
     return tuple(torch.cat(part).numpy() for part in zip(*gathered))
 
 
@@ -607,6 +615,8 @@ class Run:
         if self.writer and self.dir.is_dir():
             for path in own_temp_files(self.dir):  # left by a write that was killed
                 path.unlink()
+        self.weights = [(name.removesuffix(".weight"), p) for name, p in self.model.named_parameters()
+                        if p.requires_grad and p.ndim > 1]  # conv and linear weights: the layers grad_norms logs
         if cfg.resume:
             self.restore(manifest)
         elif self.writer:
@@ -744,7 +754,7 @@ class Run:
             end_of_epoch = step + 1 == self.steps_per_epoch
             out_of_steps = cfg.max_steps is not None and self.global_step >= cfg.max_steps
             if len(pending) == cfg.log_every or end_of_epoch or out_of_steps or (self.world == 1 and stop.signal):
-                self.log_steps(pending, bar)
+                self.log_steps(pending, bar, self.grad_norms())
                 pending = []
                 if all_ranks(self.world, device, stop.signal is not None, "max") or out_of_steps:
                     self.stopped = "signal" if stop.signal is not None else "max_steps"
@@ -769,17 +779,27 @@ class Run:
         self.epoch, self.skip = self.epoch + 1, 0
         self.checkpoint(self.epoch, 0)
 
-    def log_steps(self, pending, bar):
-        """The one device sync of the step loop: every pending step's loss in one transfer, to the log."""
-        losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
+    def grad_norms(self):
+        """The gradient norm of every conv and linear layer's weights, on the device, stacked so that
+        `log_steps` reads them in the loss's own transfer (no extra sync). Taken after the optimizer step:
+        GradScaler has unscaled the gradients by then."""
+        grads = [p.grad if p.grad is not None else p.new_zeros(()) for _, p in self.weights]
+        return torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+
+    def log_steps(self, pending, bar, norms):
+        """The one device sync of the step loop: every pending step's loss and the last step's per-layer
+        gradient norms in one transfer, to the log."""
+        read = torch.cat([torch.stack([p[1] for p in pending]).float(), norms]).cpu().tolist()
+        losses, norms = read[:len(pending)], dict(zip((name for name, _ in self.weights), read[len(pending):]))
         now = time.perf_counter()
         ips = sum(p[4] for p in pending) * self.world / (now - self.t_window)
         self.t_window = now
         if self.writer:
+            records = [{"kind": "step", "epoch": self.epoch, "step": s, "loss": loss, "lr": lr, "images_per_sec": ips,
+                        "data_wait_s": wait} for (s, _, lr, wait, _), loss in zip(pending, losses)]
+            records[-1]["grad_norms"] = norms
             with self.writing("metrics.jsonl"):
-                append_jsonl(self.dir / "metrics.jsonl", [
-                    {"kind": "step", "epoch": self.epoch, "step": s, "loss": loss, "lr": lr, "images_per_sec": ips,
-                     "data_wait_s": wait} for (s, _, lr, wait, _), loss in zip(pending, losses)])
+                append_jsonl(self.dir / "metrics.jsonl", records)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{ips:.0f}")
         if not all(math.isfinite(v) for v in losses):
             kept = f"the last good checkpoint is {self.dir / CHECKPOINT}" if (self.dir / CHECKPOINT).exists() \
@@ -791,8 +811,8 @@ class Run:
         """Test metrics into the epoch's record (rank 0), logged with one summary line."""
         t_eval = time.perf_counter()
         model = self.model if self.ema is None else self.ema.module
-        y_true, y_pred = evaluate(model, self.test_loader, self.autocast, self.world,
-                                  flip="flip_tta" in self.cfg.pieces)
+        y_true, y_pred, confidence = evaluate(model, self.test_loader, self.autocast, self.world,
+                                              flip="flip_tta" in self.cfg.pieces)
         record["eval_s"] = time.perf_counter() - t_eval
         if self.writer:
             test = classification_metrics(y_true, y_pred, len(self.classes), resamples=self.cfg.bootstrap,
@@ -802,7 +822,7 @@ class Run:
             with self.writing("metrics.jsonl and test_predictions.npz"):
                 append_jsonl(self.dir / "metrics.jsonl", [record])
                 with atomic_path(self.dir / "test_predictions.npz") as tmp, open(tmp, "wb") as f:
-                    np.savez(f, y_true=y_true, y_pred=y_pred)
+                    np.savez(f, y_true=y_true, y_pred=y_pred, confidence=confidence)
             r = record
             tqdm.write(f"epoch {self.epoch + 1}/{self.cfg.epochs}  loss {r['train_loss']:.3f}  train acc "
                        f"{r['train_acc']:.3f}  test acc {r['test_acc']:.3f} [{r['test_acc_ci'][0]:.3f}, "
@@ -814,12 +834,47 @@ class Run:
         """The plots, from the files alone (so --resume of a finished run redraws them), rank 0 only."""
         if not self.writer:
             return
-        with self.writing("the plots"):
+        with self.writing("the plots and reports"):
             write_json(self.dir / RUN_MARKER, {"finished": self.stopped is None})
             plot_run(self.dir)
             if (self.dir / "test_predictions.npz").is_file():
                 last = np.load(self.dir / "test_predictions.npz")
-                plot_confusion(last["y_true"], last["y_pred"], self.classes, self.dir / "confusion.png")
+                y_true, y_pred, confidence = last["y_true"], last["y_pred"], last["confidence"]
+                plot_confusion(y_true, y_pred, self.classes, self.dir / "confusion.png")
+                write_text(self.dir / "per_class.md", per_class_markdown(y_true, y_pred, self.classes))
+                write_suspects(self.dir / "suspects.csv", self.cfg.data, y_true, y_pred, confidence, self.classes)
+            self.write_pictures()
+
+    def write_pictures(self):
+        """What the net learnt and how it sees (report/): layers.md, filters.png, samples.png (the first train
+        batch of epoch 0 as the model receives it), feature_maps.png and predictions.png (first test batches)."""
+        cfg, model = self.cfg, self.model
+        write_text(self.dir / "layers.md", layers_markdown(layer_table(model, cfg.res),
+                                                           f"{cfg.net}, {len(self.classes)} classes, {cfg.res}px input"))
+        plot_filters(model, self.dir / "filters.png")
+        self.train_loader.set_epoch(0)
+        images, labels = next(iter(self.train_loader))
+        plot_samples(images, labels, self.classes, self.dir / "samples.png")
+        images, y_true, y_pred, confidence = self.test_examples()
+        plot_feature_maps(model, images[0].to(self.device), self.dir / "feature_maps.png")
+        plot_predictions(images, y_true, y_pred, confidence, self.classes, self.dir / "predictions.png")
+
+    def test_examples(self, each=8, max_batches=8):
+        """Test images (copied to the CPU: loaders reuse their buffers) with labels, predictions and confidence,
+        from the first test batches, until `each` right and `each` wrong ones are in or max_batches are read."""
+        kept, hits, misses = [], 0, 0
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            for i, (images, labels) in enumerate(self.test_loader):
+                conf, pred = self.model(images).float().softmax(1).max(1)
+                kept.append((images.to("cpu", torch.float32, copy=True), labels.cpu(), pred.cpu(), conf.cpu()))
+                hits += int((pred == labels).sum())
+                misses += len(labels) - int((pred == labels).sum())
+                if (hits >= each and misses >= each) or i + 1 == max_batches:
+                    break
+        self.model.train()
+        images, y_true, y_pred, confidence = (torch.cat(part) for part in zip(*kept))
+        return images, y_true.numpy(), y_pred.numpy(), confidence.numpy()
 
 
 def summarize(run):

@@ -57,10 +57,24 @@ def plot_confusion(y_true, y_pred, classes, path):
     save(fig, path)
 
 
+def plot_grad_norms(steps, path):
+    """Gradient norm of every conv and linear layer's weights over the iterations (log scale): which layers
+    learn, and when; steps are the step records that carry `grad_norms`."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in steps[0]["grad_norms"]:
+        ax.plot([s["step"] for s in steps], [s["grad_norms"][name] for s in steps], label=name, lw=1)
+    ax.set(xlabel="iteration", ylabel="gradient norm (weights)", yscale="log")
+    ax.legend(fontsize=6, ncol=2 if len(steps[0]["grad_norms"]) > 8 else 1)
+    save(fig, path)
+
+
 def plot_run(run_dir):
-    """(Re)draw loss.png and accuracy.png of a run from its metrics.jsonl."""
+    """(Re)draw loss.png, accuracy.png and grad_norms.png of a run from its metrics.jsonl."""
     steps, epochs = read_metrics(run_dir)
     if steps:
         plot_loss([s["step"] for s in steps], [s["loss"] for s in steps], Path(run_dir) / "loss.png")
+    normed = [s for s in steps if s.get("grad_norms")]
+    if normed:
+        plot_grad_norms(normed, Path(run_dir) / "grad_norms.png")
     if epochs:
         plot_accuracy(epochs, Path(run_dir) / "accuracy.png")

@@ -1,0 +1,100 @@
+"""The per-run artifacts of report/, on a tiny run: each exists and holds what it claims."""
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nets
+import train
+from report.layers import formula_size, layer_table, layers_markdown
+from report.runlog import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def run_dir(ingested, tmp_path_factory):
+    cfg = train.Config(net="narrow", loader="torch", data=str(ingested), res=64, batch_size=16, epochs=1, lr=0.01,
+                       amp="off", runs_dir=str(tmp_path_factory.mktemp("runs")), name="art", workers=0,
+                       bootstrap=50, log_every=2)
+    return Path(train.train(cfg)["run_dir"])
+
+
+def test_every_artifact_is_written(run_dir):
+    for png in ("loss.png", "accuracy.png", "confusion.png", "grad_norms.png", "filters.png", "feature_maps.png",
+                "samples.png", "predictions.png"):
+        assert (run_dir / png).read_bytes()[:4] == PNG, png
+
+
+def test_grad_norms_are_logged_per_layer_with_every_loss_read(run_dir):
+    steps, _ = read_metrics(run_dir)
+    logged = [s for s in steps if "grad_norms" in s]
+    # One per window of --log-every 2 (the epoch's 4 steps), on the window's last step.
+    assert [s["step"] for s in logged] == [1, 3]
+    names = list(logged[0]["grad_norms"])
+    assert names == ["features.0", "features.3", "features.6", "features.8", "features.10",
+                     "classifier.1", "classifier.4", "classifier.6"]
+    assert all(v > 0 and np.isfinite(v) for s in logged for v in s["grad_norms"].values())
+
+
+def test_per_class_and_suspects_agree_with_the_test_predictions(run_dir, ingested):
+    saved = np.load(run_dir / "test_predictions.npz")
+    y_true, y_pred, conf = saved["y_true"], saved["y_pred"], saved["confidence"]
+    assert ((conf > 0) & (conf <= 1)).all()
+    classes = json.loads((run_dir / "config.json").read_text())["classes"]
+    text = (run_dir / "per_class.md").read_text()
+    for c, name in enumerate(classes):
+        support = int(re.search(rf"^\| {name} \|.*\| (\d+) \|$", text, re.M).group(1))
+        assert support == (y_true == c).sum()
+    assert "## Most confused pairs" in text
+    rows = list(csv.DictReader(open(run_dir / "suspects.csv")))
+    wrong = (y_true != y_pred).sum()
+    assert len(rows) == min(wrong, 50) and wrong > 0
+    confidences = [float(r["confidence"]) for r in rows]
+    assert confidences == sorted(confidences, reverse=True)
+    assert confidences[0] == pytest.approx(conf[y_true != y_pred].max(), abs=1e-4)
+    source = Path(json.loads((Path(ingested) / "manifest.json").read_text())["source"])
+    test_csv = list(csv.DictReader(open(Path(ingested) / "test.csv")))
+    for r in rows:
+        i = int(r["id"])
+        assert Path(r["path"]) == source / test_csv[i]["path"] and Path(r["path"]).is_file()
+        assert r["label"] == classes[y_true[i]] == classes[int(test_csv[i]["label"])]
+        assert r["predicted"] == classes[y_pred[i]] != r["label"]
+
+
+def sizes_by_forward(model, res):
+    """Spatial side after every conv and pool layer, by running model.features one module at a time."""
+    x, sides = torch.zeros(1, 3, res, res), []
+    with torch.no_grad():
+        for module in model.features:
+            x = module(x)
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+                sides.append(x.shape[-1])
+    return sides
+
+
+@pytest.mark.parametrize("strides,kernels,res", [(None, None, 224), ((2, 1, 1), (7, 5, 3), 96),
+                                                  ((6, 2, 1), (15, 3, 3), 224), ((1, 1, 1), (3, 3, 3), 40)])
+def test_layers_md_output_sizes_equal_a_real_forward(strides, kernels, res):
+    model = nets.build("flat", 5, strides=strides, kernels=kernels)
+    text = layers_markdown(layer_table(model, res), "flat")
+    table = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| features.")]
+    formula = [int(cells[7]) for cells in table]
+    assert formula == sizes_by_forward(model, res)
+    assert [int(cells[6].split(" x ")[-1]) for cells in table] == formula
+    assert "equals the real forward" in text
+
+
+def test_layer_table_counts_parameters_and_macs():
+    model = nets.build("flat", 5)
+    rows = layer_table(model, 224)
+    assert sum(r["params"] for r in rows) == sum(p.numel() for p in model.parameters())
+    first = rows[0]
+    assert (first["kernel"], first["stride"], first["padding"], first["output"]) == (11, 4, 3, (96, 55, 55))
+    assert first["macs"] == 96 * 55 * 55 * 3 * 11 * 11
+    assert formula_size(224, 11, 4, 3) == 55
