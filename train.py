@@ -19,6 +19,7 @@ and every checkpoint record the dataset's fingerprint, so --resume and --init-fr
 """
 import argparse
 import contextlib
+import copy
 import errno
 import io
 import json
@@ -54,7 +55,7 @@ from loaders.common import rank_ids, resolve_device  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
 from report.images import plot_feature_maps, plot_filters, plot_predictions, plot_samples  # noqa: E402
 from report.layers import layer_table, layers_markdown  # noqa: E402
-from report.plots import plot_confusion, plot_run  # noqa: E402
+from report.plots import plot_confusion, plot_lr_find, plot_run  # noqa: E402
 from report.quality import per_class_markdown, write_suspects  # noqa: E402
 from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
 
@@ -78,7 +79,7 @@ class Config:
     batch_size: int = 150          # per process (the study's batch); DDP multiplies it by the world size
     epochs: int = 10
     optimizer: str = "sgd"         # sgd | adam | rmsprop
-    lr: float = 0.01               # peak learning rate, reached after the warm-up
+    lr: float | str = 0.01         # peak learning rate, reached after the warm-up; "auto": find_lr's suggestion
     momentum: float = 0.9          # SGD and RMSprop momentum
     weight_decay: float = 5e-4     # AlexNet's L2 penalty
     warmup: float = 1.0            # epochs of linear warm-up before the cosine decay to 0
@@ -96,7 +97,8 @@ class Config:
     kernels: tuple | None = None   # conv kernel sizes, one per layer (AlexNet family)
     dropout: float = 0.0           # before both FC layers; off to stay faithful to the study
     batchnorm: bool = False        # after every conv; off to stay faithful to the study
-    pretrained: str = ""           # local ImageNet state dict for resnet18 (never downloaded)
+    pretrained: str = ""           # local weights for every layer but the head: a fastpix run's last.pt of this net
+                                   # (any class count), or torchvision's ImageNet resnet18 (never downloaded)
     freeze: bool = False           # resnet18: train the new head only
     workers: int | None = None     # loader threads/processes; None: the backend's choice
     log_every: int = 10            # steps between reads of the loss (each read syncs with the device)
@@ -104,6 +106,9 @@ class Config:
     bootstrap: int = 1000          # resamples for the 95 % intervals of the test metrics
     recipe: str = "study"          # study | fast (see RECIPE_PIECES)
     pieces: tuple | None = None    # the fast recipe's pieces that are on; None: all of FAST_DEFAULT
+    find_lr: bool = False          # LR range test before training (lr_find.png, lr_find.json); --lr auto implies it
+    find_lr_steps: int = 200       # steps of the range test's exponential sweep
+    merge: tuple = ()              # class groups trained as one, e.g. ("Celebrities+People",)
 
 
 def check(cfg):
@@ -118,7 +123,8 @@ def check(cfg):
     if cfg.amp not in AMP_MODES:
         raise UsageError(f"unknown amp mode {cfg.amp!r}: choose one of {', '.join(AMP_MODES)}")
     positive = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--log-every": cfg.log_every,
-                "--bootstrap": cfg.bootstrap, "--max-steps": 1 if cfg.max_steps is None else cfg.max_steps}
+                "--bootstrap": cfg.bootstrap, "--max-steps": 1 if cfg.max_steps is None else cfg.max_steps,
+                "--find-lr-steps": cfg.find_lr_steps}
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
@@ -126,7 +132,7 @@ def check(cfg):
         raise UsageError(f"--workers must be >= 0, got {cfg.workers}")
     if min(train_res(cfg, 0), cfg.res) < 8:
         raise UsageError(f"--res must be >= 8 at every epoch, got {cfg.res} (lowest {train_res(cfg, 0)})")
-    if not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
+    if cfg.lr != "auto" and not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
         raise UsageError(f"--lr ({cfg.lr}), --weight-decay ({cfg.weight_decay}) and --warmup ({cfg.warmup}) "
                          "must be finite and >= 0")
     if not 0 <= cfg.momentum < 1:
@@ -280,15 +286,89 @@ def lr_factor(step, warmup_steps, total_steps):
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(cfg, params):
+def make_optimizer(cfg, params, lr):
     """fused=True: one kernel over all parameters, 4-7x faster than the default for our 60-75M-parameter
     AlexNets on the CPU (measured); RMSprop has no fused version."""
     params = decay_groups(params) if "no_bn_decay" in cfg.pieces else [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def merge_classes(classes, merges):
+    """--merge "A+B": (class names after merging, new label of every old label). A merged class takes the place
+    of its first member and is named by its members joined with '+', as given."""
+    group = {}
+    for spec in merges:
+        members = spec.split("+")
+        unknown = [m for m in members if m not in classes]
+        if len(members) < 2 or unknown:
+            raise UsageError(f"--merge {spec!r}: join two or more of these classes with '+': {', '.join(classes)}")
+        for m in members:
+            if m in group:
+                raise UsageError(f"--merge: {m} is in two merges ({group[m]} and {spec})")
+            group[m] = spec
+    names = list(dict.fromkeys(group.get(c, c) for c in classes))
+    if len(names) < 2:
+        raise UsageError("--merge leaves fewer than 2 classes: nothing to classify")
+    return names, [names.index(group.get(c, c)) for c in classes]
+
+
+def find_lr(run, start=1e-7, end=10.0, beta=0.98):
+    """Smith's LR range test: train a copy of the model with its own optimizer and its own train loader while
+    the LR grows exponentially from `start` to `end` over --find-lr-steps steps, stopping once the smoothed loss
+    exceeds 4x its minimum. The RNG state is restored afterwards, so the run itself is untouched: same weights,
+    same batches, bit for bit. Suggests the LR of the lowest smoothed loss / 10 (where it still falls steeply).
+    Rank 0's suggestion is every rank's. Returns what lr_find.json holds (the run writes it with lr_find.png)."""
+    cfg, saved = run.cfg, rng_state()
+    model = copy.deepcopy(run.model)
+    optimizer = make_optimizer(cfg, model.parameters(), start)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
+    loader = make_loader(cfg.loader, cfg.data, "train", **run.loader_args)
+    lrs = start * (end / start) ** (np.arange(cfg.find_lr_steps) / max(cfg.find_lr_steps - 1, 1))
+    losses, pending, epoch, batches = [], [], 0, iter(loader)
+    for step, lr in enumerate(lrs):
+        batch = next(batches, None)
+        if batch is None:  # a sweep longer than an epoch goes on into the next one
+            epoch += 1
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            batch = next(batches)
+        images, labels = batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with run.autocast():
+            loss = F.cross_entropy(model(images), run.relabel(labels))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        pending.append(loss.detach())
+        if len(pending) == cfg.log_every or step + 1 == len(lrs):  # one read per --log-every steps
+            losses += torch.stack(pending).float().cpu().tolist()
+            pending = []
+            smooth = lr_sweep_smoothed(losses, beta)
+            if not math.isfinite(smooth[-1]) or smooth[-1] > 4 * min(smooth):
+                break
+    del model, optimizer, loader
+    set_rng_state(saved)
+    lrs, smooth = lrs[:len(losses)].tolist(), lr_sweep_smoothed(losses, beta)
+    finite = [i for i, v in enumerate(smooth) if math.isfinite(v)]
+    suggested = lrs[min(finite, key=smooth.__getitem__)] / 10 if finite else start
+    suggested = all_ranks(run.world, run.device, suggested if run.writer else 0.0, "sum")
+    return {"suggested_lr": suggested, "rule": "lowest smoothed loss / 10", "lr": lrs, "loss": losses,
+            "smoothed": smooth}
+
+
+def lr_sweep_smoothed(losses, beta):
+    """Exponential moving average of the sweep's losses with bias correction (fastai's LR finder smoothing)."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
 
 
 def make_model(cfg, num_classes, device):
@@ -456,7 +536,7 @@ def gather_to_rank0(obj, world):
     return blobs and [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
 
-def evaluate(model, loader, autocast, world, flip=False):
+def evaluate(model, loader, autocast, world, relabel, flip=False):
     """Labels, predictions and the softmax confidence of each prediction for every test sample exactly once,
     in id order, on rank 0 (None elsewhere: only rank 0 computes metrics and writes); flip: logits of each
     image averaged with those of its mirror."""
@@ -470,7 +550,7 @@ def evaluate(model, loader, autocast, world, flip=False):
             conf, pred = logits.float().softmax(1).max(1)
             preds.append(pred)
             confs.append(conf)
-            labels.append(y)
+            labels.append(relabel(y))
     model.train()
     # Ranks own contiguous id blocks (loaders.common.rank_ids), so rank order is id order.
     gathered = gather_to_rank0((torch.cat(labels).cpu(), torch.cat(preds).cpu(), torch.cat(confs).cpu()), world)
@@ -565,7 +645,10 @@ class Run:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.writer = rank == 0
         manifest = layout.read_manifest(cfg.data)
-        self.classes, self.fingerprint = manifest["classes"], manifest["fingerprint"]
+        self.classes, label_map = merge_classes(manifest["classes"], cfg.merge)
+        self.fingerprint = manifest["fingerprint"]
+        # --merge: labels are remapped on the device, by indexing (no sync, no re-ingest).
+        self.label_map = torch.tensor(label_map, device=device) if cfg.merge else None
         self.amp = resolve_amp(cfg.amp, device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         if not cfg.name:
@@ -582,10 +665,10 @@ class Run:
             if isinstance(state, dict) and "model" in state:  # a fastpix checkpoint; a bare state dict knows no data
                 check_same_data("--init-from", cfg.init_from, state, manifest, cfg)
             load_weights(self.model, cfg.init_from, state)
-        loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=rank,
-                           world=world, workers=cfg.workers)
-        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **loader_args)
-        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **loader_args)
+        self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
+                                rank=rank, world=world, workers=cfg.workers)
+        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **self.loader_args)
+        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **self.loader_args)
         # Full batches only (the last partial one is dropped; the next epoch's shuffle drops others): BN never
         # sees a 1-sample batch, every step weighs the same, and all ranks take the same number of steps even
         # when their blocks differ by a sample, so DDP never waits on a rank that has finished.
@@ -596,7 +679,8 @@ class Run:
                              "process: lower it")
         total, warmup = cfg.epochs * self.steps_per_epoch, round(cfg.warmup * self.steps_per_epoch)
 
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.lr = self.resolve_lr()
+        self.optimizer = make_optimizer(cfg, self.model.parameters(), self.lr)
         schedule = (lambda s: onecycle_factor(s, total)) if "onecycle" in cfg.pieces else \
             (lambda s: lr_factor(s, warmup, total))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -627,7 +711,11 @@ class Run:
                     "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
                     "process_group": dist.get_backend() if dist.is_initialized() else None,
                     "classes": self.classes, "data_fingerprint": self.fingerprint,
-                    "steps_per_epoch": self.steps_per_epoch, "torch": torch.__version__})
+                    "steps_per_epoch": self.steps_per_epoch, "lr": self.lr, "torch": torch.__version__})
+                if self.lr_sweep:
+                    write_json(self.dir / "lr_find.json", self.lr_sweep)
+                    plot_lr_find(self.lr_sweep["lr"], self.lr_sweep["loss"], self.lr_sweep["smoothed"],
+                                 self.lr_sweep["suggested_lr"], self.dir / "lr_find.png")
 
     @contextlib.contextmanager
     def writing(self, what, need=None):
@@ -651,6 +739,23 @@ class Run:
                         "(it starts again)")
             raise UsageError(f"disk full writing {what} in {self.dir} ({needs}{megabytes(free)} free): "
                              f"{kept}") from None
+
+    def tested_model(self):
+        """The weights the test metrics describe: the EMA's when the recipe keeps one."""
+        return self.model if self.ema is None else self.ema.module
+
+    def relabel(self, labels):
+        return labels if self.label_map is None else self.label_map[labels]
+
+    def resolve_lr(self):
+        """The peak LR: --lr, or (--lr auto) the range test's suggestion, found once and kept in config.json."""
+        cfg = self.cfg
+        self.lr_sweep = None
+        if cfg.resume:
+            return json.loads((self.dir / "config.json").read_text()).get("lr", cfg.lr)
+        if cfg.find_lr or cfg.lr == "auto":
+            self.lr_sweep = find_lr(self)
+        return self.lr_sweep["suggested_lr"] if cfg.lr == "auto" else cfg.lr
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -731,6 +836,7 @@ class Run:
         for step in range(first, self.steps_per_epoch):
             t0 = time.perf_counter()
             images, labels = next(batches)
+            labels = self.relabel(labels)
             wait = time.perf_counter() - t0
             data_wait += wait
             with self.autocast():
@@ -810,9 +916,8 @@ class Run:
     def test_epoch(self, record):
         """Test metrics into the epoch's record (rank 0), logged with one summary line."""
         t_eval = time.perf_counter()
-        model = self.model if self.ema is None else self.ema.module
-        y_true, y_pred, confidence = evaluate(model, self.test_loader, self.autocast, self.world,
-                                              flip="flip_tta" in self.cfg.pieces)
+        y_true, y_pred, confidence = evaluate(self.tested_model(), self.test_loader, self.autocast, self.world,
+                                              self.relabel, flip="flip_tta" in self.cfg.pieces)
         record["eval_s"] = time.perf_counter() - t_eval
         if self.writer:
             test = classification_metrics(y_true, y_pred, len(self.classes), resamples=self.cfg.bootstrap,
@@ -848,13 +953,13 @@ class Run:
     def write_pictures(self):
         """What the net learnt and how it sees (report/): layers.md, filters.png, samples.png (the first train
         batch of epoch 0 as the model receives it), feature_maps.png and predictions.png (first test batches)."""
-        cfg, model = self.cfg, self.model
+        cfg, model = self.cfg, self.tested_model()
         write_text(self.dir / "layers.md", layers_markdown(layer_table(model, cfg.res),
                                                            f"{cfg.net}, {len(self.classes)} classes, {cfg.res}px input"))
         plot_filters(model, self.dir / "filters.png")
         self.train_loader.set_epoch(0)
         images, labels = next(iter(self.train_loader))
-        plot_samples(images, labels, self.classes, self.dir / "samples.png")
+        plot_samples(images, self.relabel(labels), self.classes, self.dir / "samples.png")
         images, y_true, y_pred, confidence = self.test_examples()
         plot_feature_maps(model, images[0].to(self.device), self.dir / "feature_maps.png")
         plot_predictions(images, y_true, y_pred, confidence, self.classes, self.dir / "predictions.png")
@@ -862,17 +967,18 @@ class Run:
     def test_examples(self, each=8, max_batches=8):
         """Test images (copied to the CPU: loaders reuse their buffers) with labels, predictions and confidence,
         from the first test batches, until `each` right and `each` wrong ones are in or max_batches are read."""
-        kept, hits, misses = [], 0, 0
-        self.model.eval()
+        kept, hits, misses, model = [], 0, 0, self.tested_model()
+        model.eval()
         with torch.no_grad(), self.autocast():
             for i, (images, labels) in enumerate(self.test_loader):
-                conf, pred = self.model(images).float().softmax(1).max(1)
+                labels = self.relabel(labels)
+                conf, pred = model(images).float().softmax(1).max(1)
                 kept.append((images.to("cpu", torch.float32, copy=True), labels.cpu(), pred.cpu(), conf.cpu()))
                 hits += int((pred == labels).sum())
                 misses += len(labels) - int((pred == labels).sum())
                 if (hits >= each and misses >= each) or i + 1 == max_batches:
                     break
-        self.model.train()
+        model.train()
         images, y_true, y_pred, confidence = (torch.cat(part) for part in zip(*kept))
         return images, y_true.numpy(), y_pred.numpy(), confidence.numpy()
 
@@ -897,6 +1003,15 @@ def summarize(run):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+def lr_value(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def int_list(text):
     try:
         return tuple(int(v) for v in text.split(","))
@@ -918,7 +1033,8 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
     p.add_argument("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (after warm-up)")
+    p.add_argument("--lr", type=lr_value, default=d.lr, help="peak learning rate (after warm-up), or auto: the "
+                   "LR range test's suggestion (see --find-lr)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="momentum for sgd and rmsprop")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
     p.add_argument("--warmup", type=float, default=d.warmup, help="epochs of linear LR warm-up before cosine decay")
@@ -939,7 +1055,9 @@ def parse(argv=None):
     p.add_argument("--kernels", type=int_list, default=d.kernels, help="conv kernel sizes, e.g. 11,5,3")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the FC layers")
     p.add_argument("--batchnorm", action="store_true", help="batch norm after every conv")
-    p.add_argument("--pretrained", default=d.pretrained, help="local ImageNet state dict for resnet18")
+    p.add_argument("--pretrained", default=d.pretrained,
+                   help="transfer every layer but the head from a fastpix run's last.pt of this net (any classes) "
+                        "or a local ImageNet resnet18 state dict")
     p.add_argument("--freeze", action="store_true", help="resnet18: train the new head only")
     p.add_argument("--workers", type=int, default=d.workers, help="loader workers (default: the backend's)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss reads and log lines")
@@ -949,6 +1067,11 @@ def parse(argv=None):
                    "(the pieces of --pieces, for time to accuracy; see README, Recipe)")
     p.add_argument("--pieces", type=name_list, default=d.pieces,
                    help=f"with --recipe fast, the pieces to use (default: all of {','.join(FAST_DEFAULT)})")
+    p.add_argument("--find-lr", action="store_true", help="LR range test first, on a copy (the run is unchanged): "
+                   "lr_find.png and lr_find.json with the suggested LR in the run folder")
+    p.add_argument("--find-lr-steps", type=int, default=d.find_lr_steps, help="steps of the LR range test")
+    p.add_argument("--merge", action="append", default=list(d.merge), metavar="A+B",
+                   help="train classes A and B as one class named A+B (repeatable; labels remapped on the device)")
     return Config(**{k: v for k, v in vars(p.parse_args(argv)).items()})
 
 

@@ -76,6 +76,21 @@ def accuracy_curves(series, path, title):
     save(fig, path)
 
 
+def accuracy_panels(series, path, title):
+    """series: {name: {"train": [...], "test": [...]}} per epoch: train accuracy in one panel, test in the other,
+    same colour per setting, so the gap between them (overfitting) reads across the panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, split in zip(axes, ("train", "test")):
+        for i, (name, acc) in enumerate(series.items()):
+            values = [v for v in acc.get(split, []) if v is not None]
+            ax.plot(range(1, len(values) + 1), values, "o-", color=f"C{i}", ms=3, label=name)
+        ax.set(xlabel="epoch", title=f"{split} accuracy")
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    save(fig, path)
+
+
 def setting_bars(rows, path, title):
     """rows: [{"setting", "test_acc", "test_acc_ci", "images_per_sec"}]: accuracy with its interval and speed
     per setting, side by side, for the stride and filter-size grids."""

@@ -1,12 +1,15 @@
 """The 500px study, reproducible: each experiment is one command, resumable, and writes its plots and table.
 
-    python -m bench.study nets|strides|kernels|optimizers|transfer|all [--data DIR] [--out DIR] ...
+    python -m bench.study nets|strides|kernels|regularization|optimizers|transfer|merge|all [--data DIR] ...
 
 1. nets: alexnet, flat and narrow; loss per iteration (rolling mean and std over 50 iterations), train/test
-   accuracy per epoch.  2. strides and 3. kernels of flat: a small grid, accuracy and images/s per setting.
-4. optimizers: one epoch of plain SGD, checkpointed, then continued from that checkpoint with SGD+momentum,
-   Adam and RMSprop for the same number of epochs.  5. transfer: resnet18 from local ImageNet weights
-   (--pretrained PATH), head only vs full fine-tune; skipped with a note when no weights are given.
+   accuracy per epoch.  2. strides and 3. kernels of flat: a small grid, accuracy, images/s, feature-map size
+   and MACs per setting.  4. regularization of flat: none vs dropout 0.5 vs batch norm vs weight decay x10.
+5. optimizers: one epoch of plain SGD, checkpointed, then continued from that checkpoint with SGD+momentum,
+   Adam and RMSprop for the same number of epochs, each at its own LR range test's suggestion (--lr auto).
+6. transfer: resnet18 from local ImageNet weights (--pretrained PATH), head only vs full fine-tune; skipped
+   with a note when no weights are given.  7. merge: the nets experiment's flat run's most confused pair,
+   trained as one class, against flat. `all` also writes <out>/report.md (report/study.py).
 
 Every run is cached in <out>/runs/<run>.json with the exact train.Config it ran (its run folder is
 <out>/train/<run>/); a rerun reuses a cached run whose config and data (fingerprint) are unchanged, and
@@ -28,7 +31,7 @@ from cli import Parser, UsageError
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
 
-EXPERIMENTS = ("nets", "strides", "kernels", "optimizers", "transfer")
+EXPERIMENTS = ("nets", "strides", "kernels", "regularization", "optimizers", "transfer", "merge")
 
 
 @dataclass
@@ -39,8 +42,8 @@ class StudyConfig:
     epochs: int = 3  # per run: the 11 runs took 48 min on the demo data on 2 shared CPU cores (21 min CPU)
     batch_size: int = 64  # ~20 steps per epoch on the demo data: enough iterations for the rolling curves
     res: int = 112  # the study used 224; 112 keeps the whole study under an hour on 2 CPU cores
-    lr: float = 0.01  # SGD peak learning rate
-    adaptive_lr: float = 1e-4  # Adam and RMSprop: 0.01 makes AlexNet-size nets diverge
+    lr: float = 0.01  # SGD peak learning rate (the optimizers experiment finds its own: --lr auto)
+    find_lr_steps: int = 200  # steps of each LR range test of the optimizers experiment
     device: str = "auto"
     amp: str = "auto"
     seed: int = 0
@@ -50,6 +53,7 @@ class StudyConfig:
     kernels: tuple = ((7, 5, 3), (11, 5, 3), (15, 5, 3))  # flat's first-conv kernel around AlexNet's 11
     warm_epochs: int = 1  # the plain-SGD epoch every optimizer continues from
     optimizers: tuple = ("sgd+momentum", "adam", "rmsprop")  # continuations compared (see OPTIMIZERS)
+    regularization: tuple = ("none", "dropout 0.5", "batch norm", "weight decay x10")  # see REGULARIZATION
     pretrained: Path = None  # resnet18 ImageNet state dict (local file; nothing is downloaded)
     bootstrap: int = 1000  # resamples for the 95 % intervals
 
@@ -112,10 +116,10 @@ COLUMNS = [
 ]
 
 
-def write_experiment(study, exp, title, rows, note=""):
+def write_experiment(study, exp, title, rows, note="", columns=COLUMNS):
     """table.md + summary.json of one experiment; returns the table's markdown (with its heading)."""
     folder = Path(study.out) / exp
-    text = f"### {title}\n\n" + (f"{note}\n\n" if note else "") + (markdown_table(rows, COLUMNS) if rows else "")
+    text = f"### {title}\n\n" + (f"{note}\n\n" if note else "") + (markdown_table(rows, columns) if rows else "")
     atomic_write(folder / "table.md", text)
     write_json(folder / "summary.json", {"experiment": exp, "title": title, "note": note, "rows": rows,
                                          "study": study})
@@ -143,10 +147,21 @@ def exp_nets(study):
                             [row(n, r) for n, r in results.items()])
 
 
+GRID_COLUMNS = COLUMNS + [
+    ("feature map (C x H x W)", lambda r: r["feature_map"]),
+    ("MACs / image", lambda r: f"{r['macs'] / 1e6:,.0f} M"),
+]
+
+
 def _grid(study, exp, param, settings, title):
+    """One flat run per setting; each row also gets the last conv layer's feature-map size and the MACs of one
+    image, from report.layers on the very net trained (the same numbers as the run's layers.md)."""
+    import nets
     from bench.plots import setting_bars
     from nets.alexnet import LAYOUTS
+    from report.layers import feature_map, layer_table
     default = tuple(getattr(LAYOUTS["flat"], param))
+    num_classes = len(read_manifest(study.data)["classes"])
     rows = []
     for setting in tqdm(settings, desc=exp, leave=False):
         label = ",".join(map(str, setting))
@@ -154,9 +169,11 @@ def _grid(study, exp, param, settings, title):
             result = run(study, "flat", net="flat")
         else:
             result = run(study, f"flat-{param}-{label.replace(',', '-')}", net="flat", **{param: tuple(setting)})
-        rows.append(row(f"{param} {label}", result))
+        layers = layer_table(nets.build("flat", num_classes, **{param: tuple(setting)}), study.res)
+        rows.append({**row(f"{param} {label}", result), "feature_map": " x ".join(map(str, feature_map(layers))),
+                     "macs": sum(r["macs"] for r in layers)})
     setting_bars(rows, Path(study.out) / exp / "grid.png", title)
-    return write_experiment(study, exp, title, rows)
+    return write_experiment(study, exp, title, rows, columns=GRID_COLUMNS)
 
 
 def exp_strides(study):
@@ -167,27 +184,61 @@ def exp_kernels(study):
     return _grid(study, "kernels", "kernels", study.kernels, "3. Filter sizes of flat's conv layers")
 
 
+REG_COLUMNS = [
+    ("setting", lambda r: r["setting"]),
+    ("train acc", lambda r: fmt(r["train_acc"], 3)),
+    ("test acc [95 % CI]", lambda r: fmt_ci(r["test_acc"], r["test_acc_ci"])),
+    ("macro precision [95 % CI]", lambda r: fmt_ci(r["macro_precision"], r["macro_precision_ci"])),
+    ("train - test gap", lambda r: fmt(r["gap"], 3)),
+]
+
+
+def exp_regularization(study):
+    """Each regulariser alone on flat against flat itself; the train-test accuracy gap measures overfitting."""
+    from bench.plots import accuracy_panels
+    results = {name: run(study, REGULARIZATION[name][0], **REGULARIZATION[name][1]) for name in tqdm(study.regularization, desc="regularization",
+                                                                         leave=False)}
+    _, acc = curves(results)
+    title = "4. Regularisation of flat, one method at a time"
+    accuracy_panels(acc, Path(study.out) / "regularization" / "accuracy.png", title)
+    rows = [{**row(n, r), "gap": r["summary"]["train_acc"] - r["summary"]["test_acc"]} for n, r in results.items()]
+    note = ("Every run trains on the loaders' RandomResizedCrop + flip, the only train transform until "
+            "make_loader gains augment=: so 'none' is not augmentation-free, and the augmentation row (rrc) is "
+            "left out until then.")
+    return write_experiment(study, "regularization", title, rows, note, columns=REG_COLUMNS)
+
+
+REGULARIZATION = {  # name: (run name, train.Config overrides); "none" is the nets experiment's flat run
+    "none": ("flat", dict(net="flat")),
+    "dropout 0.5": ("flat-dropout-0.5", dict(net="flat", dropout=0.5)),
+    "batch norm": ("flat-batchnorm", dict(net="flat", batchnorm=True)),
+    "weight decay x10": ("flat-weight-decay-x10", dict(net="flat", weight_decay=10 * 5e-4)),  # train's 5e-4 x10
+}
+
+
 def exp_optimizers(study):
     import train
     from bench.plots import loss_curves
     base = run(study, "flat-sgd-start", net="flat", optimizer="sgd", momentum=0.0, epochs=study.warm_epochs)
     start = str(Path(base["summary"]["run_dir"]) / train.CHECKPOINT)
-    results = {name: run(study, f"flat-from-sgd-{name.replace('+', '-')}", net="flat", init_from=start,
-                         **OPTIMIZERS[name](study))
+    results = {name: run(study, f"flat-from-sgd-{name.replace('+', '-')}", net="flat", init_from=start, lr="auto",
+                         find_lr_steps=study.find_lr_steps, **OPTIMIZERS[name])
                for name in tqdm(study.optimizers, desc="optimizers", leave=False)}
     loss, _ = curves(results)
     loss_curves(loss, Path(study.out) / "optimizers" / "loss.png",
                 f"Optimizers, all continuing from {study.warm_epochs} epoch(s) of plain SGD")
+    found = {n: read_json(Path(r["summary"]["run_dir"]) / "config.json")["lr"] for n, r in results.items()}
     note = (f"Every optimizer starts from the same checkpoint: {study.warm_epochs} epoch(s) of plain SGD "
-            f"(test acc {fmt(base['summary']['test_acc'], 3)}); SGD lr {study.lr}, Adam/RMSprop lr "
-            f"{study.adaptive_lr}.")
-    return write_experiment(study, "optimizers", "4. Optimizers from one shared checkpoint",
-                            [row(n, r) for n, r in results.items()], note)
+            f"(test acc {fmt(base['summary']['test_acc'], 3)}), each at the LR its own range test suggested "
+            f"({study.find_lr_steps} steps from that checkpoint): "
+            + ", ".join(f"{n} {lr:.2g}" for n, lr in found.items()) + ".")
+    return write_experiment(study, "optimizers", "5. Optimizers from one shared checkpoint, each at its own LR",
+                            [{**row(n, r), "lr": found[n]} for n, r in results.items()], note)
 
 
 def exp_transfer(study):
     from bench.plots import accuracy_curves
-    title = "5. Transfer learning: resnet18, head only vs full fine-tune"
+    title = "6. Transfer learning: resnet18, head only vs full fine-tune"
     if not study.pretrained:
         return write_experiment(study, "transfer", title, [], "Skipped: no --pretrained PATH given (a local "
                                 "resnet18 ImageNet state dict; fastpix never downloads weights).")
@@ -201,14 +252,48 @@ def exp_transfer(study):
                             f"Weights: {study.pretrained}; full fine-tune at lr {study.lr / 10}.")
 
 
-OPTIMIZERS = {  # the continuations compared, each from the shared plain-SGD checkpoint
-    "sgd+momentum": lambda study: dict(optimizer="sgd", momentum=0.9, lr=study.lr),
-    "adam": lambda study: dict(optimizer="adam", lr=study.adaptive_lr),
-    "rmsprop": lambda study: dict(optimizer="rmsprop", momentum=0.0, lr=study.adaptive_lr),
+def exp_merge(study):
+    """The flat run's most confused pair trained as one class. Merging alone lifts accuracy (one confusion fewer
+    to make), so the table also scores flat's own predictions with the pair merged after the fact: the trained
+    merge helps only if it beats that."""
+    import numpy as np
+    from report.metrics import classification_metrics
+    from report.quality import confused_pairs
+    title = "7. Merged classes: flat's most confused pair as one class"
+    flat = run(study, "flat", net="flat")
+    run_dir = Path(flat["summary"]["run_dir"])
+    classes = read_json(run_dir / "config.json")["classes"]
+    saved = np.load(run_dir / "test_predictions.npz")
+    pairs = confused_pairs(saved["y_true"], saved["y_pred"], len(classes), top=1)
+    if not pairs:
+        return write_experiment(study, "merge", title, [], "Skipped: flat confuses no pair of classes.")
+    a, b, count = pairs[0]
+    spec = f"{classes[a]}+{classes[b]}"
+    merged = run(study, f"flat-merge-{classes[a]}-{classes[b]}", net="flat", merge=(spec,))
+    after = lambda y: np.where(y == b, a, y)  # noqa: E731
+    post = classification_metrics(after(saved["y_true"]), after(saved["y_pred"]), len(classes),
+                                  resamples=study.bootstrap, seed=study.seed)
+    posthoc = {**row(f"flat, {spec} merged after training", flat), "test_acc": post["acc"],
+               "test_acc_ci": post["acc_ci"], "macro_precision": None, "macro_precision_ci": None}
+    rows = [row(f"flat ({len(classes)} classes)", flat), posthoc, row(f"flat trained with --merge {spec}", merged)]
+    change = merged["summary"]["test_acc"] - flat["summary"]["test_acc"]
+    note = (f"Most confused pair of flat: {classes[a]} and {classes[b]} ({count} test images either way). "
+            f"Training them as one changes test accuracy by {change:+.3f} ({fmt(flat['summary']['test_acc'])} -> "
+            f"{fmt(merged['summary']['test_acc'])}); merging flat's own predictions after the fact gives "
+            f"{post['acc']:.3f}.")
+    write_json(Path(study.out) / "merge" / "pair.json", {"pair": [classes[a], classes[b]], "count": count,
+                                                         "acc_change": change, "posthoc_acc": post["acc"]})
+    return write_experiment(study, "merge", title, rows, note)
+
+
+OPTIMIZERS = {  # the continuations compared, each from the shared plain-SGD checkpoint, each at lr auto
+    "sgd+momentum": dict(optimizer="sgd", momentum=0.9),
+    "adam": dict(optimizer="adam"),
+    "rmsprop": dict(optimizer="rmsprop", momentum=0.0),
 }
 
-RUNNERS = {"nets": exp_nets, "strides": exp_strides, "kernels": exp_kernels, "optimizers": exp_optimizers,
-           "transfer": exp_transfer}
+RUNNERS = {"nets": exp_nets, "strides": exp_strides, "kernels": exp_kernels, "regularization": exp_regularization,
+           "optimizers": exp_optimizers, "transfer": exp_transfer, "merge": exp_merge}
 
 
 def study_main(study, which):
@@ -226,6 +311,8 @@ def study_main(study, which):
               f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
     atomic_write(Path(study.out) / "summary.md",
                  header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
+    from report.study import write_report
+    write_report(study, env, machine_label(env), done)
     print("\n".join(tables))
     print(f"study: {', '.join(which)} in {time.perf_counter() - start:.0f} s; tables and plots in {study.out}")
     return 0
@@ -250,7 +337,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
     p.add_argument("--res", type=int, default=d.res, help="training resolution")
     p.add_argument("--lr", type=float, default=d.lr, help="SGD peak learning rate")
-    p.add_argument("--adaptive-lr", type=float, default=d.adaptive_lr, help="Adam/RMSprop learning rate")
+    p.add_argument("--find-lr-steps", type=int, default=d.find_lr_steps,
+                   help="steps of each optimizer's LR range test")
     p.add_argument("--device", default=d.device, help="auto|cpu|cuda")
     p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every run")
@@ -262,6 +350,8 @@ def parse_args(argv):
     p.add_argument("--warm-epochs", type=int, default=d.warm_epochs, help="plain-SGD epochs before the optimizers")
     p.add_argument("--optimizers", type=lambda t: tuple(t.split(",")), default=d.optimizers,
                    help="continuations to compare, from " + ",".join(OPTIMIZERS))
+    p.add_argument("--regularization", type=lambda t: tuple(t.split(",")), default=d.regularization,
+                   help="regularisers to compare, from " + ",".join(REGULARIZATION))
     p.add_argument("--pretrained", type=Path, default=d.pretrained, help="resnet18 ImageNet state dict (local)")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the intervals")
     args = p.parse_args(argv)
@@ -270,6 +360,9 @@ def parse_args(argv):
     unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
     if unknown:
         raise UsageError(f"unknown optimizer {unknown[0]!r}: choose from {', '.join(OPTIMIZERS)}")
+    unknown = [r for r in args.regularization if r not in REGULARIZATION]
+    if unknown:
+        raise UsageError(f"unknown regularization {unknown[0]!r}: choose from {', '.join(REGULARIZATION)}")
     names = {f.name for f in fields(StudyConfig)}
     study = StudyConfig(**{k: v for k, v in vars(args).items() if k in names})
     return study, (EXPERIMENTS if args.experiment == "all" else (args.experiment,))

@@ -1,7 +1,9 @@
 """The models fastpix trains, by name: `nets.build(name, num_classes, ...)`.
 
 alexnet / flat / narrow are the 500px study's AlexNet family, trained from scratch; resnet18 is
-torchvision's, for transfer learning from local ImageNet weights.
+torchvision's, for transfer learning from local ImageNet weights. `pretrained` (any net) takes every layer but
+the head from local weights: ImageNet's for resnet18, or a fastpix run's checkpoint of the same net and any
+class count (nets/transfer.py).
 """
 from cli import UsageError
 
@@ -23,8 +25,12 @@ def build(name, num_classes, *, strides=None, kernels=None, dropout=0.0, batchno
             raise UsageError("--strides, --kernels, --dropout and --batchnorm apply to the AlexNet family only")
         from nets.resnet import build_resnet18
         return build_resnet18(num_classes, pretrained=pretrained, freeze=freeze)
-    if pretrained is not None or freeze:
-        raise UsageError(f"--pretrained/--freeze apply to resnet18; to start {name} from a checkpoint use --init-from")
+    if freeze:
+        raise UsageError("--freeze applies to resnet18")
     from nets.alexnet import LAYOUTS, AlexNet
-    return AlexNet(LAYOUTS[name], num_classes, strides=strides, kernels=kernels, dropout=dropout,
-                   batchnorm=batchnorm)
+    model = AlexNet(LAYOUTS[name], num_classes, strides=strides, kernels=kernels, dropout=dropout,
+                    batchnorm=batchnorm)
+    if pretrained is not None:  # a fastpix run of this net, any class count: every layer but the head
+        from nets.transfer import load_pretrained
+        load_pretrained(model, pretrained, name)
+    return model

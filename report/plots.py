@@ -68,6 +68,20 @@ def plot_grad_norms(steps, path):
     save(fig, path)
 
 
+def plot_lr_find(lrs, losses, smoothed, suggested, path):
+    """lr_find.png: the LR range test's loss against the LR (log scale), raw and smoothed, with the suggestion."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, color="0.75", lw=0.6, label="loss")
+    ax.plot(lrs, smoothed, color="C0", label="smoothed")
+    ax.axvline(suggested, color="C3", ls="--", label=f"suggested lr {suggested:.2g}")
+    finite = [v for v in smoothed if v == v and abs(v) != float("inf")]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss")
+    ax.legend()
+    save(fig, path)
+
+
 def plot_run(run_dir):
     """(Re)draw loss.png, accuracy.png and grad_norms.png of a run from its metrics.jsonl."""
     steps, epochs = read_metrics(run_dir)

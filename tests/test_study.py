@@ -1,6 +1,7 @@
 """The study end to end in a tiny configuration: every experiment writes its table, summary and plots, and
 a rerun reuses the finished runs instead of training again."""
 import json
+import re
 
 import pytest
 
@@ -8,11 +9,13 @@ from bench import study as study_mod
 from bench.results import environment, machine_label
 from bench.study import StudyConfig, parse_args, study_main
 from cli import UsageError
+from report.study import SECTIONS
 
 
 def tiny(ingested, out, **kw):
     return StudyConfig(**{**dict(data=ingested, out=out, loader="torch", device="cpu", epochs=1, batch_size=16,
-                                 res=64, workers=0, nets=("flat",), strides=((4, 1, 1),), kernels=((11, 5, 3),), optimizers=("adam",),
+                                 res=64, workers=0, nets=("flat",), strides=((4, 1, 1),), kernels=((11, 5, 3),),
+                                 optimizers=("adam",), regularization=("none", "batch norm"), find_lr_steps=6,
                                  bootstrap=50), **kw})
 
 
@@ -21,7 +24,7 @@ def test_every_experiment_writes_tables_and_plots_and_reruns_are_reused(ingested
     assert study_main(cfg, study_mod.EXPERIMENTS) == 0
     out = cfg.out
     for exp, plots in {"nets": ["loss.png", "accuracy.png"], "strides": ["grid.png"], "kernels": ["grid.png"],
-                       "optimizers": ["loss.png"], "transfer": []}.items():
+                       "regularization": ["accuracy.png"], "optimizers": ["loss.png"], "transfer": []}.items():
         summary = json.loads((out / exp / "summary.json").read_text())
         assert (out / exp / "table.md").read_text().startswith("### ")
         for png in plots:
@@ -32,10 +35,30 @@ def test_every_experiment_writes_tables_and_plots_and_reruns_are_reused(ingested
     assert [r["setting"] for r in json.loads((out / "optimizers" / "summary.json").read_text())["rows"]] == ["adam"]
     adam = json.loads((out / "runs" / "flat-from-sgd-adam.json").read_text())["config"]
     assert adam["optimizer"] == "adam" and adam["init_from"].endswith("flat-sgd-start/last.pt")
+    assert adam["lr"] == "auto" and (out / "train" / "flat-from-sgd-adam" / "lr_find.png").is_file()
     # flat with its own strides and kernels is one run shared by three experiments.
-    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == ["flat", "flat-from-sgd-adam", "flat-sgd-start"]
+    runs = {p.stem for p in (out / "runs").glob("*.json")}
+    merged = [r for r in runs if r.startswith("flat-merge-")]
+    assert len(merged) == 1 and sorted(runs - set(merged)) == ["flat", "flat-batchnorm", "flat-from-sgd-adam",
+                                                               "flat-sgd-start"]
     transfer = json.loads((out / "transfer" / "summary.json").read_text())
     assert transfer["rows"] == [] and "no --pretrained" in transfer["note"]
+    grid = json.loads((out / "strides" / "summary.json").read_text())["rows"][0]
+    assert grid["feature_map"] == "384 x 3 x 3" and grid["macs"] > 0  # flat at 64 px: 15 -> 7 -> 3 after the pools
+    assert "feature map" in (out / "strides" / "table.md").read_text()
+    regularization = json.loads((out / "regularization" / "summary.json").read_text())["rows"]
+    assert [r["setting"] for r in regularization] == ["none", "batch norm"]
+    assert all(r["gap"] == pytest.approx(r["train_acc"] - r["test_acc"]) for r in regularization)
+    merge = json.loads((out / "merge" / "pair.json").read_text())
+    merged_run = json.loads((out / "runs" / f"{merged[0]}.json").read_text())
+    assert merged_run["config"]["merge"] == ["+".join(merge["pair"])]
+    assert merge["acc_change"] == pytest.approx(merged_run["summary"]["test_acc"] - json.loads(
+        (out / "runs" / "flat.json").read_text())["summary"]["test_acc"])
+    report = (out / "report.md").read_text()
+    headings = [line for line in report.splitlines() if line.startswith("## ")]
+    assert [h.split(". ", 1)[1] for h in headings] == list(SECTIONS)
+    images = re.findall(r"!\[(.+?)\]\((.+?)\)", report)
+    assert len(images) >= 10 and all((out / path).is_file() and not path.startswith("/") for _, path in images)
     summary_md = (out / "summary.md").read_text()
     assert machine_label(environment()) in summary_md.splitlines()[0]  # the tables say where they were measured
     assert all(f"{i}. " in summary_md for i in range(1, 6))

@@ -170,3 +170,59 @@ def test_the_cli_reports_a_bad_argument_in_one_line_with_exit_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: unknown net 'vgg': choose one of alexnet, flat, narrow, "
                                                 "resnet18"]
+
+
+def test_find_lr_leaves_the_run_bit_identical_and_lr_auto_uses_its_suggestion(ingested, tmp_path):
+    plain = train.train(tiny(ingested, tmp_path, "plain", epochs=1))
+    swept = train.train(tiny(ingested, tmp_path, "swept", epochs=1, find_lr=True, find_lr_steps=12))
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain["run_dir"]).values(),
+                                                 weights(swept["run_dir"]).values()))
+    losses = [[s["loss"] for s in read_metrics(r["run_dir"])[0]] for r in (plain, swept)]
+    assert losses[0] == losses[1]
+    found = json.loads((Path(swept["run_dir"]) / "lr_find.json").read_text())
+    assert 1e-7 <= found["suggested_lr"] <= 1 and len(found["lr"]) == len(found["loss"]) <= 12
+    assert found["lr"] == sorted(found["lr"]) and (Path(swept["run_dir"]) / "lr_find.png").is_file()
+    assert json.loads((Path(swept["run_dir"]) / "config.json").read_text())["lr"] == 0.01
+    auto = train.train(tiny(ingested, tmp_path, "auto", epochs=1, lr="auto", find_lr_steps=12))
+    suggested = json.loads((Path(auto["run_dir"]) / "lr_find.json").read_text())["suggested_lr"]
+    config = json.loads((Path(auto["run_dir"]) / "config.json").read_text())
+    assert config["config"]["lr"] == "auto" and config["lr"] == suggested
+    assert max(s["lr"] for s in read_metrics(auto["run_dir"])[0]) <= suggested
+
+
+def test_merge_trains_the_merged_classes_as_one(ingested, tmp_path):
+    from sklearn.metrics import confusion_matrix
+    run = train.train(tiny(ingested, tmp_path, "merged", epochs=1, merge=("People+Celebrities",)))
+    run_dir = Path(run["run_dir"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["classes"] == ["Abstract", "People+Celebrities", "Food", "Landscapes", "Travel"]
+    saved = np.load(run_dir / "test_predictions.npz")
+    original = [int(line.split(",")[1]) for line in (Path(ingested) / "test.csv").read_text().splitlines()[1:]]
+    remap = [0, 1, 2, 3, 1, 4]  # Abstract, Celebrities, Food, Landscapes, People, Travel
+    assert saved["y_true"].tolist() == [remap[y] for y in original]
+    assert confusion_matrix(saved["y_true"], saved["y_pred"], labels=range(5)).shape == (5, 5)
+    assert saved["y_pred"].max() < 5 and "| People+Celebrities |" in (run_dir / "per_class.md").read_text()
+    with pytest.raises(UsageError, match="join two or more"):
+        train.merge_classes(["A", "B"], ["A+C"])
+    with pytest.raises(UsageError, match="in two merges"):
+        train.merge_classes(["A", "B", "C"], ["A+B", "B+C"])
+    with pytest.raises(UsageError, match="fewer than 2"):
+        train.merge_classes(["A", "B"], ["A+B"])
+
+
+def test_pretrained_takes_a_fastpix_checkpoint_of_another_class_count(ingested, tmp_path, learned):
+    from ingest.build import build
+    from ingest.config import IngestConfig
+    from ingest.demo import DemoConfig, generate
+    src, other = tmp_path / "src3", tmp_path / "three"
+    generate(src, DemoConfig(per_class=10, seed=1, long_side=(80, 120), classes=("Cats", "Dogs", "Owls"),
+                             junk=False), workers=1, progress=False)
+    build(IngestConfig(src=src, out=other, store_size=48, shard_size=32, workers=1), progress=False,
+          log=lambda *_: None)
+    start = Path(learned["run_dir"]) / "last.pt"  # resnet18 on the 6-class tiny set
+    tuned = train.train(tiny(other, tmp_path, "tuned", epochs=1, lr=0.0, batch_size=8, pretrained=str(start)))
+    before, after = weights(learned["run_dir"]), weights(tuned["run_dir"])
+    assert after["fc.weight"].shape == (3, 512) and before["fc.weight"].shape == (6, 512)
+    assert all(torch.equal(before[k], after[k]) for k in after if k.endswith("weight") and not k.startswith("fc."))
+    with pytest.raises(UsageError, match="holds a resnet18 run: fine-tune it with --net resnet18"):
+        train.train(tiny(other, tmp_path, "wrong-net", net="flat", res=64, pretrained=str(start)))
