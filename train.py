@@ -331,7 +331,7 @@ def find_lr(run, start=1e-7, end=10.0, beta=0.98):
     losses, pending, epoch, batches = [], [], 0, iter(loader)
     for step, lr in enumerate(lrs):
         batch = next(batches, None)
-        if batch is None:  # a sweep longer than an epoch goes on into the next one
+        if batch is None or len(batch[1]) < cfg.batch_size:  # full batches only, as in training; then next epoch
             epoch += 1
             loader.set_epoch(epoch)
             batches = iter(loader)
@@ -836,9 +836,9 @@ class Run:
         for step in range(first, self.steps_per_epoch):
             t0 = time.perf_counter()
             images, labels = next(batches)
-            labels = self.relabel(labels)
             wait = time.perf_counter() - t0
             data_wait += wait
+            labels = self.relabel(labels)
             with self.autocast():
                 logits = self.net(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
@@ -974,8 +974,8 @@ class Run:
                 labels = self.relabel(labels)
                 conf, pred = model(images).float().softmax(1).max(1)
                 kept.append((images.to("cpu", torch.float32, copy=True), labels.cpu(), pred.cpu(), conf.cpu()))
-                hits += int((pred == labels).sum())
-                misses += len(labels) - int((pred == labels).sum())
+                right = int((pred == labels).sum())
+                hits, misses = hits + right, misses + len(labels) - right
                 if (hits >= each and misses >= each) or i + 1 == max_batches:
                     break
         model.train()

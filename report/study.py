@@ -147,8 +147,9 @@ def write_report(study, env, machine, done):
     for name, run in runs.items():
         s = run["summary"]
         stall = s.get("data_stall_fraction")
-        r.add(f"| {name} | {run['config']['loader']} | {s['device']} | {s['amp']} | {s['images_per_sec']:.1f} | "
-              f"{'–' if stall is None else f'{stall:.0%}'} |")
+        speed = s.get("images_per_sec")
+        r.add(f"| {name} | {run['config']['loader']} | {s['device']} | {s['amp']} | "
+              f"{'–' if speed is None else f'{speed:.1f}'} | {'–' if stall is None else f'{stall:.0%}'} |")
     r.add("")
 
     r.add("## 13. Machine, versions and configs", "", f"Machine: {machine}, {env['machine']['platform']}, Python {env['machine']['python']}.", "",
