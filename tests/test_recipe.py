@@ -98,7 +98,7 @@ def observed_pieces(run, evaluated_with_flip):
 @pytest.mark.parametrize("without", [None, *train.RECIPE_PIECES])
 def test_fast_pieces_are_on_when_asked_and_off_otherwise(without, ingested, tmp_path, monkeypatch):
     flips = []
-    monkeypatch.setattr(train, "evaluate", lambda *args, flip=False: flips.append(flip) or ([0], [0]))
+    monkeypatch.setattr(train, "evaluate", lambda *args, flip=False: flips.append(flip) or ([0], [0], [1.0]))
     if without is None:  # the study, then fast with every piece
         cases = [(dict(), set()), (dict(recipe="fast"), set(train.FAST_DEFAULT))]
     else:  # the ablation: each piece off in turn
