@@ -64,7 +64,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT = "last.pt"
 RUN_MARKER = ".fastpix-run"  # {"finished": bool}: train.py made this folder, the only kind it writes into
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "test_predictions.npz", "loss.png", "accuracy.png",
-             "confusion.png", RUN_MARKER)  # everything a run writes (marker last); nothing else there is touched
+             "confusion.png", "grad_norms.png", "lr_find.json", "lr_find.png", "layers.md", "filters.png",
+             "feature_maps.png", "samples.png", "predictions.png", "per_class.md", "suspects.csv",
+             RUN_MARKER)  # everything a run writes (marker last); nothing else there is touched
 
 
 # ----------------------------------------------------------------------------------------------- Config
