@@ -34,9 +34,9 @@ DRY_RUN_BUDGET_S = 1500  # the same steps on 2 shared CPU cores
 SITE = Path("/tmp/fastpix-site")  # where bench/gpu_wheels.py installs carried wheels (pip --target)
 SKIP_EXIT = 3  # bench.gpu_probes.SKIP_EXIT: the step cannot run here, and says why
 
-# The GPU loaders table: each row with the module it needs. The libraries' own reference pipelines
-# (issue 13: "dali-reference" needing nvidia.dali, "ffcv-reference" needing ffcv) join here once
-# bench.loaders measures them; folder (the baseline) and the decode ceiling are always added by bench.loaders.
+# The GPU loaders table: each row with the module it needs. bench.loaders adds the rest itself: folder (the
+# baseline), the decode-only rows (the fastest is the ceiling) and, with dali or ffcv, the library's own
+# reference pipeline ("dali-reference", "ffcv-reference", issue 13).
 LOADER_ROWS = {"torch": None, "resident": None, "dali": "nvidia.dali", "ffcv": "ffcv"}
 OPTIONAL = {"nvidia.dali": "dali_import", "ffcv": "ffcv_import"}  # module -> the step that finds out
 
