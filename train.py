@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import nets  # noqa: E402
-from cli import Parser, UsageError, run  # noqa: E402
+from cli import Parser, UsageError, add_options, check_options, config_from, ints, names, option, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
@@ -67,87 +67,6 @@ RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "test_predictions.npz",
              "confusion.png", "grad_norms.png", "lr_find.json", "lr_find.png", "layers.md", "filters.png",
              "feature_maps.png", "samples.png", "predictions.png", "per_class.md", "suspects.csv",
              RUN_MARKER)  # everything a run writes (marker last); nothing else there is touched
-
-
-# ----------------------------------------------------------------------------------------------- Config
-
-@dataclass
-class Config:
-    """Every option of a run; saved as runs/<name>/config.json. Defaults follow the 500px study."""
-    net: str = "flat"              # alexnet | flat | narrow | resnet18
-    loader: str = "dali"           # a loaders.BACKENDS name
-    data: str = str(layout.DEFAULT_OUT)  # an ingested folder (python ingest/build.py)
-    res: int = 224                 # square input side in pixels
-    batch_size: int = 150          # per process (the study's batch); DDP multiplies it by the world size
-    epochs: int = 10
-    optimizer: str = "sgd"         # sgd | adam | rmsprop
-    lr: float | str = 0.01         # peak learning rate, reached after the warm-up; "auto": find_lr's suggestion
-    momentum: float = 0.9          # SGD and RMSprop momentum
-    weight_decay: float = 5e-4     # AlexNet's L2 penalty
-    warmup: float = 1.0            # epochs of linear warm-up before the cosine decay to 0
-    amp: str = "auto"              # auto | bf16 | fp16 | off (auto: see the module docstring)
-    device: str = "auto"           # auto | cpu | cuda
-    compile: bool = False          # torch.compile the model (slow start, faster steps on a GPU)
-    channels_last: bool = True     # NHWC convolutions, the layout the loaders produce
-    seed: int = 0                  # weights, loader order and augmentation all follow from it
-    name: str = ""                 # run folder name under runs_dir; default <net>-<loader>-<time>
-    runs_dir: str = "runs"
-    init_from: str = ""            # a checkpoint (or state dict) to take the weights from
-    resume: str = ""               # a run folder to continue exactly where it stopped
-    allow_other_data: bool = False  # let --resume / --init-from continue on another dataset (same classes)
-    strides: tuple | None = None   # conv strides, one per layer (AlexNet family); None: the net's own
-    kernels: tuple | None = None   # conv kernel sizes, one per layer (AlexNet family)
-    dropout: float = 0.0           # before both FC layers; off to stay faithful to the study
-    batchnorm: bool = False        # after every conv; off to stay faithful to the study
-    pretrained: str = ""           # local weights for every layer but the head: a fastpix run's last.pt of this net
-                                   # (any class count), or torchvision's ImageNet resnet18 (never downloaded)
-    freeze: bool = False           # resnet18: train the new head only
-    workers: int | None = None     # loader threads/processes; None: the backend's choice
-    log_every: int = 10            # steps between reads of the loss (each read syncs with the device)
-    max_steps: int | None = None   # stop after this many steps in total, checkpointed and resumable
-    bootstrap: int = 1000          # resamples for the 95 % intervals of the test metrics
-    recipe: str = "study"          # study | fast (see RECIPE_PIECES)
-    pieces: tuple | None = None    # the fast recipe's pieces that are on; None: all of FAST_DEFAULT
-    find_lr: bool = False          # LR range test before training (lr_find.png, lr_find.json); --lr auto implies it
-    find_lr_steps: int = 200       # steps of the range test's exponential sweep
-    merge: tuple = ()              # class groups trained as one, e.g. ("Celebrities+People",)
-
-
-def check(cfg):
-    """Every impossible option as one UsageError line, before anything expensive starts."""
-    check_recipe(cfg)
-    if cfg.net not in nets.NETS:
-        raise UsageError(f"unknown net {cfg.net!r}: choose one of {', '.join(nets.NETS)}")
-    if cfg.loader not in BACKENDS:
-        raise UsageError(f"unknown loader {cfg.loader!r}: choose one of {', '.join(BACKENDS)}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.amp not in AMP_MODES:
-        raise UsageError(f"unknown amp mode {cfg.amp!r}: choose one of {', '.join(AMP_MODES)}")
-    positive = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--log-every": cfg.log_every,
-                "--bootstrap": cfg.bootstrap, "--max-steps": 1 if cfg.max_steps is None else cfg.max_steps,
-                "--find-lr-steps": cfg.find_lr_steps}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {cfg.workers}")
-    if min(train_res(cfg, 0), cfg.res) < 8:
-        raise UsageError(f"--res must be >= 8 at every epoch, got {cfg.res} (lowest {train_res(cfg, 0)})")
-    if cfg.lr != "auto" and not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
-        raise UsageError(f"--lr ({cfg.lr}), --weight-decay ({cfg.weight_decay}) and --warmup ({cfg.warmup}) "
-                         "must be finite and >= 0")
-    if not 0 <= cfg.momentum < 1:
-        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.init_from and cfg.resume:
-        raise UsageError("--init-from starts a new run and --resume continues one: give only one")
-    if cfg.init_from and not Path(cfg.init_from).is_file():
-        raise UsageError(f"--init-from {cfg.init_from}: no such checkpoint")
-    if Path(cfg.name).name != cfg.name:
-        raise UsageError(f"--name {cfg.name!r} must be a plain folder name (it goes under {cfg.runs_dir})")
-
-
-# ----------------------------------------------------------------------------------------------- Recipes
 
 RECIPES = ("study", "fast")
 RECIPE_PIECES = {  # what --recipe fast may switch on; bench.tta turns each off in turn (its ablation)
@@ -172,10 +91,94 @@ PROGRESSIVE_RAMP = 0.75  # the top res is reached at this share of the epochs
 RES_STEP = 16  # scheduled resolutions are multiples of it
 
 
+def lr_value(text):
+    """--lr: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------- Config
+
+@dataclass
+class Config:
+    """Every option of a run, each declared once with its flag (`cli.option`); saved as runs/<name>/config.json.
+    Defaults follow the 500px study."""
+    net: str = option("flat", "model", choices=nets.NETS)
+    loader: str = option("dali", "data loader backend", choices=BACKENDS)
+    data: str = option(str(layout.DEFAULT_OUT), "ingested dataset folder (python ingest/build.py)")
+    res: int = option(224, "square input side in pixels")
+    batch_size: int = option(150, "images per step per process (the study's batch); DDP multiplies it by the "
+                             "world size", minimum=1)
+    epochs: int = option(10, "epochs to train", minimum=1)
+    optimizer: str = option("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float | str = option(0.01, "peak learning rate, reached after the warm-up, or auto: the LR range test's "
+                             "suggestion (see --find-lr)", parse=lr_value)
+    momentum: float = option(0.9, "momentum of sgd and rmsprop")
+    weight_decay: float = option(5e-4, "L2 weight decay (AlexNet's)")
+    warmup: float = option(1.0, "epochs of linear LR warm-up before the cosine decay to 0")
+    amp: str = option("auto", "autocast: bf16, fp16 (GPU, with a scaler), off, or auto (see the module docstring)",
+                      choices=AMP_MODES)
+    device: str = option("auto", "auto, cpu or cuda")
+    compile: bool = option(False, "torch.compile the model (slow start, faster steps on a GPU)")
+    channels_last: bool = option(True, "NHWC convolutions, the layout the loaders produce")
+    seed: int = option(0, "seed of weights, loader order and augmentation")
+    name: str = option("", "run folder under --runs-dir (default <net>-<loader>-<time>)")
+    runs_dir: str = option("runs", "where run folders go")
+    init_from: str = option("", "a checkpoint (or state dict) to take the starting weights from")
+    resume: str = option("", "run folder to continue exactly where it stopped (other options ignored)")
+    allow_other_data: bool = option(False, "let --resume / --init-from train on a dataset other than the one the "
+                                    "weights saw (the classes must still match)")
+    strides: tuple | None = option(None, "conv strides, one per layer, e.g. 4,1,1, AlexNet family (default: the "
+                                   "net's own)", parse=ints)
+    kernels: tuple | None = option(None, "conv kernel sizes, one per layer, e.g. 11,5,3, AlexNet family (default: "
+                                   "the net's own)", parse=ints)
+    dropout: float = option(0.0, "dropout before both FC layers (off: faithful to the study)")
+    batchnorm: bool = option(False, "batch norm after every conv (off: faithful to the study)")
+    pretrained: str = option("", "transfer every layer but the head from a fastpix run's last.pt of this net (any "
+                             "classes) or a local ImageNet resnet18 state dict (never downloaded)")
+    freeze: bool = option(False, "resnet18: train the new head only")
+    workers: int | None = option(None, "loader threads/processes (default: the backend's)", minimum=0)
+    log_every: int = option(10, "steps between reads of the loss and log lines (each read syncs with the device)",
+                            minimum=1)
+    max_steps: int | None = option(None, "stop after this many steps in total, checkpointed and resumable",
+                                   minimum=1)
+    bootstrap: int = option(1000, "bootstrap resamples for the 95% intervals of the test metrics", minimum=1)
+    recipe: str = option("study", "study (the 500px study's training, unchanged) or fast (the pieces of --pieces, "
+                         "for time to accuracy; see README, Recipe)", choices=RECIPES)
+    pieces: tuple | None = option(None, "with --recipe fast, the pieces to use (default: all of "
+                                  f"{','.join(FAST_DEFAULT)})", parse=names)
+    find_lr: bool = option(False, "LR range test first, on a copy (the run is unchanged): lr_find.png and "
+                           "lr_find.json with the suggested LR in the run folder; --lr auto implies it")
+    find_lr_steps: int = option(200, "steps of the LR range test's exponential sweep", minimum=1)
+    merge: tuple = option((), "train classes A and B as one class named A+B (repeatable; labels remapped on the "
+                          "device)", metavar="A+B", repeat=True)
+
+
+def check(cfg):
+    """Every impossible option as one UsageError line, before anything expensive starts."""
+    check_options(cfg)
+    check_recipe(cfg)
+    if min(train_res(cfg, 0), cfg.res) < 8:
+        raise UsageError(f"--res must be >= 8 at every epoch, got {cfg.res} (lowest {train_res(cfg, 0)})")
+    if cfg.lr != "auto" and not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
+        raise UsageError(f"--lr ({cfg.lr}), --weight-decay ({cfg.weight_decay}) and --warmup ({cfg.warmup}) "
+                         "must be finite and >= 0")
+    if not 0 <= cfg.momentum < 1:
+        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.init_from and cfg.resume:
+        raise UsageError("--init-from starts a new run and --resume continues one: give only one")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise UsageError(f"--init-from {cfg.init_from}: no such checkpoint")
+    if Path(cfg.name).name != cfg.name:
+        raise UsageError(f"--name {cfg.name!r} must be a plain folder name (it goes under {cfg.runs_dir})")
+
+
 def check_recipe(cfg):
     """Resolve the pieces of the recipe in place (so config.json records them) or say what is wrong."""
-    if cfg.recipe not in RECIPES:
-        raise UsageError(f"unknown recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     if cfg.recipe == "study":
         if cfg.pieces:
             raise UsageError("--pieces choose among the fast recipe's pieces: add --recipe fast")
@@ -1005,76 +1008,8 @@ def summarize(run):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def lr_value(text):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
-def int_list(text):
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def name_list(text):
-    return tuple(v for v in text.split(",") if v)
-
-
 def parse(argv=None):
-    d = Config()
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--net", default=d.net, help=f"model: {', '.join(nets.NETS)}")
-    p.add_argument("--loader", default=d.loader, help=f"data loader backend: {', '.join(BACKENDS)}")
-    p.add_argument("--data", default=d.data, help="ingested dataset folder (python ingest/build.py)")
-    p.add_argument("--res", type=int, default=d.res, help="input resolution in pixels")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size per process")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
-    p.add_argument("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--lr", type=lr_value, default=d.lr, help="peak learning rate (after warm-up), or auto: the "
-                   "LR range test's suggestion (see --find-lr)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum for sgd and rmsprop")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
-    p.add_argument("--warmup", type=float, default=d.warmup, help="epochs of linear LR warm-up before cosine decay")
-    p.add_argument("--amp", default=d.amp, help="autocast: auto, bf16, fp16 (GPU, with a scaler) or off")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
-                   help="NHWC memory format for the model")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, order and augmentation")
-    p.add_argument("--name", default=d.name, help="run folder under --runs-dir (default <net>-<loader>-<time>)")
-    p.add_argument("--runs-dir", default=d.runs_dir, help="where run folders go")
-    p.add_argument("--init-from", default=d.init_from, help="checkpoint to take the starting weights from")
-    p.add_argument("--resume", default=d.resume, help="run folder to continue exactly (other options ignored)")
-    p.add_argument("--allow-other-data", action="store_true",
-                   help="let --resume / --init-from train on a dataset other than the one the weights saw "
-                        "(the classes must still match)")
-    p.add_argument("--strides", type=int_list, default=d.strides, help="conv strides, e.g. 4,1,1 (AlexNet family)")
-    p.add_argument("--kernels", type=int_list, default=d.kernels, help="conv kernel sizes, e.g. 11,5,3")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the FC layers")
-    p.add_argument("--batchnorm", action="store_true", help="batch norm after every conv")
-    p.add_argument("--pretrained", default=d.pretrained,
-                   help="transfer every layer but the head from a fastpix run's last.pt of this net (any classes) "
-                        "or a local ImageNet resnet18 state dict")
-    p.add_argument("--freeze", action="store_true", help="resnet18: train the new head only")
-    p.add_argument("--workers", type=int, default=d.workers, help="loader workers (default: the backend's)")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss reads and log lines")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop (resumably) after this many steps")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for 95%% intervals")
-    p.add_argument("--recipe", default=d.recipe, help="study (the 500px study's training, unchanged) or fast "
-                   "(the pieces of --pieces, for time to accuracy; see README, Recipe)")
-    p.add_argument("--pieces", type=name_list, default=d.pieces,
-                   help=f"with --recipe fast, the pieces to use (default: all of {','.join(FAST_DEFAULT)})")
-    p.add_argument("--find-lr", action="store_true", help="LR range test first, on a copy (the run is unchanged): "
-                   "lr_find.png and lr_find.json with the suggested LR in the run folder")
-    p.add_argument("--find-lr-steps", type=int, default=d.find_lr_steps, help="steps of the LR range test")
-    p.add_argument("--merge", action="append", default=list(d.merge), metavar="A+B",
-                   help="train classes A and B as one class named A+B (repeatable; labels remapped on the device)")
-    return Config(**{k: v for k, v in vars(p.parse_args(argv)).items()})
+    return config_from(Config, add_options(Parser(description=__doc__.splitlines()[0]), Config).parse_args(argv))
 
 
 def main(argv=None):
