@@ -166,7 +166,7 @@ def p_resident_gpu(args):
 
 def test_jpegs(data, limit=None):
     """The stored JPEG bytes of the test split, as uint8 tensors (what the torch backend hands nvJPEG)."""
-    from loaders.tvision import ShardSamples
+    from loaders.torch_loader import ShardSamples
     samples = ShardSamples(data, "test")
     return [samples.read(i) for i in range(min(len(samples), limit or len(samples)))]
 
@@ -192,7 +192,7 @@ def p_stream_race(args):
     tensors, free them, decode. Then compare every checksum, and every decoded image with the CPU decode.
 
     Two passes: raw torchvision decode_jpeg (does this GPU have the hazard?) and fastpix's guarded decode,
-    loaders.tvision.decode_jpegs_on_gpu (is fastpix protected?). Only corruption in fastpix's pass fails."""
+    loaders.torch_loader.decode_jpegs_on_gpu (is fastpix protected?). Only corruption in fastpix's pass fails."""
     from torchvision.io import ImageReadMode, decode_jpeg
     device = resolve_device(args.device)
     jpegs = test_jpegs(args.data, args.batch_size)
@@ -227,7 +227,7 @@ def p_stream_race(args):
     if device.type != "cuda":
         save(args, result)
         return line + " (the hazard and fastpix's guard need a GPU: plumbing only)"
-    from loaders.tvision import decode_jpegs_on_gpu  # what the torch and resident backends decode with
+    from loaders.torch_loader import decode_jpegs_on_gpu  # what the torch and resident backends decode with
     ours_freed, ours_images = one_pass(lambda data: decode_jpegs_on_gpu(data, device))
     save(args, {**result, "fastpix_corrupted_checksums": ours_freed, "fastpix_corrupted_images": ours_images})
     line += f"; fastpix decode_jpegs_on_gpu corrupted {ours_freed} checksums and {ours_images}/{total} images"

@@ -129,7 +129,7 @@ class DecodeOnly:
     batch, in `workers` threads; the images are dropped (a loader would still have to crop and normalise)."""
 
     def __init__(self, data_dir, split, *, batch_size, decode, workers):
-        from loaders.tvision import ShardSamples
+        from loaders.torch_loader import ShardSamples
         self.samples, self.batch_size, self.decode = ShardSamples(data_dir, split), batch_size, decode
         self.num_samples = len(self.samples)
         self.pool = ThreadPoolExecutor(_threads(workers))
@@ -144,7 +144,7 @@ class DecodeOnly:
 
 
 def decode_torchvision(data_dir, split, *, batch_size, res, device, seed, workers):
-    from loaders.tvision import decode, decode_jpegs_on_gpu
+    from loaders.torch_loader import decode, decode_jpegs_on_gpu
 
     def decode_batch(pool, jpegs):
         return decode_jpegs_on_gpu(jpegs, device) if device.type == "cuda" else list(pool.map(decode, jpegs))
@@ -188,8 +188,9 @@ def decode_dali(data_dir, split, *, batch_size, res, device, seed, workers):
     return Reference(_dali_epochs(batches, "shapes", "labels"), pipe.reader_meta("Reader")["epoch_size"])
 
 
-LIBRARY = {"dali-reference": "loaders.dali", "ffcv-reference": "loaders.ffcv", "decode-torchvision": "loaders.tvision",
-           "decode-pil": "loaders.tvision", "decode-dali": "loaders.dali"}  # imported before the build is timed
+LIBRARY = {"dali-reference": "loaders.dali", "ffcv-reference": "loaders.ffcv",  # imported before the build is timed
+           "decode-torchvision": "loaders.torch_loader", "decode-pil": "loaders.torch_loader",
+           "decode-dali": "loaders.dali"}
 REFERENCES = {"dali": "dali-reference", "ffcv": "ffcv-reference"}  # backend -> its library's own pipeline
 DECODERS = ("decode-torchvision", "decode-pil", "decode-dali")
 ROWS = {"dali-reference": dali_reference, "ffcv-reference": ffcv_reference, "decode-torchvision": decode_torchvision,

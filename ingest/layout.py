@@ -122,15 +122,19 @@ def damaged_file(data_dir, manifest, path, problem):
 def check_split(data_dir, split, manifest, *, reads=("webdataset",)):
     """Start-up check that what a loader reads matches `manifest`: UsageError naming the first mismatch.
 
-    Cheap, every start: sizes of the split's csv and of the files of each format in `reads` ("webdataset":
-    tars + indexes, "ffcv": the beton) against the manifest's `files`; each index's sample count against its
-    shard's `count`, and every indexed member inside its tar; the csv's rows against the split's count.
+    Cheap, every start: that the ingest wrote each format in `reads` (`formats`); sizes of the split's csv
+    and of the files of each format in `reads` ("webdataset": tars + indexes, "ffcv": the beton) against the
+    manifest's `files`; each index's sample count against its shard's `count`, and every indexed member inside
+    its tar; the csv's rows against the split's count.
     Once per file version: its full sha256 against the manifest's (verify_digests), for the damage that keeps
     sizes, which a JPEG decoder may not notice."""
     data_dir = Path(data_dir)
     if "files" not in manifest:
         raise UsageError(f"{data_dir} was ingested by an older fastpix: rerun python ingest/build.py "
                          f"--src {manifest.get('source', 'SRC')} --out {data_dir}")
+    if "ffcv" in reads and "ffcv" not in manifest.get("formats", ["ffcv"]):
+        raise UsageError(f"{data_dir} has no FFCV files (FFCV could not be imported when it was ingested): use "
+                         "another --loader, or install FFCV and rerun python ingest/build.py")
     part = manifest["splits"][split]
 
     def damaged(path, problem):

@@ -1,16 +1,18 @@
 """One interface over every way to feed batches: `make_loader(name, data_dir, split, ...)`.
 
-Backends are imported lazily so that a user of one never pays the import of the others.
+Backends are imported lazily so that a user of one never pays the import of the others. What every backend
+shares (the start-up check, the rank block, the device, the loader's surface) is loaders.base.
 """
 import importlib
 
 from cli import UsageError
+from loaders.base import prepare
 from loaders.common import resolve_workers
 
-BACKENDS = {  # --loader name -> module defining `build(data_dir, split, **kwargs)`
+BACKENDS = {  # --loader name -> module defining READS (the formats it reads) and `build(block, **kwargs)`
     "dali": "loaders.dali",
     "ffcv": "loaders.ffcv",
-    "torch": "loaders.tvision",
+    "torch": "loaders.torch_loader",
     "folder": "loaders.folder",
     "resident": "loaders.resident",
 }
@@ -18,8 +20,8 @@ BACKENDS = {  # --loader name -> module defining `build(data_dir, split, **kwarg
 
 def make_loader(name, data_dir, split, *, batch_size, res=224, device="auto", seed=0, rank=0, world=1,
                 workers=None, **options):
-    """An iterable of (images, labels) batches with len() and set_epoch(epoch); see loaders.common (which also
-    says what `workers` means)."""
+    """An iterable of (images, labels) batches with len(), set_epoch(epoch), set_res(res), `classes` and
+    `steps_per_epoch` (loaders.base.Loader); see loaders.common (which also says what `workers` means)."""
     if name not in BACKENDS:
         raise UsageError(f"unknown loader {name!r}: choose one of {', '.join(BACKENDS)}")
     if split not in ("train", "test"):
@@ -27,5 +29,6 @@ def make_loader(name, data_dir, split, *, batch_size, res=224, device="auto", se
     if batch_size < 1 or res < 8:
         raise UsageError(f"batch size ({batch_size}) must be >= 1 and res ({res}) >= 8")
     backend = importlib.import_module(BACKENDS[name])
-    return backend.build(data_dir, split, batch_size=batch_size, res=res, device=device, seed=seed,
-                         rank=rank, world=world, workers=resolve_workers(workers), **options)
+    workers = resolve_workers(workers)
+    block = prepare(data_dir, split, rank=rank, world=world, device=device, reads=backend.READS)
+    return backend.build(block, batch_size=batch_size, res=res, seed=seed, workers=workers, **options)

@@ -24,22 +24,19 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from cli import UsageError
 from ingest import layout
-from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, rank_ids,
-                            resolve_device, test_resize)
+from loaders.base import Loader
+from loaders.common import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, test_resize
 
 HW_DECODER_LOAD = 0.9  # share of JPEGs for the GPU's hardware decoder (see the module docstring)
 
 
-def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+READS = ("webdataset",)
+
+
+def build(block, *, batch_size, res, seed, workers, with_ids=False):
     """A DALI loader over `<split>-*.tar` for this rank's block of samples."""
-    layout.check_split(data_dir, split, layout.read_manifest(data_dir))
-    samples = ShardIndex(data_dir, split)
-    positions = rank_ids(len(samples), rank, world)
-    if not positions:
-        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    return DaliLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
-                      device=resolve_device(device), seed=seed, threads=max(workers, 1),
-                      with_ids=with_ids)
+    return DaliLoader(block, ShardIndex(block.data_dir, block.split), batch_size=batch_size, res=res, seed=seed,
+                      threads=max(workers, 1), with_ids=with_ids)
 
 
 class ShardIndex:
@@ -107,21 +104,14 @@ def crop_windows(widths, heights, rng, scale=RRC_SCALE, ratio=RRC_RATIO, attempt
     return np.stack([x, y], 1).astype(np.int32), np.stack([w, h], 1).astype(np.int32)
 
 
-class DaliLoader:
-    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+class DaliLoader(Loader):
+    """One DALI pipeline, fed each pass's JPEGs and crop windows by external_source (the module docstring)."""
 
-    def __init__(self, samples, positions, *, train, batch_size, res, device, seed, threads, with_ids):
-        self.samples, self.train, self.batch_size, self.res = samples, train, batch_size, res
-        self.device, self.seed, self.threads, self.with_ids = device, seed, threads, with_ids
-        self.sampler = EpochSampler(positions, seed, shuffle=train)
-        self.num_samples = len(positions)
+    def __init__(self, block, samples, *, batch_size, res, seed, threads, with_ids):
+        super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
+        self.samples, self.res, self.threads = samples, res, threads
+        self.sampler = EpochSampler(block.positions, seed, shuffle=self.train)
         self._feed, self._iterator, self._finished = iter(()), None, False
-
-    def __len__(self):
-        return -(-self.num_samples // self.batch_size)
-
-    def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
 
     def set_res(self, res):
         """res is part of the pipeline's graph: the next pass builds one anew, only when res changes."""
@@ -131,10 +121,11 @@ class DaliLoader:
     def plan(self):
         """This epoch's sample positions in order and, for train, each one's crop window (anchors, sizes) and
         flip: everything random about the epoch, a function of (seed, epoch)."""
+        self.sampler.set_epoch(self.epoch)
         positions = np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))
         if not self.train:
             return positions, None
-        rng = np.random.default_rng([self.seed, self.sampler.epoch, 1])  # the order drew from epoch_seed
+        rng = np.random.default_rng([self.seed, self.epoch, 1])  # the order drew from epoch_seed
         anchors, sizes = crop_windows(self.samples.widths[positions], self.samples.heights[positions], rng)
         return positions, (anchors, sizes, (rng.random(len(positions)) < 0.5).astype(np.int32))
 
@@ -195,5 +186,5 @@ class DaliLoader:
         for (batch,) in self._iterator:
             images = batch["images"].permute(0, 3, 1, 2)
             labels = batch["labels"].view(-1)
-            yield (images, labels, batch["ids"].view(-1).cpu()) if self.with_ids else (images, labels)
+            yield self.batch(images, labels, batch["ids"].view(-1).cpu() if self.with_ids else None)
         self._finished = True

@@ -41,26 +41,17 @@ with keep_torch_threads():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-from cli import UsageError
 from ingest import layout
-from loaders.common import (RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, epoch_seed, rank_ids,
-                            resolve_device, sample_seed, undecodable)
+from loaders import base
+from loaders.common import RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, epoch_seed, sample_seed, undecodable
 
 
-def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+READS = ("ffcv",)
+
+
+def build(block, *, batch_size, res, seed, workers, with_ids=False):
     """An FFCV loader over `<split>.beton` for this rank's block of samples."""
-    manifest = layout.read_manifest(data_dir)
-    if "ffcv" not in manifest.get("formats", ["ffcv"]):  # an older manifest is check_split's to refuse
-        raise UsageError(f"{data_dir} has no FFCV files (FFCV could not be imported when it was ingested): use "
-                         "another --loader, or install FFCV and rerun python ingest/build.py")
-    layout.check_split(data_dir, split, manifest, reads=("ffcv",))
-    beton = layout.beton_path(data_dir, split)
-    ids = np.array(rank_ids(manifest["splits"][split]["count"], rank, world))
-    if len(ids) == 0:
-        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    return FfcvLoader(str(beton), ids, split=split, data_dir=data_dir, batch_size=batch_size, res=res,
-                      device=resolve_device(device), seed=seed, workers=max(workers, 1),
-                      with_ids=with_ids)
+    return FfcvLoader(block, batch_size=batch_size, res=res, seed=seed, workers=max(workers, 1), with_ids=with_ids)
 
 
 @intrinsic
@@ -135,22 +126,19 @@ class SampleIdDecoder(IntDecoder):
         return decoder
 
 
-class FfcvLoader:
-    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+class FfcvLoader(base.Loader):
+    """FFCV's Loader over this rank's ids of the beton, decoding with CheckedCropDecoder."""
 
-    def __init__(self, beton, ids, *, split, data_dir, batch_size, res, device, seed, workers, with_ids):
-        if device.type == "cuda" and device.index is None:  # FFCV allocates its buffers on this exact device
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.with_ids, self.batch_size, self.seed = device, with_ids, batch_size, seed
-        self.beton, self.split, self.data_dir = beton, split, data_dir
-        train = split == "train"
-        self.num_samples = len(ids)
-        self.epoch = 0
-        self.normalize = Normalizer(device)
-        to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    def __init__(self, block, *, batch_size, res, seed, workers, with_ids):
+        super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
+        if self.device.type == "cuda" and self.device.index is None:  # FFCV allocates its buffers on this device
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.beton = str(layout.beton_path(block.data_dir, block.split))
+        self.normalize = Normalizer(self.device)
+        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         # set_res changes its output_size: FFCV sizes its buffers from it at every epoch (ffcv-imagenet's
         # progressive resizing does the same), and the compiled decode code does not depend on it.
-        self.decoder = decoder = CheckedCropDecoder(res, train)
+        self.decoder = decoder = CheckedCropDecoder(res, self.train)
         self.shared = decoder.shared
         pipelines = {
             "image": [decoder, ToTensor()] + to_device + [ToTorchImage(channels_last=True)],
@@ -159,15 +147,9 @@ class FfcvLoader:
         if with_ids:
             pipelines["id"] = PipelineSpec("label", decoder=SampleIdDecoder(), transforms=[ToTensor(), Squeeze(1)])
         with keep_torch_threads():
-            self.loader = Loader(beton, batch_size=batch_size, num_workers=workers, os_cache=True,
-                                 order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
-                                 indices=ids, pipelines=pipelines, drop_last=False)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+            self.loader = Loader(self.beton, batch_size=batch_size, num_workers=workers, os_cache=True,
+                                 order=OrderOption.RANDOM if self.train else OrderOption.SEQUENTIAL, seed=seed,
+                                 indices=np.array(block.positions), pipelines=pipelines, drop_last=False)
 
     def set_res(self, res):
         self.decoder.output_size = (res, res)
@@ -182,8 +164,7 @@ class FfcvLoader:
             batches = iter(self.loader)
         for images, labels, *ids in batches:
             if self.shared[1]:  # checked before the batch is used; a failure may be in a batch decoded ahead
-                raise undecodable(self.data_dir, self.split, self.shared[1] - 1, self.beton)
+                raise undecodable(self.block.data_dir, self.block.split, self.shared[1] - 1, self.beton)
             # FFCV reuses its output buffers batches_ahead (3) batches later: the Normalizer copies the images
             # out; labels are often kept for metrics and cost nothing to copy.
-            batch = (self.normalize(images), labels.clone())
-            yield batch + (ids[0].clone(),) if self.with_ids else batch
+            yield self.batch(self.normalize(images), labels.clone(), ids[0].clone() if self.with_ids else None)

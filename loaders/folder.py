@@ -18,28 +18,26 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from cli import UsageError
-from ingest.layout import check_split, csv_path, read_manifest
+from ingest.layout import csv_path
+from loaders.base import Loader
 from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, PerRes,
-                            SampleError, drawing_from, rank_ids, resolve_device, sample_seed, test_resize)
+                            SampleError, drawing_from, sample_seed, test_resize)
 
 
-def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+READS = ()  # the csv only: the baseline reads the photos themselves
+
+
+def build(block, *, batch_size, res, seed, workers, with_ids=False):
     """A PIL + DataLoader loader over this rank's block of the split's source files."""
-    manifest = read_manifest(data_dir)
-    check_split(data_dir, split, manifest, reads=())  # the csv: the baseline reads the photos themselves
-    source = Path(manifest["source"])
-    with open(csv_path(data_dir, split), newline="") as f:
+    source = Path(block.manifest["source"])
+    with open(csv_path(block.data_dir, block.split), newline="") as f:
         rows = [(source / row["path"], int(row["label"])) for row in csv.DictReader(f)]
     missing = next((path for path, _ in rows if not path.is_file()), None)
     if missing is not None:
-        raise UsageError(f"source file {missing} of {data_dir} is gone: the folder baseline reads the original "
-                         "photos, so restore them or ingest again")
-    positions = rank_ids(len(rows), rank, world)
-    if not positions:
-        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    transform = PerRes(functools.partial(source_transform, split == "train"), res)
-    return FolderLoader(SourceFiles(rows, transform, split), positions,
-                        train=split == "train", batch_size=batch_size, device=resolve_device(device), seed=seed,
+        raise UsageError(f"source file {missing} of {block.data_dir} is gone: the folder baseline reads the "
+                         "original photos, so restore them or ingest again")
+    transform = PerRes(functools.partial(source_transform, block.train), res)
+    return FolderLoader(block, SourceFiles(rows, transform, block.split), batch_size=batch_size, seed=seed,
                         workers=workers, with_ids=with_ids)
 
 
@@ -82,28 +80,22 @@ class SourceFiles(Dataset):
             return self.transform(image), label, i
 
 
-class FolderLoader:
-    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+class FolderLoader(Loader):
+    """A DataLoader over SourceFiles, the classic torchvision recipe in its workers."""
 
-    def __init__(self, files, positions, *, train, batch_size, device, seed, workers, with_ids):
-        self.device, self.with_ids, self.batch_size, self.files = device, with_ids, batch_size, files
-        self.num_samples = len(positions)
-        self.sampler = EpochSampler(positions, seed, shuffle=train, keyed=True)
+    def __init__(self, block, files, *, batch_size, seed, workers, with_ids):
+        super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
+        self.files = files
+        self.sampler = EpochSampler(block.positions, seed, shuffle=self.train, keyed=True)
         self.loader = DataLoader(files, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  generator=torch.Generator().manual_seed(seed))  # leaves the caller's RNG alone
-
-    def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
 
     def set_res(self, res):
         self.files.transform.set_res(res)
 
-    def __len__(self):
-        return -(-self.num_samples // self.batch_size)
-
     def __iter__(self):
+        self.sampler.set_epoch(self.epoch)  # the DataLoader draws this pass's order from it
         for images, labels, ids in self.loader:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            batch = (images, labels.to(self.device, non_blocking=True))
-            yield batch + (ids,) if self.with_ids else batch
+            yield self.batch(images, labels.to(self.device, non_blocking=True), ids)

@@ -37,10 +37,11 @@ from tqdm import tqdm
 
 from cli import UsageError
 from ingest.atomic import atomic_path
-from ingest.layout import MANIFEST, SPLITS, check_split, read_manifest
-from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, resolve_device,
-                            sample_crops, test_resize)
-from loaders.tvision import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu, stored_sizes
+from ingest.layout import MANIFEST, SPLITS
+from loaders.base import Loader
+from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, sample_crops,
+                            test_resize)
+from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu, stored_sizes
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
 DECODE_BATCH = 64
@@ -48,33 +49,32 @@ CACHE_LAYOUT = "whole-photo-v1"  # part of the cache key: caches of the older ce
 _HELD = weakref.WeakValueDictionary()  # (dataset, split, rank, world, device) -> images of live loaders
 
 
-def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False, cache=True,
-          memory_limit=None):
+READS = ("webdataset",)
+
+
+def build(block, *, batch_size, res, seed, workers, with_ids=False, cache=True, memory_limit=None):
     """A resident loader for this rank's block of samples; `memory_limit` (bytes) replaces the measured free
     memory (to check the guard), `cache=False` neither reads nor writes the disk cache."""
-    check_split(data_dir, split, read_manifest(data_dir))
-    device = resolve_device(device)
-    samples = ShardSamples(data_dir, split)
-    positions = rank_ids(len(samples), rank, world)
-    if not positions:
-        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
+    data_dir, positions, device = Path(block.data_dir), block.positions, block.device
     size = test_resize(res)
+    fit = FitShorter(size)
+    samples = ShardSamples(block.data_dir, block.split, None if device.type == "cuda" else fit)
     layout = Layout.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size, res)
-    held_key = (str(Path(data_dir).resolve()), split, rank, world, str(device))
-    check_memory(data_dir, split, layout, batch_size, res, rank, world, device, memory_limit, held_key)
-    path = Path(data_dir) / f"resident-{split}-{size}px-{positions.start}-{positions.stop}.pt"
-    key = f"{hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}:{CACHE_LAYOUT}"
+    held_key = (str(data_dir.resolve()), block.split, block.rank, block.world, str(device))
+    check_memory(block, layout, batch_size, res, memory_limit, held_key)
+    path = data_dir / f"resident-{block.split}-{size}px-{positions.start}-{positions.stop}.pt"
+    key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}:{CACHE_LAYOUT}"
     images = load_cache(path, key) if cache else None
     from_cache = images is not None
     if images is None:
-        images = decode_split(samples, positions, layout, device, workers, split)
+        images = decode_split(samples, positions, layout, fit, device, workers)
         if cache:
             save_cache(path, key, images)
     images = images.to(device)
     _HELD[held_key] = images
-    loader = ResidentLoader(images, layout, samples.labels[positions.start:positions.stop].to(device),
-                            samples.ids[positions.start:positions.stop], train=split == "train",
-                            batch_size=batch_size, res=res, seed=seed, with_ids=with_ids)
+    loader = ResidentLoader(block, images, layout, samples.labels[positions.start:positions.stop].to(device),
+                            samples.ids[positions.start:positions.stop], batch_size=batch_size, res=res, seed=seed,
+                            with_ids=with_ids)
     loader.from_cache = from_cache
     return loader
 
@@ -134,22 +134,23 @@ def working_bytes(layout, batch_size, res, device):
     return out
 
 
-def check_memory(data_dir, split, layout, batch_size, res, rank, world, device, limit, held_key):
+def check_memory(block, layout, batch_size, res, limit, held_key):
     """UsageError unless this split and the other (a run holds both) fit in MEMORY_SHARE of free memory,
     counting the other split's images as free when a live loader already holds them."""
+    device = block.device
     need = layout.nbytes() + working_bytes(layout, batch_size, res, device)
-    other = next(s for s in SPLITS if s != split)
+    other = next(s for s in SPLITS if s != block.split)
     other_key = held_key[:1] + (other,) + held_key[2:]
     held = _HELD.get(other_key)
     if held is not None:
         held = held.numel()
     else:
-        count = read_manifest(data_dir)["splits"].get(other, {}).get("count", 0)
-        block = rank_ids(count, rank, world)
-        if len(block):
+        count = block.manifest["splits"].get(other, {}).get("count", 0)
+        ids = rank_ids(count, block.rank, block.world)
+        if len(ids):
             # its block's ids stand in for its shard positions (the same where shards are in id order, as
             # test shards are, or with one rank): indexing the other split's shards here would cost seconds
-            other_layout = Layout.plan(stored_sizes(data_dir, other, torch.arange(block.start, block.stop)),
+            other_layout = Layout.plan(stored_sizes(block.data_dir, other, torch.arange(ids.start, ids.stop)),
                                        layout.size, res)
             need += other_layout.nbytes() + working_bytes(other_layout, batch_size, res, device)
     free = (free_memory(device) if limit is None else limit) + (held or 0)
@@ -201,20 +202,20 @@ def collate_list(batch):
     return list(images), labels, ids
 
 
-def decode_split(samples, positions, layout, device, workers, split):
-    """The photos at `positions`, resized and placed as `layout` says, as one uint8 N x 3 x S x W canvas
-    (channels_last, the layout of decoded images) on `device`.
+def decode_split(samples, positions, layout, fit, device, workers):
+    """The photos at `positions`, resized by `fit` and placed as `layout` says, as one uint8 N x 3 x S x W
+    canvas (channels_last, the layout of decoded images) on `device`.
 
-    On a GPU, nvJPEG decodes each batch in one call; on the CPU, DataLoader workers decode (libjpeg-turbo)."""
-    fit, on_gpu = FitShorter(layout.size), device.type == "cuda"
-    samples.transform = None if on_gpu else fit
+    On a GPU, nvJPEG decodes each batch in one call; on the CPU, DataLoader workers decode (libjpeg-turbo): the
+    samples' transform is `fit` there."""
+    on_gpu = device.type == "cuda"
     batches = DataLoader(Subset(samples, positions), batch_size=DECODE_BATCH,
                          num_workers=workers,
                          collate_fn=collate_bytes if on_gpu else collate_list)
     canvas = torch.empty(len(positions), 3, layout.size, layout.width, dtype=torch.uint8, device=device,
                          memory_format=torch.channels_last).zero_()  # padding: never read, but cached
     done = 0
-    with tqdm(total=len(positions), desc=f"resident: decoding {split}", unit="img", disable=None) as progress:
+    with tqdm(total=len(positions), desc=f"resident: decoding {samples.split}", unit="img", disable=None) as progress:
         for data, _, _ in batches:
             if on_gpu:
                 data = [fit(image) for image in decode_jpegs_on_gpu(data, device)]
@@ -229,13 +230,13 @@ def decode_split(samples, positions, layout, device, workers, split):
     return canvas
 
 
-class ResidentLoader:
-    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+class ResidentLoader(Loader):
+    """Batches cut from the decoded store (`images`, laid out as `layout` says), on the store's device."""
 
-    def __init__(self, images, layout, labels, ids, *, train, batch_size, res, seed, with_ids, threads=None):
-        self.images, self.layout, self.labels, self.ids = images, layout, labels, ids
-        self.train, self.batch_size, self.res, self.seed, self.with_ids = train, batch_size, res, seed, with_ids
-        self.num_samples, self.epoch, self.from_cache = len(labels), 0, False
+    def __init__(self, block, images, layout, labels, ids, *, batch_size, res, seed, with_ids, threads=None):
+        super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
+        self.images, self.layout, self.labels, self.ids, self.res = images, layout, labels, ids, res
+        self.from_cache = False
         self.normalize = Normalizer(images.device)
         self.on_gpu = images.device.type == "cuda"
         self.threads = threads or torch.get_num_threads()
@@ -244,18 +245,12 @@ class ResidentLoader:
         self._sizes = layout.sizes.to(images.device)
         self._offsets, self._transposed = layout.offsets.to(images.device), layout.transposed.to(images.device)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
     def set_res(self, res):
         """Later batches at res x res from the same decoded store: train crops are resized to res anyway;
         test batches are the crops of the res the store was laid out for, resized to res (the field of view of
         the other backends' test path at res)."""
         if res != self.res:
             self.res, self._work = res, None  # the reused buffers are res x res
-
-    def __len__(self):
-        return -(-self.num_samples // self.batch_size)
 
     def _buffers(self, n):
         """Reused from batch to batch (fresh ones are page-faulted in every batch on the CPU, which cost as
@@ -318,5 +313,5 @@ class ResidentLoader:
             else:
                 index = slice(start, start + self.batch_size)
                 images = self._center_crops(index)
-            batch = (self.normalize(images), self.labels[index])
-            yield batch + (self.ids[index.cpu() if self.train else index],) if self.with_ids else batch
+            ids = self.ids[index.cpu() if self.train else index] if self.with_ids else None
+            yield self.batch(self.normalize(images), self.labels[index], ids)

@@ -103,7 +103,7 @@ def torch_train_crops(ingested, res):
     from torchvision.transforms import v2
 
     from loaders.common import RRC_RATIO, RRC_SCALE
-    from loaders.tvision import TrainCrop
+    from loaders.torch_loader import TrainCrop
 
     reference = v2.Compose([v2.RandomResizedCrop(res, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
                             v2.RandomHorizontalFlip()])
@@ -155,7 +155,7 @@ def test_gpu_decode_keeps_memory_that_queued_work_still_reads(ingested):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from loaders.tvision import decode_jpegs_on_gpu
+    from loaders.torch_loader import decode_jpegs_on_gpu
 
     jpegs = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in stored_jpegs(ingested, "train").values()]
     cpu = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]

@@ -104,7 +104,7 @@ def break_a_header_in_the_middle(tar):
 def test_a_tar_that_ends_early_at_a_broken_header_is_one_line(split, ingested, tmp_path):
     """tarfile ends an archive quietly at a broken header: the torch and resident backends' index of the
     shards counts what it read (behind the digest of the start-up check, which sees this damage first)."""
-    from loaders.tvision import ShardSamples
+    from loaders.torch_loader import ShardSamples
 
     data, manifest = dataset_copy(ingested, tmp_path)
     tar = data / manifest["splits"][split]["shards"][0]["tar"]

@@ -16,9 +16,10 @@ from PIL import Image
 
 from cli import UsageError
 from ingest import layout
-from loaders import common, make_loader, resident, tvision
+from loaders import common, make_loader, resident, torch_loader
+from loaders.base import Block
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, Normalizer
-from loaders.tvision import ShardSamples
+from loaders.torch_loader import ShardSamples
 
 
 def loader(data_dir, split, res=32, **options):
@@ -80,7 +81,7 @@ def crops_by_path(path, photos, res):
     """All crops of `photos` (one epoch), through one of the three implementations of the shared crop code,
     with the photo each came from."""
     if path == "torch-gpu-batched":  # the torch backend's GPU path, on CPU tensors here
-        images = tvision.crop_on_gpu(photos, res, torch.Generator().manual_seed(0))
+        images = torch_loader.crop_on_gpu(photos, res, torch.Generator().manual_seed(0))
         return Normalizer("cpu")(images), torch.arange(len(photos))
     sizes = torch.tensor([photo.shape[1:] for photo in photos])
     layout = resident.Layout(sizes, int(sizes.min()), res)
@@ -88,9 +89,9 @@ def crops_by_path(path, photos, res):
                          memory_format=torch.channels_last).zero_()
     for k, photo in enumerate(photos):
         layout.store(canvas, k, photo)
-    ramps = resident.ResidentLoader(canvas, layout, torch.zeros(len(photos), dtype=torch.long),
-                                    torch.arange(len(photos)), train=True, batch_size=256, res=res, seed=0,
-                                    with_ids=True)
+    block = Block("ramps", "train", {"splits": {"train": {"count": len(photos)}}}, 0, 1, torch.device("cpu"))
+    ramps = resident.ResidentLoader(block, canvas, layout, torch.zeros(len(photos), dtype=torch.long),
+                                    torch.arange(len(photos)), batch_size=256, res=res, seed=0, with_ids=True)
     ramps.on_gpu = path == "resident-gpu-batched"  # the GPU path's grid_sample, on CPU tensors here
     images, _, ids = epoch(ramps, 0)
     return images, ids

@@ -1,5 +1,8 @@
 """`torch` backend: torchvision alone over the ingested webdataset shards, no DALI or FFCV needed.
 
+(Not named loaders/torch.py: `from loaders import torch`, or any import of that submodule, would rebind the
+name `torch` in the importing namespace, the loaders package's included, to this module instead of PyTorch.)
+
 The shards are indexed once (tar headers -> byte offset of each JPEG), so a map-style Dataset reads any
 sample with one pread and the per-epoch order is an ordinary Sampler. On the CPU, DataLoader workers decode
 with libjpeg-turbo (torchvision.io.decode_jpeg) and crop with torchvision.transforms.v2 on uint8 tensors;
@@ -24,27 +27,23 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
-from cli import UsageError
-from ingest.layout import check_split, csv_path, damaged_file, read_manifest
+from ingest.layout import csv_path, damaged_file, read_manifest
+from loaders.base import Loader
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
-                            drawing_from, epoch_seed, rank_ids, resized_crop, resolve_device, sample_crops,
-                            sample_seed, test_resize, undecodable)
+                            drawing_from, epoch_seed, resized_crop, sample_crops, sample_seed, test_resize,
+                            undecodable)
 
 
-def build(data_dir, split, *, batch_size, res, device, seed, rank, world, workers, with_ids=False):
+READS = ("webdataset",)
+
+
+def build(block, *, batch_size, res, seed, workers, with_ids=False):
     """A torchvision loader over `<split>-*.tar` for this rank's block of samples."""
-    check_split(data_dir, split, read_manifest(data_dir))  # a missing or damaged ingest is one line
-    device = resolve_device(device)
-    samples = ShardSamples(data_dir, split)
-    positions = rank_ids(len(samples), rank, world)
-    if not positions:
-        raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
-    on_gpu = device.type == "cuda"
     # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
-    samples.transform = None if on_gpu else PerRes(functools.partial(image_transform, split == "train"), res)
-    return TorchLoader(samples, positions, train=split == "train", batch_size=batch_size, res=res,
-                       device=device, seed=seed, workers=workers,
-                       with_ids=with_ids)
+    on_gpu = block.device.type == "cuda"
+    transform = None if on_gpu else PerRes(functools.partial(image_transform, block.train), res)
+    return TorchLoader(block, ShardSamples(block.data_dir, block.split, transform), batch_size=batch_size,
+                       res=res, seed=seed, workers=workers, with_ids=with_ids)
 
 
 def image_transform(train, res):
@@ -209,24 +208,20 @@ def collate_bytes(batch):
     return list(data), torch.stack(labels), torch.stack(ids)
 
 
-class TorchLoader:
-    """Iterates (images, labels) batches, or (images, labels, ids) with with_ids; see loaders.common."""
+class TorchLoader(Loader):
+    """A DataLoader over ShardSamples: its workers decode and crop on the CPU; with a GPU they read bytes only."""
 
-    def __init__(self, samples, positions, *, train, batch_size, res, device, seed, workers, with_ids):
-        self.device, self.with_ids, self.batch_size = device, with_ids, batch_size
-        self.train, self.res, self.seed, self.num_samples = train, res, seed, len(positions)
-        self.sampler = EpochSampler(positions, seed, shuffle=train, keyed=True)
-        self.test_transform = TestCrop(res).transform
-        self.normalize = Normalizer(device)
-        on_gpu = device.type == "cuda"
+    def __init__(self, block, samples, *, batch_size, res, seed, workers, with_ids):
+        super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
+        self.res, self.test_transform = res, TestCrop(res).transform
+        self.sampler = EpochSampler(block.positions, seed, shuffle=self.train, keyed=True)
+        self.normalize = Normalizer(self.device)
+        on_gpu = self.device.type == "cuda"
         self.loader = DataLoader(
             samples, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate_bytes if on_gpu else collate_images, pin_memory=on_gpu,
             persistent_workers=workers > 0,  # workers start once, not every epoch
             generator=torch.Generator().manual_seed(seed))  # the workers' base seed leaves the caller's RNG alone
-
-    def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
 
     def set_res(self, res):
         """The CPU workers' transform reads res from shared memory (no restart); the GPU path crops here."""
@@ -234,13 +229,11 @@ class TorchLoader:
         if self.loader.dataset.transform is not None:
             self.loader.dataset.transform.set_res(res)
 
-    def __len__(self):
-        return -(-self.num_samples // self.batch_size)
-
     def __iter__(self):
+        self.sampler.set_epoch(self.epoch)  # the DataLoader draws this pass's order from it
         generator = None
         if self.device.type == "cuda" and self.train:  # crops drawn on the GPU, from (seed, epoch)
-            generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.sampler.epoch))
+            generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.epoch))
         for data, labels, ids in self.loader:
             if self.device.type != "cuda":
                 images = data.to(self.device, non_blocking=True)
@@ -248,8 +241,7 @@ class TorchLoader:
                 images = crop_on_gpu(decode_jpegs_on_gpu(data, self.device), self.res, generator)
             else:  # the test path resizes with antialiasing, image by image (test batches are few)
                 images = torch.stack([self.test_transform(image) for image in decode_jpegs_on_gpu(data, self.device)])
-            batch = (self.normalize(images), labels.to(self.device, non_blocking=True))
-            yield batch + (ids,) if self.with_ids else batch
+            yield self.batch(self.normalize(images), labels.to(self.device, non_blocking=True), ids)
 
 
 def crop_on_gpu(decoded, res, generator):
