@@ -65,10 +65,15 @@ class Loader:
         return self.block.manifest["classes"]
 
     @property
+    def fewest_samples(self):
+        """The samples of the smallest rank block of this split: count // world (loaders.common.rank_ids)."""
+        return self.block.manifest["splits"][self.block.split]["count"] // self.block.world
+
+    @property
     def steps_per_epoch(self):
-        """Full batches that every rank has: the smallest rank block is count // world (loaders.common.rank_ids),
-        so under DDP all ranks step together and no step sees a partial batch."""
-        return self.block.manifest["splits"][self.block.split]["count"] // self.block.world // self.batch_size
+        """Full batches that every rank has, so that under DDP all ranks step together and no step sees a
+        partial batch (training drops the rest: the next epoch's shuffle drops others)."""
+        return self.fewest_samples // self.batch_size
 
     def batch(self, images, labels, ids):
         """The tuple a pass yields: ids (int64 sample ids on the CPU) only with with_ids."""

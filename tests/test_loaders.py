@@ -152,6 +152,20 @@ def test_two_ranks_keep_their_test_blocks_pass_after_pass(name, runs, ingested):
             assert epoch.ids == list(rank_ids(count, rank, 2))
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_loader_tells_training_its_classes_and_steps_per_epoch(name, ingested):
+    """Training takes the class names and the steps of an epoch from its loader: the full batches that every
+    rank has, so ranks whose blocks differ by a sample still step together."""
+    require(name)
+    manifest, options = layout.read_manifest(ingested), {"cache": False} if name == "resident" else {}
+    count = manifest["splits"]["train"]["count"]
+    ranks = [make_loader(name, ingested, "train", batch_size=BATCH, res=RES, device="cpu", rank=r, world=2,
+                         workers=1, **options) for r in range(2)]
+    assert [loader.num_samples for loader in ranks] == [count // 2, count - count // 2]  # 32 and 33
+    assert [loader.classes for loader in ranks] == [manifest["classes"]] * 2
+    assert [loader.steps_per_epoch for loader in ranks] == [count // 2 // BATCH] * 2
+
+
 def test_workers_default_to_this_process_share_of_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
