@@ -166,9 +166,10 @@ def p_resident_gpu(args):
 
 def test_jpegs(data, limit=None):
     """The stored JPEG bytes of the test split, as uint8 tensors (what the torch backend hands nvJPEG)."""
-    from loaders.torch_loader import ShardSamples
-    samples = ShardSamples(data, "test")
-    return [samples.read(i) for i in range(min(len(samples), limit or len(samples)))]
+    from ingest.shards import ShardIndex
+    samples = ShardIndex(data, "test")
+    count = min(len(samples), limit or len(samples))
+    return [torch.frombuffer(samples.read(i), dtype=torch.uint8) for i in range(count)]
 
 
 def p_torch_gpu_decode(args):

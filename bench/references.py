@@ -24,6 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD, TEST_CROP_RATIO, test_resize
 
@@ -129,8 +130,8 @@ class DecodeOnly:
     batch, in `workers` threads; the images are dropped (a loader would still have to crop and normalise)."""
 
     def __init__(self, data_dir, split, *, batch_size, decode, workers):
-        from loaders.torch_loader import ShardSamples
-        self.samples, self.batch_size, self.decode = ShardSamples(data_dir, split), batch_size, decode
+        from ingest.shards import ShardIndex
+        self.samples, self.batch_size, self.decode = ShardIndex(data_dir, split), batch_size, decode
         self.num_samples = len(self.samples)
         self.pool = ThreadPoolExecutor(_threads(workers))
 
@@ -140,7 +141,8 @@ class DecodeOnly:
     def __iter__(self):
         for start in range(0, self.num_samples, self.batch_size):
             positions = range(start, min(start + self.batch_size, self.num_samples))
-            yield self.decode(self.pool, [self.samples.read(p) for p in positions]), self.samples.labels[positions]
+            jpegs = [torch.frombuffer(self.samples.read(p), dtype=torch.uint8) for p in positions]
+            yield self.decode(self.pool, jpegs), torch.from_numpy(self.samples.labels[positions])
 
 
 def decode_torchvision(data_dir, split, *, batch_size, res, device, seed, workers):

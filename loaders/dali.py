@@ -14,16 +14,12 @@ On a GPU `hw_decoder_load` sends HW_DECODER_LOAD of the JPEGs to the hardware JP
 and the rest to nvJPEG's CUDA decoder with CPU Huffman decoding; with few CPU threads per GPU the hardware
 engines are the larger share (DALI's own default is 0.65 for its classic decoder, 0.9 for nvImageCodec).
 """
-import csv
-import mmap
-
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from cli import UsageError
-from ingest import layout
+from ingest.shards import ShardIndex
 from loaders.base import Loader
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, test_resize
 
@@ -37,49 +33,6 @@ def build(block, *, batch_size, res, seed, workers, with_ids=False):
     """A DALI loader over `<split>-*.tar` for this rank's block of samples."""
     return DaliLoader(block, ShardIndex(block.data_dir, block.split), batch_size=batch_size, res=res, seed=seed,
                       threads=max(workers, 1), with_ids=with_ids)
-
-
-class ShardIndex:
-    """A split's samples in shard order: where each JPEG lies (from the DALI index files), its sample id, and
-    its label and stored size (from `<split>.csv`, whose row number is the sample id)."""
-
-    def __init__(self, data_dir, split):
-        tars, indexes = layout.shard_paths(data_dir, split)
-        shard, offset, size, ids = [], [], [], []
-        for t, index in enumerate(indexes):
-            lines = index.read_text().splitlines()[1:]  # the header line: version and sample count
-            for line in lines:
-                fields = line.split()  # (extension, offset, size, member name) per file of the sample
-                jpg = fields.index("jpg")
-                shard.append(t)
-                offset.append(int(fields[jpg + 1]))
-                size.append(int(fields[jpg + 2]))
-                ids.append(int(fields[jpg + 3].partition(".")[0]))
-        with open(layout.csv_path(data_dir, split), newline="") as f:
-            rows = [(int(r["label"]), int(r["width"]), int(r["height"])) for r in csv.DictReader(f)]
-        self.ids = np.array(ids, dtype=np.int64)
-        if len(rows) != len(ids) or (len(ids) and self.ids.max() >= len(rows)):
-            raise UsageError(f"{data_dir}: the {split} shards index {len(ids)} images but {split}.csv lists "
-                             f"{len(rows)}: ingest again with python ingest/build.py")
-        label, width, height = np.array(rows, dtype=np.int64).reshape(-1, 3)[self.ids].T
-        self.shard, self.offset, self.size = np.array(shard), np.array(offset), np.array(size)
-        self.labels, self.widths, self.heights = label, width, height
-        self._tars = [str(t) for t in tars]
-        self._maps = None
-
-    def __len__(self):
-        return len(self.ids)
-
-    def jpegs(self, positions):
-        """The stored JPEG bytes of these samples, as uint8 views of the memory-mapped shards."""
-        if self._maps is None:
-            self._maps = []
-            for tar in self._tars:
-                with open(tar, "rb") as f:
-                    self._maps.append(np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ),
-                                                    dtype=np.uint8))
-        return [self._maps[t][o:o + s] for t, o, s in
-                zip(self.shard[positions].tolist(), self.offset[positions].tolist(), self.size[positions].tolist())]
 
 
 def crop_windows(widths, heights, rng, scale=RRC_SCALE, ratio=RRC_RATIO, attempts=10):
@@ -135,7 +88,7 @@ class DaliLoader(Loader):
         for start in range(0, len(positions), self.batch_size):
             part = slice(start, start + self.batch_size)
             batch = positions[part]
-            yield (self.samples.jpegs(batch), self.samples.labels[batch], self.samples.ids[batch],
+            yield (self.samples.views(batch), self.samples.labels[batch], self.samples.ids[batch],
                    *([c[part] for c in crops] if crops else []))
 
     def _next_batch(self):

@@ -38,10 +38,11 @@ from tqdm import tqdm
 from cli import UsageError
 from ingest.atomic import atomic_path
 from ingest.layout import MANIFEST, SPLITS
+from ingest.shards import ShardIndex, csv_columns
 from loaders.base import Loader
 from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, sample_crops,
                             test_resize)
-from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu, stored_sizes
+from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
 DECODE_BATCH = 64
@@ -58,7 +59,7 @@ def build(block, *, batch_size, res, seed, workers, with_ids=False, cache=True, 
     data_dir, positions, device = Path(block.data_dir), block.positions, block.device
     size = test_resize(res)
     fit = FitShorter(size)
-    samples = ShardSamples(block.data_dir, block.split, None if device.type == "cuda" else fit)
+    samples = ShardSamples(ShardIndex(block.data_dir, block.split), None if device.type == "cuda" else fit)
     layout = Layout.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size, res)
     held_key = (str(data_dir.resolve()), block.split, block.rank, block.world, str(device))
     check_memory(block, layout, batch_size, res, memory_limit, held_key)
@@ -117,6 +118,11 @@ class Layout:
         left, long = int(self.offsets[k, 1]), int(self.long[k])
         image = canvas[k, :, :, left:left + long]
         return image.transpose(1, 2) if self.transposed[k] else image
+
+
+def stored_sizes(data_dir, split, ids):
+    """(height, width) of the stored JPEG of each sample id, from `<split>.csv` (written by ingest)."""
+    return torch.from_numpy(csv_columns(data_dir, split, "height", "width"))[ids]
 
 
 def free_memory(device):
@@ -215,7 +221,8 @@ def decode_split(samples, positions, layout, fit, device, workers):
     canvas = torch.empty(len(positions), 3, layout.size, layout.width, dtype=torch.uint8, device=device,
                          memory_format=torch.channels_last).zero_()  # padding: never read, but cached
     done = 0
-    with tqdm(total=len(positions), desc=f"resident: decoding {samples.split}", unit="img", disable=None) as progress:
+    with tqdm(total=len(positions), desc=f"resident: decoding {samples.index.split}", unit="img",
+              disable=None) as progress:
         for data, _, _ in batches:
             if on_gpu:
                 data = [fit(image) for image in decode_jpegs_on_gpu(data, device)]
@@ -223,7 +230,7 @@ def decode_split(samples, positions, layout, fit, device, workers):
                 try:
                     layout.store(canvas, k, image)
                 except ValueError as err:
-                    raise UsageError(f"{samples.tars[samples.jpegs[positions[k]][0]]}: a stored image's size differs "
+                    raise UsageError(f"{samples.index.tar(positions[k])}: a stored image's size differs "
                                      f"from its csv row ({err}): ingest again with python ingest/build.py") from None
             done += len(data)
             progress.update(len(data))

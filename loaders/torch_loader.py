@@ -3,9 +3,9 @@
 (Not named loaders/torch.py: `from loaders import torch`, or any import of that submodule, would rebind the
 name `torch` in the importing namespace, the loaders package's included, to this module instead of PyTorch.)
 
-The shards are indexed once (tar headers -> byte offset of each JPEG), so a map-style Dataset reads any
-sample with one pread and the per-epoch order is an ordinary Sampler. On the CPU, DataLoader workers decode
-with libjpeg-turbo (torchvision.io.decode_jpeg) and crop with torchvision.transforms.v2 on uint8 tensors;
+The shards' DALI index files give the byte offset of each JPEG (ingest.shards.ShardIndex), so a map-style
+Dataset reads any sample with one pread and the per-epoch order is an ordinary Sampler. On the CPU,
+DataLoader workers decode with libjpeg-turbo (torchvision.io.decode_jpeg) and crop with torchvision.transforms.v2 on uint8 tensors;
 with a GPU the workers only read bytes, decode_jpeg(device="cuda") decodes a whole batch with nvJPEG (after
 draining the caller's stream: see decode_jpegs_on_gpu) and one grid_sample crops the batch (no per-image
 kernels; the crop boxes follow torchvision's distribution, drawn from (seed, epoch): loaders.common).
@@ -13,12 +13,8 @@ Normalisation always runs on the loader's device, after the (small, uint8) batch
 
 Ranks get a contiguous block of shard positions (loaders.common.rank_ids), as DALI's shard_id/num_shards.
 """
-import csv
 import functools
 import io
-import os
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
-from ingest.layout import csv_path, damaged_file, read_manifest
+from ingest.shards import ShardIndex
 from loaders.base import Loader
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
                             drawing_from, epoch_seed, resized_crop, sample_crops, sample_seed, test_resize,
@@ -42,8 +38,8 @@ def build(block, *, batch_size, res, seed, workers, with_ids=False):
     # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
     on_gpu = block.device.type == "cuda"
     transform = None if on_gpu else PerRes(functools.partial(image_transform, block.train), res)
-    return TorchLoader(block, ShardSamples(block.data_dir, block.split, transform), batch_size=batch_size,
-                       res=res, seed=seed, workers=workers, with_ids=with_ids)
+    samples = ShardSamples(ShardIndex(block.data_dir, block.split), transform)
+    return TorchLoader(block, samples, batch_size=batch_size, res=res, seed=seed, workers=workers, with_ids=with_ids)
 
 
 def image_transform(train, res):
@@ -103,81 +99,32 @@ class TrainCrop:
         return torch.from_numpy(np.array(crop)).permute(2, 0, 1)  # HWC in memory, as decode_jpeg's images
 
 
-def stored_sizes(data_dir, split, ids):
-    """(height, width) of the stored JPEG of each sample id, from `<split>.csv` (written by ingest)."""
-    with open(csv_path(data_dir, split), newline="") as f:
-        rows = [(int(row["height"]), int(row["width"])) for row in csv.DictReader(f)]
-    return torch.tensor(rows, dtype=torch.long)[ids]
-
-
 class ShardSamples(Dataset):
-    """A split's samples in shard order; item -> (transformed image or raw JPEG bytes, label, sample id).
-    `transform` gets (JPEG bytes, stored height, stored width).
+    """The samples of a ShardIndex (ingest.shards) as a map-style Dataset: item -> (`transform(JPEG bytes,
+    stored height, stored width)`, label, sample id), or the JPEG bytes themselves when transform is None."""
 
-    Indexing reads only tar headers and the tiny `.cls` members; JPEG bytes are read on demand, so memory
-    does not grow with the dataset and forked workers share nothing but the index."""
-
-    def __init__(self, data_dir, split, transform=None):
-        manifest = read_manifest(data_dir)
-        shards = manifest["splits"][split]["shards"]
-        self.tars = [str(Path(data_dir) / shard["tar"]) for shard in shards]
-        self.data_dir, self.split, self.transform = data_dir, split, transform
-        jpegs, labels, ids = [], [], []
-        for t, (tar, shard) in enumerate(zip(self.tars, shards)):
-            start = len(jpegs)
-            try:
-                with tarfile.open(tar) as archive:
-                    for member in archive:
-                        key, _, ext = member.name.partition(".")
-                        if ext == "jpg":
-                            jpegs.append((t, member.offset_data, member.size))
-                            ids.append(int(key))
-                        elif ext == "cls":
-                            labels.append(int(archive.extractfile(member).read()))
-            except (OSError, tarfile.TarError) as err:
-                raise damaged_file(data_dir, manifest, tar, f"is unreadable ({err.__class__.__name__})") from None
-            # tarfile ends an archive quietly at a broken header: count what it read
-            if len(jpegs) - start != shard["count"] or len(labels) != len(jpegs):
-                raise damaged_file(data_dir, manifest, tar, f"holds {len(jpegs) - start} readable samples where "
-                                   f"the manifest says {shard['count']}")
-        self.jpegs, self.labels, self.ids = jpegs, torch.tensor(labels), torch.tensor(ids)
-        self.sizes = stored_sizes(data_dir, split, self.ids).tolist()
-        self._fds = {}
+    def __init__(self, index, transform):
+        self.index, self.transform = index, transform
+        self.labels, self.ids = torch.from_numpy(index.labels), torch.from_numpy(index.ids)
+        self.sizes = np.stack([index.heights, index.widths], 1).tolist()
 
     def __len__(self):
-        return len(self.jpegs)
-
-    def __getstate__(self):  # file descriptors do not survive pickling (spawned workers reopen them)
-        return {**self.__dict__, "_fds": {}}
-
-    def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-
-    def read(self, position):
-        """The stored JPEG bytes of the sample at `position`, as a uint8 tensor (no copy after the read)."""
-        t, offset, size = self.jpegs[position]
-        if t not in self._fds:
-            self._fds[t] = os.open(self.tars[t], os.O_RDONLY)
-        data = bytearray(size)
-        if os.preadv(self._fds[t], [data], offset) != size:  # the file shrank after the start-up check
-            raise undecodable(self.data_dir, self.split, int(self.ids[position]), self.tars[t])
-        return torch.frombuffer(data, dtype=torch.uint8)
+        return len(self.index)
 
     def __getitem__(self, item):
         """item: a position, or (position, epoch key) from a train EpochSampler."""
         position, key = item if isinstance(item, tuple) else (item, None)
-        data = self.read(position)
-        if self.transform is not None:
-            try:
+        try:
+            data = torch.frombuffer(self.index.read(position), dtype=torch.uint8)
+            if self.transform is not None:
                 if key is None:
                     data = self.transform(data, *self.sizes[position])
                 else:  # loaders.common.sample_seed: the same draws in any worker, after a resume too
                     with drawing_from(sample_seed(key, int(self.ids[position]))):
                         data = self.transform(data, *self.sizes[position])
-            except (RuntimeError, OSError):  # what torchvision's and PIL's JPEG decoders raise
-                raise undecodable(self.data_dir, self.split, int(self.ids[position]),
-                                  self.tars[self.jpegs[position][0]]) from None
+        except (RuntimeError, OSError):  # a shard cut short, or what torchvision's and PIL's JPEG decoders raise
+            raise undecodable(self.index.data_dir, self.index.split, int(self.ids[position]),
+                              self.index.tar(position)) from None
         return data, self.labels[position], self.ids[position]
 
 
