@@ -24,9 +24,7 @@ from loaders.base import Loader
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, test_resize
 
 HW_DECODER_LOAD = 0.9  # share of JPEGs for the GPU's hardware decoder (see the module docstring)
-
-
-READS = ("webdataset",)
+READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
 def build(block, *, batch_size, res, seed, workers, with_ids=False):

@@ -46,7 +46,7 @@ from loaders import base
 from loaders.common import RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, epoch_seed, sample_seed, undecodable
 
 
-READS = ("ffcv",)
+READS = ("ffcv",)  # the formats loaders.base.prepare checks at start-up
 
 
 def build(block, *, batch_size, res, seed, workers, with_ids=False):

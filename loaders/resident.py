@@ -1,4 +1,5 @@
 """`resident` backend: decode the split once into one uint8 tensor, so every later epoch runs at memory speed.
+(Over 300 lines: the store's layout, its memory guard, its disk cache and the crops cut from it read as one.)
 
 Every photo is stored whole, resized so that its shorter side is S = test_resize(res) (256 for res 224), as
 the test path's resize does: its central res x res is then exactly the other backends' test crop, and train
@@ -48,9 +49,7 @@ MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is f
 DECODE_BATCH = 64
 CACHE_LAYOUT = "whole-photo-v1"  # part of the cache key: caches of the older central-square layout are stale
 _HELD = weakref.WeakValueDictionary()  # (dataset, split, rank, world, device) -> images of live loaders
-
-
-READS = ("webdataset",)
+READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
 def build(block, *, batch_size, res, seed, workers, with_ids=False, cache=True, memory_limit=None):

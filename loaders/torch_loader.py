@@ -30,7 +30,7 @@ from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerR
                             undecodable)
 
 
-READS = ("webdataset",)
+READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
 def build(block, *, batch_size, res, seed, workers, with_ids=False):
