@@ -51,7 +51,7 @@ from cli import Parser, UsageError, add_options, check_options, config_from, int
 from ingest import layout  # noqa: E402
 from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
-from loaders.common import rank_ids, resolve_device  # noqa: E402
+from loaders.common import resolve_device  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
 from report.images import plot_feature_maps, plot_filters, plot_predictions, plot_samples  # noqa: E402
 from report.layers import layer_table, layers_markdown  # noqa: E402
@@ -649,11 +649,6 @@ class Run:
     def __init__(self, cfg, rank, world, device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.writer = rank == 0
-        manifest = layout.read_manifest(cfg.data)
-        self.classes, label_map = merge_classes(manifest["classes"], cfg.merge)
-        self.fingerprint = manifest["fingerprint"]
-        # --merge: labels are remapped on the device, by indexing (no sync, no re-ingest).
-        self.label_map = torch.tensor(label_map, device=device) if cfg.merge else None
         self.amp = resolve_amp(cfg.amp, device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         if not cfg.name:
@@ -662,6 +657,15 @@ class Run:
         self.dir = new_run_dir(cfg) if self.writer and not cfg.resume else Path(cfg.runs_dir) / cfg.name
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
+                                rank=rank, world=world, workers=cfg.workers)
+        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **self.loader_args)
+        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **self.loader_args)
+        manifest = self.train_loader.block.manifest  # the one the loaders checked the data against
+        self.classes, label_map = merge_classes(self.train_loader.classes, cfg.merge)
+        self.fingerprint = manifest["fingerprint"]
+        # --merge: labels are remapped on the device, by indexing (no sync, no re-ingest).
+        self.label_map = torch.tensor(label_map, device=device) if cfg.merge else None
 
         seed_everything(cfg.seed)
         self.model = make_model(cfg, len(self.classes), device)
@@ -670,18 +674,13 @@ class Run:
             if isinstance(state, dict) and "model" in state:  # a fastpix checkpoint; a bare state dict knows no data
                 check_same_data("--init-from", cfg.init_from, state, manifest, cfg)
             load_weights(self.model, cfg.init_from, state)
-        self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
-                                rank=rank, world=world, workers=cfg.workers)
-        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **self.loader_args)
-        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **self.loader_args)
         # Full batches only (the last partial one is dropped; the next epoch's shuffle drops others): BN never
         # sees a 1-sample batch, every step weighs the same, and all ranks take the same number of steps even
         # when their blocks differ by a sample, so DDP never waits on a rank that has finished.
-        per_rank = min(len(rank_ids(manifest["splits"]["train"]["count"], r, world)) for r in range(world))
-        self.steps_per_epoch = per_rank // cfg.batch_size
+        self.steps_per_epoch = self.train_loader.steps_per_epoch
         if self.steps_per_epoch == 0:
-            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {per_rank} train samples per "
-                             "process: lower it")
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {self.train_loader.fewest_samples} "
+                             "train samples per process: lower it")
         total, warmup = cfg.epochs * self.steps_per_epoch, round(cfg.warmup * self.steps_per_epoch)
 
         self.lr = self.resolve_lr()
