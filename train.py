@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -46,10 +45,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from files import atomic_path, temp_of, write_json, write_text  # noqa: E402
 import nets  # noqa: E402
 from cli import Parser, UsageError, add_options, check_options, config_from, ints, names, option, run  # noqa: E402
 from ingest import layout  # noqa: E402
-from ingest.atomic import atomic_path, write_text  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import resolve_device  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
@@ -431,10 +430,6 @@ def check_same_data(flag, source, saved, manifest, cfg):
 
 # ----------------------------------------------------------------------------------------------- Files
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
 class KeepsWriteError:
     """A file for torch.save that remembers why a write failed: torch's zip writer turns a full disk into an
     opaque RuntimeError ("unexpected pos"), to a path or to a Python file alike (seen on a full tmpfs)."""
@@ -603,9 +598,8 @@ def remove_run(run_dir):
 
 
 def own_temp_files(run_dir):
-    """Temp files (ingest.atomic's `.<name>.tmp<pid>`) of this run's files that a killed write left behind."""
-    own = re.compile(r"\.(%s)\.tmp\d+" % "|".join(map(re.escape, RUN_FILES)))
-    return [p for p in Path(run_dir).iterdir() if own.fullmatch(p.name)]
+    """Temp files (files.atomic_path's) of this run's files that a killed write left behind."""
+    return [p for p in Path(run_dir).iterdir() if temp_of(p.name) in RUN_FILES]
 
 
 def config_from_resume(cfg):

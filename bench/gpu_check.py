@@ -12,7 +12,7 @@ the best loader, then the correctness probes. Each has an estimate of its second
 is skipped, not started, when less of the budget is left than it needs, and report.json is rewritten after
 every step, so a run cut short still reports what it did. Every step runs in its own process group with its
 own timeout: a hang or a CUDA crash costs one check, never the report. Correctness probes that may share
-the GPU run side by side; timed steps never overlap anything. Standard library only.
+the GPU run side by side; timed steps never overlap anything. Standard library only (files.py is too).
 """
 import argparse
 import json
@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from files import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET_S = 420  # 7 min: one 10-minute call with room to spare; with DALI brought, 15 min of device time
@@ -193,19 +195,13 @@ def finish(report, out_dir, start, bundle=None):
     (the device tool brings back 8 files at most, so the logs travel as one)."""
     counts = {s: sum(c["status"] == s for c in report["checks"]) for s in ("ok", "failed", "skipped")}
     report.update(seconds=round(time.monotonic() - start, 1), summary=counts)
-    path = Path(out_dir) / "report.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(out_dir) / "report.json", report)
     if bundle:
-        bundle = Path(bundle)
-        bundle.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, bundle / "report.json")
-        with tarfile.open(bundle / ".gpu_check.tar.gz.tmp", "w:gz") as tar:
+        write_json(Path(bundle) / "report.json", report)
+        with atomic_path(Path(bundle) / "gpu_check.tar.gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
             for part in ("logs", "bench-loaders", "results"):
                 if (Path(out_dir) / part).exists():
                     tar.add(Path(out_dir) / part, arcname=part)
-        os.replace(bundle / ".gpu_check.tar.gz.tmp", bundle / "gpu_check.tar.gz")
 
 
 def pick_python(explicit, want_cuda):

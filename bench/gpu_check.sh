@@ -15,7 +15,7 @@ fi
 # machine's own python3 when its torch sees the GPU) and never makes a venv, which would hide that torch.
 for py in python3 .venv/bin/python python; do
   if command -v "$py" >/dev/null 2>&1; then
-    exec "$py" bench/gpu_check.py "$@"
+    exec "$py" -m bench.gpu_check "$@"
   fi
 done
 echo "error: no python3 on PATH" >&2

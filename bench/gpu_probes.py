@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError, run
+from files import write_json
 from loaders import make_loader
 from loaders.common import resolve_device
 
@@ -314,8 +315,7 @@ def p_data(args):
 
 def save(args, result):
     if args.result:
-        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.result, result, indent=1)
 
 
 PROBES = {name[2:]: fn for name, fn in globals().items() if name.startswith("p_")}

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.results import atomic_write, environment, machine_label, new_results_dir, write_json
+from bench.results import environment, machine_label, new_results_dir
 from cli import Parser, UsageError, run
+from files import write_json, write_text
 from ingest import demo
-from ingest.atomic import atomic_path
 from ingest.build import build
 from ingest.config import IngestConfig
 
@@ -93,16 +93,14 @@ def main(argv=None):
               "CPU-second figures are what a worker does when it has a core)"]
     table = "\n".join(lines) + "\n"
     print(table)
-    atomic_write(out_dir / "table.md", table)
+    write_text(out_dir / "table.md", table)
     write_json(out_dir / "results.json", {"config": vars(args), "rows": rows, "up_to_date_s": no_op, **env})
     _plot(rows, out_dir / "ingest.png")
     print(f"-> {out_dir}")
 
 
 def _plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bench.plots import plt, save
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = range(len(rows))
@@ -116,9 +114,7 @@ def _plot(rows, path):
     ax.set_ylabel("images / s")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -291,12 +291,13 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     if args.child:
-        from bench.results import write_json
+        from files import write_json
         write_json(args.child[1], measure(**json.loads(args.child[0])))
         return 0
     from tqdm import tqdm
 
-    from bench.results import environment, machine_label, new_results_dir, write_config, write_json, atomic_write
+    from bench.results import environment, machine_label, new_results_dir, write_config
+    from files import write_json, write_text
     from ingest.layout import read_manifest
     from loaders.common import resolve_device
 
@@ -337,7 +338,7 @@ def main(argv=None):
         + (f"; resident {t['resident_vs_folder']:.2f}× folder" if t.get("resident_vs_folder") else "")
         + "".join(f"; {b} {v:.2f}× its reference" for b, v in t["vs_reference"].items()) + "\n"
         for s, t in summary.items() if t and t.get("best_vs_ceiling"))
-    atomic_write(out / "table.md", text)
+    write_text(out / "table.md", text)
     plot(rows, out / "throughput.png", title)
     print(text + f"\nwritten to {out}")
     return 0

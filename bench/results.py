@@ -1,18 +1,16 @@
 """One results folder per bench or study run: the figures together with the exact config and versions that
-produced them, written atomically so that a killed run never leaves a half-written table behind.
+produced them, written atomically (files.py) so that a killed run never leaves a half-written table behind.
 """
 import csv
 import io
-import json
 import os
 import platform
-import tempfile
 import time
-from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
 
 from cli import UsageError
+from files import write_json, write_text
 
 RESULTS_ROOT = Path("results")
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "scikit-learn", "pillow", "webdataset")
@@ -40,43 +38,8 @@ def claim(folder, kind):
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise UsageError(f"--out {folder} is not empty and was not made by the {kind}: pick another --out")
     if not (folder / marker).is_file():
-        atomic_write(folder / marker, "")
+        write_text(folder / marker, "")
     return folder
-
-
-def atomic_write(path, data):
-    """Write text or bytes to path via a temp file in the same folder + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(_plain(obj), indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path):
-    return json.loads(Path(path).read_text())
-
-
-def _plain(obj):
-    """Dataclasses, Paths and tuples -> what json writes."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return _plain(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def environment():
@@ -154,4 +117,4 @@ def write_csv(path, rows, fields):
             else:
                 line.append("" if v is None else v)
         writer.writerow(line)
-    atomic_write(path, buf.getvalue())
+    write_text(path, buf.getvalue())

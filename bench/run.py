@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.results import (atomic_write, claim, environment, fmt, fmt_ci, machine_label, markdown_table,
-                           new_results_dir, read_json, write_config, write_csv, write_json)
+from bench.results import (claim, environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir,
+                           write_config, write_csv)
 from cli import Parser, UsageError
+from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from loaders import BACKENDS
 
@@ -150,7 +151,7 @@ def write_outputs(cfg, rows, out_dir, env):
     title = (f"{where}: {cfg.epochs} epochs, batch {cfg.batch_size}, res {cfg.res}, amp {cfg.amp} "
              f"(e2e = median of epochs 2+)")
     table = f"Bench on {where} — {title.split(': ', 1)[1]}\n\n" + markdown_table(rows, COLUMNS)
-    atomic_write(out_dir / "table.md", table)
+    write_text(out_dir / "table.md", table)
     write_json(out_dir / "results.json", {"config": cfg, **env, "rows": rows})
     write_csv(out_dir / "results.csv", rows, CSV_FIELDS)
     throughput_bars(rows, out_dir / "throughput.png", title)

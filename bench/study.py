@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.results import atomic_write, claim, environment, fmt, fmt_ci, machine_label, markdown_table, \
-    read_json, write_config, write_json
+from bench.results import claim, environment, fmt, fmt_ci, machine_label, markdown_table, write_config
 from cli import Parser, UsageError
+from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
 
@@ -120,7 +120,7 @@ def write_experiment(study, exp, title, rows, note="", columns=COLUMNS):
     """table.md + summary.json of one experiment; returns the table's markdown (with its heading)."""
     folder = Path(study.out) / exp
     text = f"### {title}\n\n" + (f"{note}\n\n" if note else "") + (markdown_table(rows, columns) if rows else "")
-    atomic_write(folder / "table.md", text)
+    write_text(folder / "table.md", text)
     write_json(folder / "summary.json", {"experiment": exp, "title": title, "note": note, "rows": rows,
                                          "study": study})
     return text
@@ -309,7 +309,7 @@ def study_main(study, which):
     done = [e for e in EXPERIMENTS if (Path(study.out) / e / "table.md").is_file()]
     header = (f"## Study results ({machine_label(env)}; {study.epochs} epochs, res {study.res}, batch "
               f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
-    atomic_write(Path(study.out) / "summary.md",
+    write_text(Path(study.out) / "summary.md",
                  header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
     from report.study import write_report
     write_report(study, env, machine_label(env), done)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.results import (atomic_write, environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir,
-                           read_json, write_config, write_json)
+from bench.results import environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir, write_config
 from cli import Parser, UsageError
+from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from loaders import BACKENDS
 from report.runlog import read_metrics
@@ -203,7 +203,7 @@ def write_outputs(cfg, rows, targets, out_dir, env):
     if ablation:
         table += (f"\nAblation (fast with one piece off, seeds {','.join(map(str, cfg.ablation_seeds))}; "
                   "× study: time to target against the study's)\n\n" + markdown_table(ablation, COLUMNS))
-    atomic_write(out_dir / "table.md", table)
+    write_text(out_dir / "table.md", table)
     write_json(out_dir / "results.json", {"config": cfg, **env, "targets": targets, "summary": lines, "rows": rows})
     plot_curves(rows, targets, out_dir / "tta.png", f"time to accuracy, {where}")
     return table

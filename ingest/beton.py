@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.atomic import atomic_path
+from files import atomic_path
 
 
 class _Encoded:

@@ -12,7 +12,6 @@ import csv
 import errno
 import functools
 import io
-import json
 import multiprocessing
 import os
 import platform
@@ -30,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, run  # noqa: E402
+from files import exclusive, read_json, write_json, write_text  # noqa: E402
 from ingest import layout  # noqa: E402
-from ingest.atomic import exclusive, write_text  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
 from ingest.journal import claim  # noqa: E402
@@ -109,7 +108,7 @@ def _build(cfg, found, journal, clock, progress, log, doing):
     doing["what"] = str(cfg.out / layout.MANIFEST)
     manifest = _manifest(cfg, found, fingerprint, quarantine, splits, shards, formats, files)
     journal.remove_stale(keep=outputs)
-    write_text(cfg.out / layout.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_json(cfg.out / layout.MANIFEST, manifest, indent=1, sort_keys=True)
     _prune_cache(cfg.cache_dir, [s.cached for part in splits.values() for s in part])
     clock.lap("write")
 
@@ -124,7 +123,7 @@ def _previous_manifest(out):
     path = out / layout.MANIFEST
     if not path.is_file() or layout.manifest_problem(path):
         return None
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _same_build(manifest, fingerprint):

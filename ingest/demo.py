@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, run  # noqa: E402
+from files import exclusive, read_json, write_bytes, write_json  # noqa: E402
 from ingest import layout  # noqa: E402
-from ingest.atomic import exclusive, write_bytes  # noqa: E402
 
 CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
            "Concert", "Family", "Fashion", "Film", "Fine Art", "Food", "Journalism", "Landscapes", "Macro",
@@ -216,7 +216,7 @@ def generate(out, cfg=DemoConfig(), workers=None, progress=True):
 def _generate(out, cfg, workers, progress):
     marker = out / MARKER
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        done = read_json(marker)
         if done["config"] == json.loads(json.dumps(asdict(cfg))):
             return done
         raise UsageError(f"{out} holds a demo made with other settings: delete it or choose another --out")
@@ -236,7 +236,7 @@ def _generate(out, cfg, workers, progress):
     if cfg.junk:
         _sprinkle_junk(cfg, out, junk)
     done = {"config": json.loads(json.dumps(asdict(cfg))), "junk": junk}
-    write_bytes(marker, json.dumps(done, indent=1).encode())
+    write_json(marker, done, indent=1)
     return done
 
 

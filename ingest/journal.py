@@ -11,13 +11,10 @@ what `python ingest/build.py --verify` is for.
 """
 import json
 import os
-import re
 
 from cli import UsageError
+from files import temp_of, write_json
 from ingest import layout
-from ingest.atomic import write_text
-
-_TEMP = re.compile(r"\.(?P<name>.+)\.tmp\d+")  # the names ingest/atomic.py gives its temp files
 
 
 class Journal:
@@ -30,7 +27,7 @@ class Journal:
             self.files = {}
 
     def save(self):
-        write_text(self.path, json.dumps({"files": self.files}, indent=1, sort_keys=True) + "\n")
+        write_json(self.path, {"files": self.files}, indent=1, sort_keys=True)
 
     def plan(self, names):
         """Note files about to be written, before writing them: a kill then leaves nothing unlisted."""
@@ -76,8 +73,7 @@ class Journal:
             (self.out / name).unlink(missing_ok=True)
             del self.files[name]
         for entry in os.scandir(self.out):
-            match = _TEMP.fullmatch(entry.name)
-            if match and match["name"] in ours and entry.is_file(follow_symlinks=False):
+            if temp_of(entry.name) in ours and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
         self.save()
 
@@ -107,8 +103,7 @@ def claim(out, force):
 
 def _journal_temp(name):
     """A temp file of the journal itself: all a run killed right after creating the folder leaves in it."""
-    match = _TEMP.fullmatch(name)
-    return bool(match) and match["name"] == layout.JOURNAL
+    return temp_of(name) == layout.JOURNAL
 
 
 def _older_files(manifest):

@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 
 from cli import UsageError
-from ingest.atomic import atomic_path
+from files import read_json, write_json
 
 SPLITS = ("train", "test")
 DEFAULT_SRC = Path("data/demo-500px")
@@ -72,7 +72,7 @@ def read_manifest(data_dir):
     problem = manifest_problem(path)
     if problem:
         raise UsageError(f"{path} is damaged ({problem}): rerun python ingest/build.py --src <photos> --out {data_dir}")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def manifest_problem(path):
@@ -189,7 +189,7 @@ def verify_digests(data_dir, manifest, paths):
     in a read-only folder it is not, and the next start hashes again."""
     record_path = Path(data_dir) / VERIFIED
     try:
-        record = json.loads(record_path.read_text())
+        record = read_json(record_path)
     except (OSError, ValueError):
         record = {}
     verified = {}
@@ -202,7 +202,6 @@ def verify_digests(data_dir, manifest, paths):
             verified[path.name] = stamp
     if verified:
         try:
-            with atomic_path(record_path) as tmp:
-                tmp.write_text(json.dumps({**record, **verified}))
+            write_json(record_path, {**record, **verified}, indent=None)
         except OSError:
             pass

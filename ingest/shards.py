@@ -14,8 +14,8 @@ import tarfile
 import numpy as np
 
 from cli import UsageError
+from files import atomic_path
 from ingest import layout
-from ingest.atomic import atomic_path
 
 
 def shard_order(n, split, seed):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
-from ingest.atomic import write_bytes
+from files import write_bytes
 
 Image.MAX_IMAGE_PIXELS = None  # our own --max-pixels check below replaces PIL's fixed limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey

@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from cli import UsageError
-from ingest.atomic import atomic_path
+from files import atomic_path
 from ingest.layout import MANIFEST, SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders.base import Loader

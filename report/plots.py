@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ingest.atomic import atomic_path  # noqa: E402
+from files import atomic_path  # noqa: E402
 from report.metrics import rolling  # noqa: E402
 from report.runlog import read_metrics  # noqa: E402
 

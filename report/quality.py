@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from files import write_text
 from ingest import layout
-from ingest.atomic import write_text
 
 
 def confused_pairs(y_true, y_pred, num_classes, top=5):

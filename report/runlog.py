@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from ingest.atomic import write_text
+from files import write_text
 
 METRICS = "metrics.jsonl"
 

@@ -9,8 +9,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from files import write_text
 from ingest import layout
-from ingest.atomic import write_text
 
 SECTIONS = ("Data", "Sample sheet", "Nets", "Strides", "Filter sizes", "Regularisation", "Learning rate",
             "Optimizers", "Transfer", "Predictions and suspects", "Merged classes", "Throughput",
