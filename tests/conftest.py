@@ -3,7 +3,12 @@
 `tiny_src`: a demo source folder (6 classes x 12 photos, long side 120-300 px, plus the demo's junk; which
 file is which junk is in `tiny_src / ".demo.json"`). `ingested`: that folder ingested at store size 64.
 Treat both as read-only; a test that changes data copies it first.
+
+FFCV and DALI are not everywhere (the lent GPU machine has neither): `require` and `require_beton` let a
+test that needs one skip with the reason instead of failing.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -29,6 +34,35 @@ def ingested(tiny_src, tmp_path_factory):
     build(IngestConfig(src=tiny_src, out=out, store_size=TINY_STORE, shard_size=32, workers=2),
           progress=False, log=lambda *_: None)
     return out
+
+
+def has_beton(data_dir):
+    """Whether the dataset holds .beton files: ingest writes them only where FFCV can be imported."""
+    from ingest import layout
+    return "ffcv" in layout.read_manifest(data_dir)["formats"]
+
+
+def require_beton(data_dir):
+    if not has_beton(data_dir):
+        pytest.skip("the dataset has no .beton: FFCV cannot be imported here, so ingest wrote none")
+
+
+def import_error(module):
+    """None if `module` imports here, else why not."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        return str(err)
+    return None
+
+
+def require(backend):
+    """Skip the test when the backend's module (or a library it needs) cannot be imported here."""
+    import loaders
+    module = loaders.BACKENDS[backend]
+    error = import_error(module)
+    if error:
+        pytest.skip(f"{module} cannot be imported: {error}")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from cli import UsageError
-from conftest import TINY_DEMO, TINY_STORE
+from conftest import TINY_DEMO, TINY_STORE, require, require_beton
 from ingest import demo, layout
 from ingest.config import IngestConfig
 from ingest.scan import scan
@@ -243,6 +243,7 @@ def test_each_tar_sample_has_jpg_cls_and_int64_lbl_matching_the_csv(ingested):
 
 
 def test_beton_holds_the_same_jpeg_bytes_as_the_shards(ingested):
+    require_beton(ingested)
     from ffcv.reader import Reader
 
     by_id = {(s, i): (label, data) for s, i, label, data in stored(ingested).values()}
@@ -261,6 +262,7 @@ def test_beton_holds_the_same_jpeg_bytes_as_the_shards(ingested):
 
 
 def test_ffcv_loader_reads_every_sample_once_with_its_label(ingested):
+    require_beton(ingested)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
 
@@ -279,6 +281,7 @@ def test_ffcv_loader_reads_every_sample_once_with_its_label(ingested):
 
 
 def test_dali_pipeline_reads_every_sample_once_with_its_label(ingested):
+    require("dali")
     from nvidia.dali import fn, pipeline_def, types
 
     split_name = "train"

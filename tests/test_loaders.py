@@ -10,7 +10,6 @@ the tests, with workers=1: an FFCV loader spends seconds compiling with numba on
 """
 import csv
 import gc
-import importlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import loaders
 from cli import UsageError, run
+from conftest import require
 from ingest import layout
 from loaders import make_loader
 from loaders.common import rank_ids, resolve_workers
@@ -29,15 +28,6 @@ BACKENDS = ["dali", "ffcv", "torch", "folder", "resident"]
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 RES, BATCH = 32, 16  # 65 train samples (the `ingested` fixture) -> 5 batches, the last one partial
-
-
-def require(name):
-    """Skip the test when the backend's module (or a library it needs) cannot be imported here."""
-    module = loaders.BACKENDS[name]
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        pytest.skip(f"{module} cannot be imported: {err}")
 
 
 def csv_labels(data_dir, split):

@@ -26,11 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import require
 from ingest import layout
 from loaders import make_loader
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD
 from loaders.common import test_resize as shorter_side  # a test_ name would be collected as a test
-from test_loaders import csv_labels, require
+from test_loaders import csv_labels
 
 AGREEING = ["dali", "ffcv", "torch", "resident"]
 RES = 48  # from the stored shorter side 64: resize to 55, then crop 48, a real downscale
@@ -178,6 +179,7 @@ def test_dali_crop_windows_are_torchvisions_random_resized_crop():
     """The dali backend draws its crop windows itself (loaders.dali.crop_windows): over many draws the area
     share and aspect match torchvision's get_params, every window lies inside its image, and an image no
     draw fits gets torchvision's fallback (the central crop, aspect clamped) exactly."""
+    require("dali")  # loaders.dali imports DALI
     import torch
     from torchvision.transforms import RandomResizedCrop
 

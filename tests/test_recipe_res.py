@@ -2,12 +2,12 @@
 train and test, and the resident loader does it from the squares it decoded once. Loaders use workers=1 (the
 torch and folder workers persist across epochs, so the new res must reach a running worker)."""
 import gc
-import importlib
 
 import pytest
 import torch
 
 import loaders
+from conftest import require
 from loaders import make_loader, resident
 
 BACKENDS = list(loaders.BACKENDS)
@@ -15,13 +15,6 @@ BACKENDS = list(loaders.BACKENDS)
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 SCHEDULE = (32, 24, 40, 32)  # per epoch: down, up past the build res, and back
-
-
-def require(name):
-    try:
-        importlib.import_module(loaders.BACKENDS[name])
-    except ModuleNotFoundError as err:
-        pytest.skip(f"{name} cannot be imported: {err}")
 
 
 def shapes_per_epoch(loader, schedule):

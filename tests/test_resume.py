@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import train
-from tests.test_loaders import BACKENDS, require
+from conftest import require
+from tests.test_loaders import BACKENDS
 
 REPO = Path(train.__file__).resolve().parent
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
