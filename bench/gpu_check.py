@@ -35,6 +35,7 @@ BUDGET_S = 420  # 7 min: one 10-minute call with room to spare; with DALI brough
 DRY_RUN_BUDGET_S = 1500  # the same steps on 2 shared CPU cores
 SITE = Path("/tmp/fastpix-site")  # where bench/gpu_wheels.py installs carried wheels (pip --target)
 SKIP_EXIT = 3  # bench.gpu_probes.SKIP_EXIT: the step cannot run here, and says why
+TESTS_ESTIMATE_S = 150  # --tests on the GPU machine; it then runs for as long as the budget has left
 
 # The GPU loaders table: each row with the module it needs. bench.loaders adds the rest itself: folder (the
 # baseline), the decode-only rows (the fastest is the ceiling) and, with dali or ffcv, the library's own
@@ -267,6 +268,12 @@ def plan(args):
         Step("ffcv_import", "FFCV's compiled part loads (needs system libturbojpeg and libopencv)",
              probe + ["import", "--module", "ffcv"], 20, parallel=True),
     ]
+    if args.tests:  # the suite instead of the checks; the steps above say what it will find (GPU, DALI, FFCV)
+        steps.append(Step("tests", "the suite's GPU-relevant tests (bench/gpu_tests.py), DALI/FFCV ones skipped "
+                                   "where those are missing", [py, "-m", "bench.gpu_tests", "--result",
+                                                               results / "tests.json"] + (["--quick"] if dry else []),
+                          TESTS_ESTIMATE_S, result=results / "tests.json", timeout_s=DRY_RUN_BUDGET_S))
+        return only(steps, args.only)
     if not args.data:
         steps.append(Step("data", "generate the demo photos and ingest them (webdataset shards; .beton if FFCV)",
                           probe + ["data", "--data", data, "--per-class", 12 if dry else 100,
@@ -321,11 +328,17 @@ def plan(args):
         train_step("train_resident", "resident"),
         train_step("train_torch", "torch"),
     ]
-    if args.only:
-        keep = set(args.only.split(","))
-        steps = [s for s in steps if s.name in keep]
-        for s in steps:  # a check picked alone runs even if its usual prerequisites were left out
-            s.needs = tuple(n for n in s.needs if n in keep)
+    return only(steps, args.only)
+
+
+def only(steps, names):
+    """The steps named in `names` (comma-separated; all when empty)."""
+    if not names:
+        return steps
+    keep = set(names.split(","))
+    steps = [s for s in steps if s.name in keep]
+    for s in steps:  # a check picked alone runs even if its usual prerequisites were left out
+        s.needs = tuple(n for n in s.needs if n in keep)
     return steps
 
 
@@ -344,6 +357,8 @@ def parse_args(argv):
                                     "step: give the device tool's $OUT")
     p.add_argument("--skip-setup", action="store_true", help="do not install carried wheels")
     p.add_argument("--only", help="comma-separated check names to run (for rerunning what failed)")
+    p.add_argument("--tests", action="store_true",
+                   help="run the suite's GPU-relevant tests (bench/gpu_tests.py) instead of the checks")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="run every step with --device cpu to test the script itself; proves no GPU path")
     return p.parse_args(argv)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Run every fastpix GPU check on the lent GPU machine (one NVIDIA GPU, no network); see README "GPU machine".
 # usage: bench/gpu_check.sh OUTDIR [--python PY] [--wheels DIR] [--data DIR] [--only a,b] [--budget S]
-#                                  [--bundle DIR] [--skip-setup] [--cpu-dry-run]
+#                                  [--bundle DIR] [--skip-setup] [--tests] [--cpu-dry-run]
 # Writes OUTDIR/report.json (versions, results, each check ok/failed/skipped + message + seconds) and OUTDIR/logs/.
+# With --tests: the suite's GPU-relevant tests (bench/gpu_tests.py) instead of the checks, in the same report.
 # Exit 0: every check ok or skipped; 1: some check failed (the report says which); 2: bad usage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
-  echo "error: usage: bench/gpu_check.sh OUTDIR [--python PY] [--wheels DIR] [--data DIR] [--only a,b] [--cpu-dry-run]" >&2
+  echo "error: usage: bench/gpu_check.sh OUTDIR [--python PY] [--wheels DIR] [--data DIR] [--only a,b] [--tests] [--cpu-dry-run]" >&2
   exit 2
 fi
 # gpu_check.py itself needs only the standard library; it picks the interpreter the checks run with (the

@@ -128,6 +128,27 @@ def test_dry_run_skips_only_fp16(tmp_path):
     assert "gpu" not in [s.name for s in steps]
 
 
+def test_tests_run_the_suite_instead_of_the_checks(tmp_path):
+    steps = plan(parse_args([str(tmp_path), "--python", PY, "--tests"]))
+    assert [s.name for s in steps] == ["gpu", "wheels", "env", "torch_cuda", "dali_import", "ffcv_import", "tests"]
+    assert steps[-1].argv[1:3] == ["-m", "bench.gpu_tests"] and "--quick" not in steps[-1].argv
+    dry = plan(parse_args([str(tmp_path), "--python", PY, "--tests", "--cpu-dry-run", "--only", "env,tests"]))
+    assert [s.name for s in dry] == ["env", "tests"] and "--quick" in dry[-1].argv
+
+
+def test_tests_dry_run_reports_the_suites_outcomes(tmp_path):
+    """The plumbing of --tests on the CPU: interpreter, PYTHONPATH, the summary in the report."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--skip-setup", "--python", PY,
+                           "--cpu-dry-run", "--tests", "--only", "tests"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    check, tests = report["checks"][0], report["results"]["tests"]
+    assert check["status"] == "ok" and check["message"].startswith("OK ") and "passed" in check["message"]
+    assert tests["exit"] == 0 and tests["passed"] > 0 and not tests["failed"]
+    assert tests["modules"] == ["test_common.py"]
+
+
 def test_a_library_that_is_not_installed_is_skipped_with_the_reason(capsys):
     from bench.gpu_probes import main
     assert main(["import", "--module", "no_such_module_xyz"]) == SKIP_EXIT
