@@ -13,6 +13,9 @@ is skipped, not started, when less of the budget is left than it needs, and repo
 every step, so a run cut short still reports what it did. Every step runs in its own process group with its
 own timeout: a hang or a CUDA crash costs one check, never the report. Correctness probes that may share
 the GPU run side by side; timed steps never overlap anything. Standard library only (files.py is too).
+
+Over 300 lines: `plan` is the one declarative list of every GPU check with its flags, estimate and gate
+(~150 lines), and the runner around it is what makes a run on a borrowed machine always end in a report.
 """
 import argparse
 import json

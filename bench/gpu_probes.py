@@ -4,6 +4,9 @@ Each probe asserts what its GPU path must deliver (batches on the GPU, agreeing 
 stated bound) and ends with one `OK ...` line that the report keeps; any failure exits non-zero with the
 reason as the last line. A probe whose library is not installed exits SKIP_EXIT with `SKIPPED <why>`.
 With `--result FILE` a probe also writes its figures there as JSON, which the report takes in.
+
+Over 300 lines: a dozen independent probes, each one short `p_<name>` function found by name (PROBES) and run
+in its own process; nothing is shared between them but the command line, so one file is the shortest read.
 """
 import argparse
 import importlib

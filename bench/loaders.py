@@ -10,6 +10,10 @@ bench/references.py: `dali-reference` and `ffcv-reference` (the libraries' own e
 their backend; "× reference" is a backend's ratio to its library's) and decode-only rates of torchvision, PIL
 and DALI, the fastest of which is the decode ceiling ("of ceiling"). Output under the results folder:
 table.md, results.json (+ config.json) and throughput.png.
+
+Over 300 lines: one measurement and everything its table says (the isolated child process, workers' memory,
+rounds, ratios to the baseline, reference and ceiling, the plot); the reference pipelines themselves live in
+bench/references.py.
 """
 import argparse
 import gc

@@ -16,6 +16,9 @@ Every run is cached in <out>/runs/<run>.json with the exact train.Config it ran 
 continues (train --resume) one that was interrupted. The study writes only into an --out it made (marker
 .fastpix-study) and replaces only runs of its own. Experiments share runs: flat with AlexNet's strides and kernels is trained once.
 The defaults fit the demo data on a 2-core CPU well under an hour; raise --epochs/--res for a GPU.
+
+Over 300 lines: seven experiments, each a short function over the one cached, resumable `run`; their plots
+are bench/plots.py's and the report is report/study.py's.
 """
 import argparse
 import sys

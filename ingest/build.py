@@ -7,6 +7,10 @@ a no-op if every data file still has the manifest's size and checksum, and other
 damaged files; a run killed at any point is finished by the next one with the same result. It writes only
 into a folder of its own (ingest/journal.py). Without --src the 500px-like demo is generated (once) into
 data/demo-500px and ingested. `--verify` only reads: ingest/verify.py.
+
+Over 300 lines because it holds the one order of the stages and the rerun logic (up to date, repair the
+damaged files, or rebuild) that ties them together; every stage itself is its own module (scan, validate,
+dedup, split, shards, beton, journal, verify).
 """
 import csv
 import errno

@@ -1,5 +1,6 @@
 """Ingest on the session's tiny demo: accounting, quarantine, normalisation, split, and both formats read back
-by their own libraries."""
+by their own libraries. Over 300 lines: each of those promises gets a few short tests on the one shared
+dataset; the integrity and rerun promises have their own modules (test_ingest_integrity, test_ingest_rebuild)."""
 import csv
 import io
 import json
