@@ -3,8 +3,10 @@ each output complete or not at all, never half.
 
 A file is written to a temp sibling `.<name>.tmp<pid>`, flushed to the disk (fsync) and renamed over its
 name. Only fastpix makes names of that form, so a rerun can tell the temp files a killed write left
-(`temp_of`) from anything else in the folder, and delete only those. Standard library only: the GPU
-machine's bare python3 imports it too (bench/gpu_check.py).
+(`temp_of`) from anything else in the folder, and delete only those. The flush costs ~40 ms a file on this
+machine's virtual disk, so the many small files a rerun derives again (ingest's per-photo cache, the demo
+photos) are written with `durable=False`: atomic, not flushed. Standard library only: the GPU machine's bare
+python3 imports it too (bench/gpu_check.py).
 """
 import contextlib
 import json
@@ -17,14 +19,15 @@ _TEMP = re.compile(r"\.(?P<name>.+)\.tmp\d+")
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, durable=True):
     """Yield a temporary sibling of `path` to write; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
-        _fsync(tmp)  # else a power cut after the rename can leave the new name with no data
+        if durable:
+            _fsync(tmp)  # else a power cut after the rename can leave the new name with no data
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -44,8 +47,8 @@ def temp_of(name):
     return match["name"] if match else None
 
 
-def write_bytes(path, data):
-    with atomic_path(path) as tmp:
+def write_bytes(path, data, durable=True):
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
 
 

@@ -157,7 +157,7 @@ def _write_photo(job):
         image.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=quality, exif=exif)
     else:
         image.save(buf, "JPEG", quality=quality, progressive=progressive or variant == "progressive")
-    write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue(), durable=False)  # not flushed (files.py): ingest checks every photo anyway
     return path
 
 
@@ -199,7 +199,7 @@ def _sprinkle_junk(cfg, out, junk):
         "hidden": (f"{second}/.DS_Store", b"\0\0\0\1Bud1"),
     }
     for kind, (rel, data) in files.items():
-        write_bytes(out / rel, data)
+        write_bytes(out / rel, data, durable=False)
         junk[kind] = [rel]
     junk["duplicate"].insert(0, f"{first}/{1:05d}.jpg")  # the original first, then its copy
     junk["cross_class"].insert(0, f"{first}/{3:05d}.jpg")

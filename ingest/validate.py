@@ -57,9 +57,9 @@ def check(task):
     try:
         encoded, size = normalise(data, cfg)
     except Rejected as why:
-        write_bytes(bad, str(why).encode())
+        write_bytes(bad, str(why).encode(), durable=False)  # a cache: not flushed, see files.py
         return Checked(rel, label, sha, reason=str(why))
-    write_bytes(jpg, encoded)
+    write_bytes(jpg, encoded, durable=False)
     return Checked(rel, label, sha, width=size[0], height=size[1], cached=str(jpg))
 
 

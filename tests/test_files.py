@@ -30,6 +30,9 @@ def test_the_data_reaches_the_disk_before_the_new_name_points_at_it(tmp_path, mo
     temp = str(tmp_path / f".x.bin.tmp{os.getpid()}")
     assert events == [("fsync", temp), ("replace", temp)]
     assert (tmp_path / "x.bin").read_bytes() == b"data"
+    events.clear()
+    files.write_bytes(tmp_path / "cache.jpg", b"data", durable=False)  # what a rerun derives again: not flushed
+    assert events == [("replace", str(tmp_path / f".cache.jpg.tmp{os.getpid()}"))]
 
 
 def test_temp_of_knows_only_the_names_atomic_path_gives(tmp_path):
