@@ -8,7 +8,8 @@ bench/gpu_wheels.py installs with `pip install --target`, put on PYTHONPATH; eac
 it needs, and DALI/FFCV checks are SKIPPED with the reason when those do not import.
 
 Steps run one after another, most valuable first: the GPU loaders table, then flat training at res 224 with
-the best loader, then the correctness probes. Each has an estimate of its seconds on the GPU machine; a step
+the best loader, then a short time-to-accuracy run (bench.tta), then the correctness probes. Each has an
+estimate of its seconds on the GPU machine; a step
 is skipped, not started, when less of the budget is left than it needs, and report.json is rewritten after
 every step, so a run cut short still reports what it did. Every step runs in its own process group with its
 own timeout: a hang or a CUDA crash costs one check, never the report. Correctness probes that may share
@@ -177,6 +178,8 @@ def run_checks(steps, out_dir, budget_s=BUDGET_S, mode="gpu", env=None, scale=1.
 
 def brief(name, result):
     """A result as the report keeps it: a bench.loaders results.json shrinks to its table's figures."""
+    if isinstance(result, dict) and "summary" in result:  # bench.tta: its table's lines, not every curve
+        return {"targets": result["targets"], "summary": result["summary"]}
     if isinstance(result, dict) and "rows" in result:
         keys = ("backend", "split", "images_per_sec", "vs_folder", "vs_ceiling", "build_s", "warmup_s", "error")
         return {"title": result.get("title"), "rows": [{k: r.get(k) for k in keys if k in r} for r in result["rows"]]}
@@ -234,6 +237,7 @@ def plan(args):
     dev = "cpu" if dry else "cuda"
     data = str(Path(args.data).resolve()) if args.data else str(out / "data" / "ingested")
     runs = out / time.strftime("runs-%Y%m%d-%H%M%S")  # train.py never overwrites a run: fresh per invocation
+    tta_out = out / time.strftime("tta-%Y%m%d-%H%M%S")
     results = out / "results"
     probe = [py, "-m", "bench.gpu_probes"]
     gpu = () if dry else ("gpu",)
@@ -303,7 +307,12 @@ def plan(args):
         p("train_best", "flat training at res 224 with the best loader: img/s and data stall", 45, need,
           "--loader", "best", "--loaders-results", bench_out / "results.json", *train_probe, parallel=False,
           probe="train"),
-        # 3. Correctness probes, side by side where they only check correctness.
+        # 3. Time to accuracy, short: bench.tta's study vs fast recipe on one seed, without the ablation (timed).
+        Step("tta", "time to accuracy, short: --recipe study vs fast (bench.tta, resident, seed 0, no ablation)",
+             [py, "-m", "bench.tta", "--data", data, "--device", dev, "--seeds", "0", "--ablation-seeds", "",
+              "--out", tta_out] + (["--epochs", 1, "--res", 64, "--batch-size", 8] if dry else ["--epochs", 3]),
+             60, need, result=tta_out / "results.json"),
+        # 4. Correctness probes, side by side where they only check correctness.
         p("stream_race", "nvJPEG stream race (issue 13.5): GPU decode_jpeg of many batches vs the CPU decode",
           30, need, *(["--batches", 3, "--busy", 1, "--busy-side", 256] if dry else ["--batches", 200])),
         p("torch_gpu_decode", "torch backend: batched nvJPEG decode_jpeg on the GPU; agrees with CPU", 25, need),

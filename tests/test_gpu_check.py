@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_wheels
-from bench.gpu_check import LOADER_ROWS, State, Step, parse_args, plan, run_checks
+from bench.gpu_check import LOADER_ROWS, State, Step, brief, parse_args, plan, run_checks
 from bench.gpu_probes import SKIP_EXIT, best_loader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_plan_gates_every_check_on_what_it_needs(tmp_path):
     steps = {s.name: s for s in plan(parse_args([str(tmp_path), "--python", PY]))}
     order = list(steps)
     # The most valuable results first: loaders table, then training with the best loader, then the probes.
-    assert order.index("bench_loaders") < order.index("train_best") < order.index("stream_race")
+    assert order.index("bench_loaders") < order.index("train_best") < order.index("tta") < order.index("stream_race")
     assert order.index("wheels") < order.index("env") < order.index("dali_import")
     for name in ("torch_gpu_decode", "resident_gpu", "stream_race", "amp_bf16", "amp_fp16", "channels_last",
                  "compile", "nccl", "torchrun_train", "train_resident", "train_torch"):
@@ -90,6 +90,17 @@ def test_plan_gates_every_check_on_what_it_needs(tmp_path):
         if step.name not in ("gpu", "wheels", "env", "dali_import", "ffcv_import", "data"):
             assert "cuda" in argv, step.name  # never silently falls back to the CPU
     assert not steps["amp_fp16"].skip
+
+
+def test_tta_is_a_short_bench_tta_run_and_the_report_keeps_its_table(tmp_path):
+    from bench import tta
+    step = {s.name: s for s in plan(parse_args([str(tmp_path), "--python", PY]))}["tta"]
+    assert step.argv[1:3] == ["-m", "bench.tta"] and not step.parallel
+    cfg = tta.config_from_args([str(a) for a in step.argv[3:]])  # the flags bench.tta takes today
+    assert (cfg.seeds, cfg.ablation_seeds, cfg.device) == ((0,), (), "cuda")
+    summary = [{"label": "study", "time_to_target_s": 9.0}, {"label": "fast", "time_to_target_s": 3.0}]
+    kept = brief("tta", {"targets": {"0": 0.4}, "summary": summary, "rows": [{"curve": [{"epoch": 0}]}]})
+    assert kept == {"targets": {"0": 0.4}, "summary": summary}
 
 
 def test_loaders_table_leaves_out_backends_whose_library_did_not_import(tmp_path):
