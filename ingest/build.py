@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: import from the repo root, never from ingest/ itself
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from cli import Parser, UsageError, run  # noqa: E402
+from cli import Parser, UsageError, add_options, config_from, run  # noqa: E402
 from files import exclusive, read_json, write_json, write_text  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
@@ -310,34 +311,19 @@ def _verify(out, workers, started):
 def main(argv=None):
     p = Parser(prog="python ingest/build.py", description="Ingest a folder of labelled photos (one subfolder "
                "per class) into validated, split FFCV and DALI webdataset shards.")
-    d = IngestConfig
-    p.add_argument("--src", type=Path, help="folder with one subfolder per class (default: the generated demo)")
-    p.add_argument("--out", type=Path, default=layout.DEFAULT_OUT, help="ingested dataset folder")
-    p.add_argument("--store-size", type=int, default=d.store_size, help="shorter side of stored images, px")
-    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality of the one re-encode")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the train shard shuffle")
-    p.add_argument("--test-share", type=float, default=d.test_share, help="share of each class held out")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per tar shard")
-    p.add_argument("--min-side", type=int, default=d.min_side, help="smaller photos are quarantined, px")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger headers are quarantined as bombs")
-    p.add_argument("--workers", type=int, default=d.workers, help="validation processes (0 = all cores)")
-    p.add_argument("--force", action="store_true", help="rebuild even if up to date, without the file cache; "
-                   "also write into a non-empty folder that holds no fastpix dataset")
+    add_options(p, IngestConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verify", action="store_true",
                    help="only re-read every file of --out and name what is damaged (exit 1 if anything is)")
     args = p.parse_args(argv)
+    cfg = config_from(IngestConfig, args)
     started = time.perf_counter()
     if args.verify:
-        return _verify(args.out, args.workers or len(os.sched_getaffinity(0)), started)
-    src = args.src
-    if src is None:
+        return _verify(cfg.out, cfg.workers or len(os.sched_getaffinity(0)), started)
+    if cfg.src is None:
         from ingest import demo
-        src = layout.DEFAULT_SRC
-        demo.generate(src, progress=not args.quiet)
-    cfg = IngestConfig(src=src, out=args.out, store_size=args.store_size, quality=args.quality, seed=args.seed,
-                       test_share=args.test_share, shard_size=args.shard_size, min_side=args.min_side,
-                       max_pixels=args.max_pixels, workers=args.workers, force=args.force)
+        demo.generate(layout.DEFAULT_SRC, progress=not args.quiet)
+        cfg = replace(cfg, src=layout.DEFAULT_SRC)
     build(cfg, progress=not args.quiet)
     print(f"done in {time.perf_counter() - started:.1f} s")
 

@@ -3,7 +3,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import UsageError
+from cli import UsageError, option
+from ingest.layout import DEFAULT_OUT
 
 # Bump when the validation/normalisation changes what bytes a source file turns into: it keys the cache.
 PIPELINE_VERSION = 2
@@ -11,17 +12,21 @@ PIPELINE_VERSION = 2
 
 @dataclass(frozen=True)
 class IngestConfig:
-    src: Path
-    out: Path
-    store_size: int = 256  # shorter side of the stored images, px; never upscaled
-    quality: int = 90  # JPEG quality of the one re-encode
-    seed: int = 0  # drives the split and the write-time shuffle of the train shards
-    test_share: float = 0.1  # the study's 0.9/0.1 split, per class
-    shard_size: int = 500  # samples per tar shard: big enough for sequential reads, small enough to spread
-    min_side: int = 64  # px; a smaller photo is quarantined as too small
-    max_pixels: int = 100_000_000  # w*h from the header above this is a decompression bomb, never decoded
-    workers: int = 0  # validation processes; 0 = all usable cores
-    force: bool = False  # rebuild even when up to date, and forget the per-file cache
+    """Every option of an ingest, each declared once with its flag (`cli.option`); checked() is their check."""
+    src: Path | None = option(None, "folder with one subfolder per class (default: the generated demo)")
+    out: Path = option(DEFAULT_OUT, "ingested dataset folder")
+    store_size: int = option(256, "shorter side of stored images, px; never upscaled")
+    quality: int = option(90, "JPEG quality of the one re-encode")
+    seed: int = option(0, "seed of the split and the write-time shuffle of the train shards")
+    test_share: float = option(0.1, "share of each class held out (the study's 0.9/0.1 split)")
+    shard_size: int = option(500, "samples per tar shard: big enough for sequential reads, small enough to "
+                             "spread")
+    min_side: int = option(64, "smaller photos are quarantined as too small, px")
+    max_pixels: int = option(100_000_000, "a header with more pixels is a decompression bomb: quarantined, never "
+                             "decoded")
+    workers: int = option(0, "validation processes (0 = all cores)")
+    force: bool = option(False, "rebuild even if up to date, without the file cache; also write into a non-empty "
+                         "folder that holds no fastpix dataset")
 
     def checked(self):
         """This config with absolute paths and a worker count, or a UsageError naming what to fix."""
