@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench import train_config
 from bench.results import (claim, environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir,
                            write_config, write_csv)
-from cli import Parser, UsageError
+from cli import Parser, UsageError, add_options, check_options, config_from, names, option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from loaders import BACKENDS
@@ -28,18 +29,22 @@ BASELINE = "folder"
 
 @dataclass
 class BenchConfig:
-    data: Path = DEFAULT_OUT  # an ingested dataset (python ingest/build.py)
-    loaders: tuple = tuple(BACKENDS)  # every backend; the baseline is always added
-    nets: tuple = ("flat",)
-    epochs: int = 3  # e2e images/s is the median of epochs 2+, so at least 2
-    batch_size: int = 64  # small enough for 2 CPU cores to turn over many steps per epoch
-    res: int = 128  # the study trained at 224; 128 keeps a CPU bench in minutes
-    device: str = "auto"
-    amp: str = "auto"
-    workers: int = 0  # loader workers; 0 = the loader's own default
-    seed: int = 0
-    loader_epochs: int = 2  # loader-only: epochs measured after the warm-up epoch
-    out: Path = None  # results folder; default results/bench-<time>
+    """Every option of a bench, each declared once with its flag (`cli.option`)."""
+    data: Path = option(DEFAULT_OUT, "ingested dataset (python ingest/build.py)")
+    loaders: tuple = option(tuple(BACKENDS), "comma-separated backends (default: all); the baseline is always "
+                            "added", parse=names)
+    nets: tuple = option(("flat",), "comma-separated nets", parse=names)
+    epochs: int = option(3, "epochs per cell, >= 2 (e2e images/s is the median of epochs 2+)", minimum=2)
+    batch_size: int = option(64, "images per step (small enough for 2 CPU cores to turn over many steps per "
+                             "epoch)", minimum=1)
+    res: int = option(128, "training resolution (the study trained at 224; 128 keeps a CPU bench in minutes)",
+                      minimum=8)
+    device: str = option("auto", "auto, cpu or cuda")
+    amp: str = option("auto", "auto, bf16, fp16 or off")
+    workers: int = option(0, "loader workers, 0 = the loader's own default", minimum=0)
+    seed: int = option(0, "seed of every cell")
+    loader_epochs: int = option(2, "loader-only epochs measured after a warm-up", minimum=1)
+    out: Path | None = option(None, "results folder (default results/bench-<time>)")
 
 
 QUICK = dict(epochs=2, res=96, loader_epochs=1)  # --quick: about 3 min for all five loaders on 2 idle CPU cores
@@ -60,10 +65,8 @@ def run_cell(cfg, net, loader, out_dir):
     runs_dir = Path(out_dir) / "runs"
     if (runs_dir / name).exists():  # this cell's run from an earlier bench into the same --out
         train.remove_run(runs_dir / name)
-    summary = train.train(train.Config(
-        net=net, loader=loader, data=str(cfg.data), epochs=cfg.epochs, batch_size=cfg.batch_size, res=cfg.res,
-        device=cfg.device, amp=cfg.amp, seed=cfg.seed, workers=cfg.workers or None, name=name,
-        runs_dir=str(runs_dir)))
+    summary = train.train(train_config(cfg, net=net, loader=loader, workers=cfg.workers or None, name=name,
+                                       runs_dir=str(runs_dir)))
     # A bench keeps each run's metrics and plots, not its weights: AlexNet-size checkpoints are ~600 MB each.
     (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)
     loader_stats = measure(loader, cfg.data, "train", batch_size=cfg.batch_size, res=cfg.res, device=cfg.device,
@@ -171,45 +174,25 @@ def bench(cfg, progress=True):
 
 
 def parse_args(argv):
-    d = BenchConfig()
-    p = Parser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=d.data, help="ingested dataset")
-    p.add_argument("--loaders", default=",".join(d.loaders), help="comma-separated backends (default: all)")
-    p.add_argument("--nets", default=",".join(d.nets), help="comma-separated nets")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per cell, >= 2")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    p.add_argument("--res", type=int, default=d.res, help="training resolution")
-    p.add_argument("--device", default=d.device, help="auto|cpu|cuda")
-    p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off")
-    p.add_argument("--workers", type=int, default=d.workers, help="loader workers, 0 = loader default")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--loader-epochs", type=int, default=d.loader_epochs,
-                   help="loader-only epochs measured after a warm-up")
-    p.add_argument("--out", type=Path, help="results folder (default results/bench-<time>)")
+    p = add_options(Parser(prog="python -m bench", description=__doc__.split("\n\n")[0]), BenchConfig)
     p.add_argument("--quick", action="store_true", help="2 epochs at res 96 (~3 min for all loaders on 2 CPU cores)")
     return p.parse_args(argv)
 
 
 def config_from_args(args):
     import nets
-    loaders = tuple(x for x in args.loaders.split(",") if x)
-    net_names = tuple(x for x in args.nets.split(",") if x)
-    for name in loaders:
+    cfg = config_from(BenchConfig, args)
+    for name in cfg.loaders:
         if name not in BACKENDS:
             raise UsageError(f"unknown loader {name!r}: choose from {', '.join(BACKENDS)}")
-    for name in net_names:
+    for name in cfg.nets:
         if name not in nets.NETS:
             raise UsageError(f"unknown net {name!r}: choose from {', '.join(nets.NETS)}")
     # The headline is a ratio to the baseline measured in the same run: always there, and first in the table.
-    loaders = (BASELINE,) + tuple(name for name in loaders if name != BASELINE)
-    cfg = BenchConfig(data=args.data, loaders=loaders, nets=net_names, epochs=args.epochs,
-                      batch_size=args.batch_size, res=args.res, device=args.device, amp=args.amp,
-                      workers=args.workers, seed=args.seed, loader_epochs=args.loader_epochs, out=args.out)
+    cfg = replace(cfg, loaders=(BASELINE,) + tuple(name for name in cfg.loaders if name != BASELINE))
     if args.quick:
         cfg = replace(cfg, **QUICK)
-    if cfg.epochs < 2 or cfg.loader_epochs < 1 or cfg.batch_size < 1 or cfg.res < 8 or cfg.workers < 0:
-        raise UsageError("need --epochs >= 2 (e2e is the median of epochs 2+), --loader-epochs >= 1, "
-                         "--batch-size >= 1, --res >= 8, --workers >= 0")
+    check_options(cfg)
     return cfg
 
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -68,10 +69,18 @@ def test_arguments(tmp_path):
     assert config_from_args(parse_args([])).loaders[0] == "folder"
     with pytest.raises(UsageError, match="unknown loader"):
         config_from_args(parse_args(["--loaders", "nope"]))
-    with pytest.raises(UsageError, match="epochs >= 2"):
+    with pytest.raises(UsageError, match="--epochs must be >= 2"):
         config_from_args(parse_args(["--epochs", "1"]))
     proc = subprocess.run([sys.executable, "-m", "bench", "--data", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "ingest/build.py" in proc.stderr
+
+
+def test_a_cells_training_config_is_the_benchs_options_over_trains_defaults():
+    import train
+    from bench import train_config
+    cfg = train_config(BenchConfig(data=Path("d"), epochs=5, res=64, seed=3), net="alexnet", name="x")
+    assert cfg == replace(train.Config(), data="d", epochs=5, res=64, seed=3, net="alexnet", name="x",
+                          batch_size=64, workers=0)  # the bench's defaults where it has its own
 
 
 def test_the_bench_writes_only_into_its_own_results_folder(ingested, tmp_path):
