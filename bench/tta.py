@@ -13,36 +13,50 @@ import os
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from bench import train_config
 from bench.results import environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir, write_config
-from cli import Parser, UsageError
+from cli import Parser, UsageError, add_options, check_options, config_from, names, option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from loaders import BACKENDS
 from report.runlog import read_metrics
 
 
+def int_tuple(text):
+    try:
+        return tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+
+
 @dataclass
 class TtaConfig:
-    data: Path = DEFAULT_OUT  # an ingested dataset (python ingest/build.py)
-    net: str = "flat"
-    loader: str = "resident"  # decoded once: the recipes, not the decoding, are what differ
-    epochs: int = 5  # both recipes' full runs
-    batch_size: int = 64  # the study's defaults scaled for a CPU (bench.study)
-    res: int = 128
-    lr: float = 0.01
-    seeds: tuple = (0, 1)
-    target: float = None  # None: per seed, the study recipe's final test accuracy with that seed
-    ablation_seeds: tuple = (0,)  # fast with each piece off, per seed; () skips the ablation
-    ablate: tuple = None  # the pieces turned off in turn; None: every piece of train.FAST_DEFAULT
-    device: str = "auto"
-    amp: str = "auto"
-    workers: int = None
-    out: Path = None  # results folder; default results/tta-<time>
+    """Every option of the time-to-accuracy bench, each declared once with its flag (`cli.option`)."""
+    data: Path = option(DEFAULT_OUT, "ingested dataset (python ingest/build.py)")
+    net: str = option("flat", "the net both recipes train")
+    loader: str = option("resident", "loader of every run (resident: decoded once, so the recipes, not the "
+                         "decoding, are what differ)", choices=tuple(BACKENDS))
+    epochs: int = option(5, "epochs of every run", minimum=1)
+    batch_size: int = option(64, "images per step (the study's defaults scaled for a CPU, as bench.study)")
+    res: int = option(128, "resolution (fast: its test res; its train res rises to it, or to res / 1.15 with "
+                      "fixres)")
+    lr: float = option(0.01, "peak learning rate of both recipes")
+    seeds: tuple = option((0, 1), "seeds of study and fast, >= 2 for a claim", parse=int_tuple)
+    target: float | None = option(None, "test accuracy to reach (default: per seed, the study recipe's final test "
+                                  "accuracy)")
+    ablation_seeds: tuple = option((0,), "seeds of the ablation runs (fast, each piece off in turn); empty: no "
+                                   "ablation", parse=int_tuple)
+    ablate: tuple | None = option(None, "pieces the ablation turns off in turn (default: every piece of the fast "
+                                  "recipe)", parse=names)
+    device: str = option("auto", "auto, cpu or cuda")
+    amp: str = option("auto", "auto, bf16, fp16 or off")
+    workers: int | None = option(None, "loader workers (default: the loader's)", minimum=0)
+    out: Path | None = option(None, "results folder (default results/tta-<time>)")
 
 
 def run_label(recipe, without=None):
@@ -56,10 +70,8 @@ def run_one(cfg, recipe, without, seed, out_dir):
     import train
     pieces = None if without is None else tuple(p for p in train.FAST_DEFAULT if p != without)
     name = f"{run_label(recipe, without).replace(' - ', '-no-')}-seed{seed}"
-    summary = train.train(train.Config(
-        net=cfg.net, loader=cfg.loader, data=str(cfg.data), epochs=cfg.epochs, batch_size=cfg.batch_size,
-        res=cfg.res, lr=cfg.lr, device=cfg.device, amp=cfg.amp, seed=seed, workers=cfg.workers, recipe=recipe,
-        pieces=pieces, name=name, runs_dir=str(Path(out_dir) / "runs")))
+    summary = train.train(train_config(cfg, seed=seed, recipe=recipe, pieces=pieces, name=name,
+                                       runs_dir=str(Path(out_dir) / "runs")))
     (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)  # ~600 MB of weights per run
     if summary["stopped"] is not None:  # a partial run has no time to target: it is a failed row
         raise UsageError(f"{name} stopped early ({summary['stopped']}) after {summary['epochs']} epochs")
@@ -223,50 +235,17 @@ def tta(cfg, progress=True):
     return out_dir, summarize(rows, targets)
 
 
-def int_tuple(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def name_tuple(text):
-    return tuple(v for v in text.split(",") if v)
-
-
 def config_from_args(argv):
-    d = TtaConfig()
     p = Parser(prog="python -m bench.tta", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=d.data, help="ingested dataset")
-    p.add_argument("--net", default=d.net, help="the net both recipes train")
-    p.add_argument("--loader", default=d.loader, help=f"one of {', '.join(BACKENDS)}")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every run")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    p.add_argument("--res", type=int, default=d.res,
-                   help="resolution (fast: its test res; its train res rises to it, or to res / 1.15 with fixres)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of both recipes")
-    p.add_argument("--seeds", type=int_tuple, default=d.seeds, help="seeds of study and fast, >= 2 for a claim")
-    p.add_argument("--target", type=float, default=d.target,
-                   help="test accuracy to reach (default: per seed, the study recipe's final test accuracy)")
-    p.add_argument("--ablation-seeds", type=int_tuple, default=d.ablation_seeds,
-                   help="seeds of the ablation runs (fast, each piece off in turn); empty: no ablation")
-    p.add_argument("--ablate", type=name_tuple, default=d.ablate,
-                   help="pieces the ablation turns off in turn (default: every piece of the fast recipe)")
-    p.add_argument("--device", default=d.device, help="auto|cpu|cuda")
-    p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off")
-    p.add_argument("--workers", type=int, default=d.workers, help="loader workers (default: the loader's)")
-    p.add_argument("--out", type=Path, help="results folder (default results/tta-<time>)")
-    args = p.parse_args(argv)
-    cfg = replace(d, **vars(args))
-    if cfg.loader not in BACKENDS:
-        raise UsageError(f"unknown loader {cfg.loader!r}: choose from {', '.join(BACKENDS)}")
+    cfg = config_from(TtaConfig, add_options(p, TtaConfig).parse_args(argv))
+    check_options(cfg)
     import train
     unknown = [p for p in cfg.ablate or () if p not in train.FAST_DEFAULT]
     if unknown:
         raise UsageError(f"--ablate {unknown[0]!r} is not a piece of the fast recipe: choose among "
                          f"{', '.join(train.FAST_DEFAULT)}")
-    if not cfg.seeds or cfg.epochs < 1 or not (cfg.target is None or 0 < cfg.target <= 1):
-        raise UsageError("need at least one seed, --epochs >= 1 and --target in (0, 1]")
+    if not cfg.seeds or not (cfg.target is None or 0 < cfg.target <= 1):
+        raise UsageError("need at least one seed and --target in (0, 1]")
     if not set(cfg.ablation_seeds) <= set(cfg.seeds):
         raise UsageError("--ablation-seeds must be among --seeds (an ablation run is compared with its seed's "
                          "target)")
