@@ -5,11 +5,27 @@ few epochs with the fastest loader here, then runs a quick bench against the fol
 reuses what is already there, so a second run skips straight to the training. A few minutes on 2 CPU cores.
 """
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cli import Parser, UsageError, run
+from bench import train_config
+from cli import Parser, UsageError, add_options, config_from, names, option, run
 from ingest import layout
+
+
+@dataclass
+class DemoRun:
+    """Every option of the demo, each declared once with its flag (`cli.option`); checked in `main`."""
+    data: Path = option(layout.DEFAULT_OUT, "ingested demo dataset (made if missing; another dataset there is "
+                        "refused)")
+    force: bool = option(False, "replace whatever --data holds with the demo")
+    per_class: int | None = option(None, "photos per class of a smaller or larger demo (default: the demo's 50, "
+                                   "in data/demo-500px)")
+    epochs: int = option(2, "epochs of the demo training run")
+    res: int = option(112, "training resolution (the study used 224)")
+    loader: str = option("dali", "loader of the demo training run")
+    bench_loaders: tuple = option(("folder", "dali"), "loaders the demo bench compares (default: folder,dali; "
+                                  "python -m bench for all of them)", parse=names)
 
 
 def make_demo_data(out, per_class=None, src=None, progress=True, force=False):
@@ -41,17 +57,7 @@ def _refuse_other_data(out, src):
 
 def main(argv=None):
     p = Parser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=layout.DEFAULT_OUT,
-                   help="ingested demo dataset (made if missing; another dataset there is refused)")
-    p.add_argument("--force", action="store_true", help="replace whatever --data holds with the demo")
-    p.add_argument("--per-class", type=int, default=None,
-                   help="photos per class of a smaller or larger demo (default: the demo's 50, in data/demo-500px)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of the demo training run")
-    p.add_argument("--res", type=int, default=112, help="training resolution (the study used 224)")
-    p.add_argument("--loader", default="dali", help="loader of the demo training run")
-    p.add_argument("--bench-loaders", default="folder,dali",
-                   help="loaders the demo bench compares (python -m bench for all of them)")
-    args = p.parse_args(argv)
+    args = config_from(DemoRun, add_options(p, DemoRun).parse_args(argv))
     if args.epochs < 2:
         raise UsageError("--epochs must be >= 2 (images/s is the median of epochs 2+)")
     if args.per_class is not None and args.per_class < 4:
@@ -63,8 +69,7 @@ def main(argv=None):
 
     print(f"== 2/3 train flat for {args.epochs} epochs with the {args.loader} loader")
     import train
-    summary = train.train(train.Config(net="flat", loader=args.loader, data=str(args.data), epochs=args.epochs,
-                                       res=args.res, batch_size=64,
+    summary = train.train(train_config(args, net="flat", batch_size=64,
                                        name=f"demo-flat-{args.loader}-{time.strftime('%Y%m%d-%H%M%S')}"))
     print(f"   test accuracy {summary['test_acc']:.3f} [{summary['test_acc_ci'][0]:.3f}, "
           f"{summary['test_acc_ci'][1]:.3f}] (chance ~{1 / 28:.3f}), {summary['images_per_sec']:.0f} img/s; "
@@ -72,7 +77,7 @@ def main(argv=None):
 
     print("== 3/3 quick bench against the folder baseline")
     from bench.run import QUICK, BenchConfig, bench
-    cfg = replace(BenchConfig(data=args.data, loaders=tuple(args.bench_loaders.split(","))), **QUICK)
+    cfg = replace(BenchConfig(data=args.data, loaders=args.bench_loaders), **QUICK)
     out_dir, _ = bench(cfg)
     print(f"demo done in {time.perf_counter() - started:.0f} s: training run {summary['run_dir']}, bench {out_dir}")
     return 0
