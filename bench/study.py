@@ -23,13 +23,14 @@ are bench/plots.py's and the report is report/study.py's.
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from bench import train_config
 from bench.results import claim, environment, fmt, fmt_ci, machine_label, markdown_table, write_config
-from cli import Parser, UsageError
+from cli import Parser, UsageError, add_options, check_options, config_from, names, option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
@@ -37,28 +38,52 @@ from report.runlog import read_metrics
 EXPERIMENTS = ("nets", "strides", "kernels", "regularization", "optimizers", "transfer", "merge")
 
 
+def int_tuples(text):
+    """'4,1,1 2,1,1' -> ((4, 1, 1), (2, 1, 1))."""
+    try:
+        return tuple(tuple(int(v) for v in part.split(",")) for part in text.split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected space-separated groups like 4,1,1, got {text!r}") from None
+
+
 @dataclass
 class StudyConfig:
-    data: Path = DEFAULT_OUT  # an ingested dataset
-    out: Path = Path("results/study")  # one folder per experiment below it
-    loader: str = "dali"  # fastest CPU backend here; the loader does not change what is learnt
-    epochs: int = 3  # per run: the 11 runs took 48 min on the demo data on 2 shared CPU cores (21 min CPU)
-    batch_size: int = 64  # ~20 steps per epoch on the demo data: enough iterations for the rolling curves
-    res: int = 112  # the study used 224; 112 keeps the whole study under an hour on 2 CPU cores
-    lr: float = 0.01  # SGD peak learning rate (the optimizers experiment finds its own: --lr auto)
-    find_lr_steps: int = 200  # steps of each LR range test of the optimizers experiment
-    device: str = "auto"
-    amp: str = "auto"
-    seed: int = 0
-    workers: int = None  # loader workers; None: the backend's choice
+    """Every option of the study, each declared once with its flag (`cli.option`)."""
+    data: Path = option(DEFAULT_OUT, "ingested dataset")
+    out: Path = option(Path("results/study"), "results folder, one folder per experiment below it (runs cached "
+                       "there)")
+    loader: str = option("dali", "loader backend for every run (fastest CPU backend here; the loader does not "
+                         "change what is learnt)")
+    epochs: int = option(3, "epochs per run (the 11 runs took 48 min on the demo data on 2 shared CPU cores)",
+                         minimum=1)
+    batch_size: int = option(64, "batch size (~20 steps per epoch on the demo data: enough iterations for the "
+                             "rolling curves)")
+    res: int = option(112, "training resolution (the study used 224; 112 keeps the whole study under an hour on "
+                      "2 CPU cores)")
+    lr: float = option(0.01, "SGD peak learning rate (the optimizers experiment finds its own: --lr auto)")
+    find_lr_steps: int = option(200, "steps of each optimizer's LR range test")
+    device: str = option("auto", "auto, cpu or cuda")
+    amp: str = option("auto", "auto, bf16, fp16 or off")
+    seed: int = option(0, "seed of every run")
+    workers: int | None = option(None, "loader workers (default: the backend's)")
     nets: tuple = ("alexnet", "flat", "narrow")
-    strides: tuple = ((2, 1, 1), (4, 1, 1), (6, 1, 1))  # flat's first-conv stride around AlexNet's 4
-    kernels: tuple = ((7, 5, 3), (11, 5, 3), (15, 5, 3))  # flat's first-conv kernel around AlexNet's 11
-    warm_epochs: int = 1  # the plain-SGD epoch every optimizer continues from
-    optimizers: tuple = ("sgd+momentum", "adam", "rmsprop")  # continuations compared (see OPTIMIZERS)
-    regularization: tuple = ("none", "dropout 0.5", "batch norm", "weight decay x10")  # see REGULARIZATION
-    pretrained: Path = None  # resnet18 ImageNet state dict (local file; nothing is downloaded)
-    bootstrap: int = 1000  # resamples for the 95 % intervals
+    strides: tuple = option(((2, 1, 1), (4, 1, 1), (6, 1, 1)), "stride settings of flat to compare (around "
+                            "AlexNet's 4)", parse=int_tuples, metavar="'4,1,1 2,1,1'")
+    kernels: tuple = option(((7, 5, 3), (11, 5, 3), (15, 5, 3)), "kernel-size settings of flat to compare "
+                            "(around AlexNet's 11)", parse=int_tuples, metavar="'11,5,3 7,5,3'")
+    warm_epochs: int = option(1, "plain-SGD epochs before the optimizers (every optimizer continues from them)",
+                              minimum=1)
+    optimizers: tuple = option(("sgd+momentum", "adam", "rmsprop"), "continuations to compare, from "
+                               "sgd+momentum,adam,rmsprop", parse=names)
+    regularization: tuple = option(("none", "dropout 0.5", "batch norm", "weight decay x10"), "regularisers to "
+                                   "compare, from none,dropout 0.5,batch norm,weight decay x10", parse=names)
+    pretrained: Path | None = option(None, "resnet18 ImageNet state dict (local file; nothing is downloaded)")
+    bootstrap: int = option(1000, "bootstrap resamples for the 95 % intervals")
+
+
+# The study's options that train.Config also has, but not for every run: strides, kernels and pretrained are
+# the grids and the weights of one experiment each, find_lr_steps is the optimizers experiment's.
+NOT_EVERY_RUN = ("strides", "kernels", "pretrained", "find_lr_steps")
 
 
 # ---------------------------------------------------------------- runs (cached, resumable)
@@ -69,10 +94,7 @@ def run(study, name, **overrides):
     what a run is, never which experiment asked for it."""
     import train
     runs_dir = Path(study.out) / "train"
-    base = dict(loader=study.loader, data=str(study.data), res=study.res, batch_size=study.batch_size,
-                epochs=study.epochs, lr=study.lr, amp=study.amp, device=study.device, seed=study.seed,
-                workers=study.workers, bootstrap=study.bootstrap, name=name, runs_dir=str(runs_dir))
-    cfg = train.Config(**{**base, **overrides})
+    cfg = train_config(study, exclude=NOT_EVERY_RUN, name=name, runs_dir=str(runs_dir), **overrides)
     cache = Path(study.out) / "runs" / f"{name}.json"
     wanted = {"config": _plain_config(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
     if cache.is_file() and {k: read_json(cache).get(k) for k in wanted} == wanted:
@@ -321,53 +343,18 @@ def study_main(study, which):
     return 0
 
 
-def int_tuples(text):
-    """'4,1,1 2,1,1' -> ((4, 1, 1), (2, 1, 1))."""
-    try:
-        return tuple(tuple(int(v) for v in part.split(",")) for part in text.split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected space-separated groups like 4,1,1, got {text!r}") from None
-
-
 def parse_args(argv):
-    d = StudyConfig()
     p = Parser(prog="python -m bench.study", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", choices=EXPERIMENTS + ("all",), help="which experiment to run")
-    p.add_argument("--data", type=Path, default=d.data, help="ingested dataset")
-    p.add_argument("--out", type=Path, default=d.out, help="results folder (runs cached there)")
-    p.add_argument("--loader", default=d.loader, help="loader backend for every run")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per run")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
-    p.add_argument("--res", type=int, default=d.res, help="training resolution")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD peak learning rate")
-    p.add_argument("--find-lr-steps", type=int, default=d.find_lr_steps,
-                   help="steps of each optimizer's LR range test")
-    p.add_argument("--device", default=d.device, help="auto|cpu|cuda")
-    p.add_argument("--amp", default=d.amp, help="auto|bf16|fp16|off")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of every run")
-    p.add_argument("--workers", type=int, default=d.workers, help="loader workers (default: backend's)")
-    p.add_argument("--strides", type=int_tuples, default=d.strides, metavar="'4,1,1 2,1,1'",
-                   help="stride settings of flat to compare")
-    p.add_argument("--kernels", type=int_tuples, default=d.kernels, metavar="'11,5,3 7,5,3'",
-                   help="kernel-size settings of flat to compare")
-    p.add_argument("--warm-epochs", type=int, default=d.warm_epochs, help="plain-SGD epochs before the optimizers")
-    p.add_argument("--optimizers", type=lambda t: tuple(t.split(",")), default=d.optimizers,
-                   help="continuations to compare, from " + ",".join(OPTIMIZERS))
-    p.add_argument("--regularization", type=lambda t: tuple(t.split(",")), default=d.regularization,
-                   help="regularisers to compare, from " + ",".join(REGULARIZATION))
-    p.add_argument("--pretrained", type=Path, default=d.pretrained, help="resnet18 ImageNet state dict (local)")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the intervals")
-    args = p.parse_args(argv)
-    if args.epochs < 1 or args.warm_epochs < 1:
-        raise UsageError("--epochs and --warm-epochs must be >= 1")
+    args = add_options(p, StudyConfig).parse_args(argv)
+    study = config_from(StudyConfig, args)
+    check_options(study)
     unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
     if unknown:
         raise UsageError(f"unknown optimizer {unknown[0]!r}: choose from {', '.join(OPTIMIZERS)}")
     unknown = [r for r in args.regularization if r not in REGULARIZATION]
     if unknown:
         raise UsageError(f"unknown regularization {unknown[0]!r}: choose from {', '.join(REGULARIZATION)}")
-    names = {f.name for f in fields(StudyConfig)}
-    study = StudyConfig(**{k: v for k, v in vars(args).items() if k in names})
     return study, (EXPERIMENTS if args.experiment == "all" else (args.experiment,))
 
 
