@@ -2,10 +2,13 @@
 split of sample ids across ranks.
 
 Every backend yields `(images, labels)`: images float32 NCHW (channels_last memory format), normalised
-with the ImageNet mean/std, on the loader's device; labels int64 on the same device. Train batches are
-RandomResizedCrop(res) + random horizontal flip, reshuffled every epoch from (seed, epoch); test batches
-are resize(shorter side = res / 0.875) + center crop(res), each of this rank's samples exactly once, in
-id order, last batch partial. Train epochs also give each of this rank's samples exactly once (last batch
+with the ImageNet mean/std, on the loader's device; labels int64 on the same device. Test batches are the
+test transform, resize(shorter side = res / 0.875) + center crop(res), each of this rank's samples exactly
+once, in id order, last batch partial. Train batches are reshuffled every epoch from (seed, epoch) and
+transformed as `augment` says (AUGMENTS): `rrc` (the default) RandomResizedCrop(res) + random horizontal
+flip; `flip` the test transform + random horizontal flip; `none` the test transform alone (the 500px study's
+own pipeline), so every epoch gives the very same images, only in another order. Random draws are a
+function of (seed, epoch, sample) alone, so a resumed run draws what the uninterrupted one drew. Train epochs also give each of this rank's samples exactly once (last batch
 partial). The order of an epoch is a function of (seed, epoch) alone, where epoch is the last value given
 to set_epoch (default 0): iterating twice without set_epoch repeats the order, like DistributedSampler.
 `set_res(res)` changes the side of the batches from the next pass on (progressive resizing, a test pass at
@@ -43,6 +46,19 @@ TEST_CROP_RATIO = 0.875  # resize shorter side to res / 0.875, then center-crop 
 RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop area share and aspect ratio, torchvision's defaults
 RRC_RATIO = (3 / 4, 4 / 3)
 RRC_TRIES = 10  # torchvision's attempts at a crop that fits before its fallback
+AUGMENTS = ("rrc", "flip", "none")  # train transforms, see the module docstring
+
+
+def check_augment(augment):
+    if augment not in AUGMENTS:
+        raise UsageError(f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+
+
+def random_flips(images, generator):
+    """A batch (N x C x H x W) with each image mirrored left-right on a fair coin from `generator`: one
+    batched op, for the GPU paths and resident's gathered batches."""
+    flips = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    return torch.where(flips[:, None, None, None], images.flip(-1), images)
 
 
 def test_resize(res):

@@ -8,7 +8,8 @@ train, the RandomResizedCrop window and flip of every sample, drawn here with to
 generator seeded by (seed, epoch): the augmentation of epoch e is the same whatever came before it, like the
 order. `decoders.image_slice` decodes only the window (ROI decode: libjpeg-turbo on the CPU, nvJPEG with
 `device="mixed"`), `resize` scales it to res and `crop_mirror_normalize` flips, normalises and writes HWC,
-which torch sees as NCHW channels_last for free. Test: full decode, resize shorter side, center crop.
+which torch sees as NCHW channels_last for free. Test, and train with augment flip or none: full decode,
+resize shorter side, center crop (crop_mirror_normalize), mirrored by the source's flips with flip.
 
 On a GPU `hw_decoder_load` sends HW_DECODER_LOAD of the JPEGs to the hardware JPEG decoder (A100, H100/H200)
 and the rest to nvJPEG's CUDA decoder with CPU Huffman decoding; with few CPU threads per GPU the hardware
@@ -27,10 +28,10 @@ HW_DECODER_LOAD = 0.9  # share of JPEGs for the GPU's hardware decoder (see the 
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
-def build(block, *, batch_size, res, seed, workers, with_ids=False):
+def build(block, *, batch_size, res, seed, workers, augment, with_ids=False):
     """A DALI loader over `<split>-*.tar` for this rank's block of samples."""
-    return DaliLoader(block, ShardIndex(block.data_dir, block.split), batch_size=batch_size, res=res, seed=seed,
-                      threads=max(workers, 1), with_ids=with_ids)
+    return DaliLoader(block, ShardIndex(block.data_dir, block.split), augment=augment, batch_size=batch_size,
+                      res=res, seed=seed, threads=max(workers, 1), with_ids=with_ids)
 
 
 def crop_windows(widths, heights, rng, scale=RRC_SCALE, ratio=RRC_RATIO, attempts=10):
@@ -58,9 +59,11 @@ def crop_windows(widths, heights, rng, scale=RRC_SCALE, ratio=RRC_RATIO, attempt
 class DaliLoader(Loader):
     """One DALI pipeline, fed each pass's JPEGs and crop windows by external_source (the module docstring)."""
 
-    def __init__(self, block, samples, *, batch_size, res, seed, threads, with_ids):
+    DRAWS = {"rrc": 3, "flip": 1, "none": 0}  # per-sample arrays plan() draws: (anchors, sizes,) flips
+
+    def __init__(self, block, samples, *, augment, batch_size, res, seed, threads, with_ids):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
-        self.samples, self.res, self.threads = samples, res, threads
+        self.samples, self.res, self.threads, self.augment = samples, res, threads, augment
         self.sampler = EpochSampler(block.positions, seed, shuffle=self.train)
         self._feed, self._iterator, self._finished = iter(()), None, False
 
@@ -70,24 +73,26 @@ class DaliLoader(Loader):
             self.res, self._finished = res, False
 
     def plan(self):
-        """This epoch's sample positions in order and, for train, each one's crop window (anchors, sizes) and
-        flip: everything random about the epoch, a function of (seed, epoch)."""
+        """This epoch's sample positions in order and each one's random draws: with augment rrc its crop window
+        (anchors, sizes) and flip, with flip its flip, with none nothing. Everything random about the epoch, a
+        function of (seed, epoch)."""
         self.sampler.set_epoch(self.epoch)
         positions = np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))
-        if not self.train:
-            return positions, None
+        if self.augment == "none":
+            return positions, ()
         rng = np.random.default_rng([self.seed, self.epoch, 1])  # the order drew from epoch_seed
-        anchors, sizes = crop_windows(self.samples.widths[positions], self.samples.heights[positions], rng)
-        return positions, (anchors, sizes, (rng.random(len(positions)) < 0.5).astype(np.int32))
+        crops = crop_windows(self.samples.widths[positions], self.samples.heights[positions], rng) \
+            if self.augment == "rrc" else ()
+        return positions, (*crops, (rng.random(len(positions)) < 0.5).astype(np.int32))
 
     def _batches(self):
-        """What external_source feeds, one tuple per batch: jpegs, labels, ids[, anchors, sizes, flips]."""
-        positions, crops = self.plan()
+        """What external_source feeds, one tuple per batch: jpegs, labels, ids[, anchors, sizes][, flips]."""
+        positions, draws = self.plan()
         for start in range(0, len(positions), self.batch_size):
             part = slice(start, start + self.batch_size)
             batch = positions[part]
             yield (self.samples.views(batch), self.samples.labels[batch], self.samples.ids[batch],
-                   *([c[part] for c in crops] if crops else []))
+                   *(d[part] for d in draws))
 
     def _next_batch(self):
         return next(self._feed)  # StopIteration ends DALI's epoch
@@ -101,17 +106,17 @@ class DaliLoader(Loader):
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
                       seed=self.seed, prefetch_queue_depth=2)
         def graph():
-            types_ = [types.UINT8, types.INT64, types.INT64] + ([types.INT32] * 3 if self.train else [])
-            jpegs, labels, ids, *crops = fn.external_source(self._next_batch, num_outputs=len(types_),
+            types_ = [types.UINT8, types.INT64, types.INT64] + [types.INT32] * self.DRAWS[self.augment]
+            jpegs, labels, ids, *draws = fn.external_source(self._next_batch, num_outputs=len(types_),
                                                             batch=True, dtype=types_)
-            if self.train:
-                anchors, sizes, mirror = crops
+            mirror = draws[-1] if draws else 0
+            if self.augment == "rrc":
+                anchors, sizes, _ = draws
                 images = fn.decoders.image_slice(jpegs, anchors, sizes, output_type=types.RGB, **decoder)
                 images = fn.resize(images, resize_x=self.res, resize_y=self.res)
             else:
                 images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
                 images = fn.resize(images, resize_shorter=test_resize(self.res))
-                mirror = 0
             # HWC: permuting it to NCHW in torch is a free view that is already channels_last.
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
                                               crop=(self.res, self.res), mean=list(IMAGENET_MEAN),

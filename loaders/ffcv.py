@@ -1,7 +1,7 @@
 """FFCV backend: crop-decode the `.beton` in numba-compiled, multithreaded code, then hand torch a batch.
 
-The decoders crop before they resize (train: RandomResizedCrop; test: a center crop of 0.875 of the
-shorter side resized to res, the same picture as resize-then-crop). The first epoch of each Loader spends
+The decoders crop before they resize (train with augment rrc: RandomResizedCrop; test, and train with flip
+or none: a center crop of 0.875 of the shorter side resized to res, the same picture as resize-then-crop). The first epoch of each Loader spends
 seconds compiling with numba; benches absorb it in a warm-up epoch. The file stays in the page cache
 (`os_cache=True`), which suits datasets that fit in RAM and several loaders reading one file.
 
@@ -49,9 +49,10 @@ from loaders.common import RRC_RATIO, RRC_SCALE, TEST_CROP_RATIO, Normalizer, ep
 READS = ("ffcv",)  # the formats loaders.base.prepare checks at start-up
 
 
-def build(block, *, batch_size, res, seed, workers, with_ids=False):
+def build(block, *, batch_size, res, seed, workers, augment, with_ids=False):
     """An FFCV loader over `<split>.beton` for this rank's block of samples."""
-    return FfcvLoader(block, batch_size=batch_size, res=res, seed=seed, workers=max(workers, 1), with_ids=with_ids)
+    return FfcvLoader(block, augment=augment, batch_size=batch_size, res=res, seed=seed, workers=max(workers, 1),
+                      with_ids=with_ids)
 
 
 @intrinsic
@@ -64,27 +65,29 @@ def _pointer(typingctx, address):
 
 
 class CheckedCropDecoder(ResizedCropRGBImageDecoder):
-    """FFCV's crop-decode (RandomResizedCrop + flip for train, center crop for test) with two changes.
+    """FFCV's crop-decode (RandomResizedCrop + flip, or the center crop with or without flip: `augment` as in
+    loaders.common) with two changes.
 
-    Train draws (crop box, flip) come from loaders.common.sample_seed per sample. FFCV's own decoder and flip
+    Draws (crop box, flip) come from loaders.common.sample_seed per sample. FFCV's own decoder and flip
     draw from numba's per-thread generators, which nothing seeds and whose threads share a batch out by
     chance: no two runs, and no resume, got the same crops. And a JPEG that libjpeg-turbo reports as
     corrupt is recorded, where FFCV ignores the return code and hands the noise on. Both pass through
     `shared` (int64 [epoch key, failed sample id + 1]), which the compiled code reaches by its address:
     numba freezes the arrays a function captures into constants."""
 
-    def __init__(self, res, train):
+    def __init__(self, res, augment):
         super().__init__((res, res))
-        self.train = train
-        self.scale, self.ratio = (np.array(RRC_SCALE), np.array(RRC_RATIO)) if train else (None, TEST_CROP_RATIO)
+        self.random_crop, self.flip = augment == "rrc", augment != "none"
+        self.scale, self.ratio = (np.array(RRC_SCALE), np.array(RRC_RATIO)) if self.random_crop else \
+            (None, TEST_CROP_RATIO)
         self.shared = np.zeros(2, np.int64)
 
     @property
     def get_crop_generator(self):
-        return get_random_crop if self.train else get_center_crop
+        return get_random_crop if self.random_crop else get_center_crop
 
     def generate_code(self):
-        mem_read, train, scale, ratio, address = self.memory_read, self.train, self.scale, self.ratio, \
+        mem_read, flip, scale, ratio, address = self.memory_read, self.flip, self.scale, self.ratio, \
             self.shared.ctypes.data
         my_range = Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
@@ -102,11 +105,11 @@ class CheckedCropDecoder(ResizedCropRGBImageDecoder):
                               height, width, height, width, 0, 0, 1, 1, False, False) != 0:
                     shared[1] = source_ix + 1
                 image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                if train:
+                if flip:  # every augment that draws also flips
                     np.random.seed(seed_of(shared[0], source_ix))  # this thread's generator, this sample
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
                 resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
-                if train and np.random.random() < 0.5:
+                if flip and np.random.random() < 0.5:
                     destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
             return destination[:len(batch_indices)]
 
@@ -129,7 +132,7 @@ class SampleIdDecoder(IntDecoder):
 class FfcvLoader(base.Loader):
     """FFCV's Loader over this rank's ids of the beton, decoding with CheckedCropDecoder."""
 
-    def __init__(self, block, *, batch_size, res, seed, workers, with_ids):
+    def __init__(self, block, *, augment, batch_size, res, seed, workers, with_ids):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
         if self.device.type == "cuda" and self.device.index is None:  # FFCV allocates its buffers on this device
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -138,7 +141,7 @@ class FfcvLoader(base.Loader):
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         # set_res changes its output_size: FFCV sizes its buffers from it at every epoch (ffcv-imagenet's
         # progressive resizing does the same), and the compiled decode code does not depend on it.
-        self.decoder = decoder = CheckedCropDecoder(res, self.train)
+        self.decoder = decoder = CheckedCropDecoder(res, augment)
         self.shared = decoder.shared
         pipelines = {
             "image": [decoder, ToTensor()] + to_device + [ToTorchImage(channels_last=True)],

@@ -27,7 +27,7 @@ from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, E
 READS = ()  # the csv only: the baseline reads the photos themselves
 
 
-def build(block, *, batch_size, res, seed, workers, with_ids=False):
+def build(block, *, batch_size, res, seed, workers, augment, with_ids=False):
     """A PIL + DataLoader loader over this rank's block of the split's source files."""
     source = Path(block.manifest["source"])
     with open(csv_path(block.data_dir, block.split), newline="") as f:
@@ -36,18 +36,20 @@ def build(block, *, batch_size, res, seed, workers, with_ids=False):
     if missing is not None:
         raise UsageError(f"source file {missing} of {block.data_dir} is gone: the folder baseline reads the "
                          "original photos, so restore them or ingest again")
-    transform = PerRes(functools.partial(source_transform, block.train), res)
+    transform = PerRes(functools.partial(source_transform, augment), res)
     return FolderLoader(block, SourceFiles(rows, transform, block.split), batch_size=batch_size, seed=seed,
                         workers=workers, with_ids=with_ids)
 
 
-def source_transform(train, res):
-    """The usual ImageNet recipe on PIL images, ending in a normalised float tensor."""
+def source_transform(augment, res):
+    """The usual ImageNet recipe on PIL images, ending in a normalised float tensor; `augment` as in
+    loaders.common."""
     scale = (T.ToTensor(), T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]))
-    if train:
+    if augment == "rrc":
         return T.Compose([T.RandomResizedCrop(res, scale=RRC_SCALE, ratio=RRC_RATIO), T.RandomHorizontalFlip(),
                           *scale])
-    return T.Compose([T.Resize(test_resize(res)), T.CenterCrop(res), *scale])
+    flip = [T.RandomHorizontalFlip()] if augment == "flip" else []
+    return T.Compose([T.Resize(test_resize(res)), T.CenterCrop(res), *flip, *scale])
 
 
 def open_rgb(path):

@@ -22,6 +22,11 @@ pool (torch releases the GIL): ~3.5x the batched grid_sample over the float canv
 interleaved in one process on shared cores). On a GPU one grid_sample crops the whole batch
 (loaders.common.batched_resized_crop): no per-sample work, bilinear without antialiasing (a box is at most
 ~1.5x the output side at this store size).
+
+With augment flip or none the train batches are the test crops (+ random flips): every photo's crop at the
+current res is cut from the store once, as one uint8 N x 3 x res x res tensor (again after a set_res to
+another res, from the same store: no decode), so an epoch is an index gather + normalise, at memory speed.
+The guard counts that tensor too.
 """
 import hashlib
 import warnings
@@ -41,8 +46,8 @@ from files import atomic_path
 from ingest.layout import MANIFEST, SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders.base import Loader
-from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, rank_ids, resized_crop, sample_crops,
-                            test_resize)
+from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, random_flips, rank_ids, resized_crop,
+                            sample_crops, test_resize)
 from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
@@ -52,7 +57,7 @@ _HELD = weakref.WeakValueDictionary()  # (dataset, split, rank, world, device) -
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
-def build(block, *, batch_size, res, seed, workers, with_ids=False, cache=True, memory_limit=None):
+def build(block, *, batch_size, res, seed, workers, augment, with_ids=False, cache=True, memory_limit=None):
     """A resident loader for this rank's block of samples; `memory_limit` (bytes) replaces the measured free
     memory (to check the guard), `cache=False` neither reads nor writes the disk cache."""
     data_dir, positions, device = Path(block.data_dir), block.positions, block.device
@@ -61,7 +66,8 @@ def build(block, *, batch_size, res, seed, workers, with_ids=False, cache=True, 
     samples = ShardSamples(ShardIndex(block.data_dir, block.split), None if device.type == "cuda" else fit)
     layout = Layout.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size, res)
     held_key = (str(data_dir.resolve()), block.split, block.rank, block.world, str(device))
-    check_memory(block, layout, batch_size, res, memory_limit, held_key)
+    squares = block.train and augment != "rrc"  # the train crops are cut once, see the module docstring
+    check_memory(block, layout, batch_size, res, memory_limit, held_key, squares)
     path = data_dir / f"resident-{block.split}-{size}px-{positions.start}-{positions.stop}.pt"
     key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}:{CACHE_LAYOUT}"
     images = load_cache(path, key) if cache else None
@@ -73,8 +79,8 @@ def build(block, *, batch_size, res, seed, workers, with_ids=False, cache=True, 
     images = images.to(device)
     _HELD[held_key] = images
     loader = ResidentLoader(block, images, layout, samples.labels[positions.start:positions.stop].to(device),
-                            samples.ids[positions.start:positions.stop], batch_size=batch_size, res=res, seed=seed,
-                            with_ids=with_ids)
+                            samples.ids[positions.start:positions.stop], augment=augment, batch_size=batch_size,
+                            res=res, seed=seed, with_ids=with_ids)
     loader.from_cache = from_cache
     return loader
 
@@ -139,11 +145,12 @@ def working_bytes(layout, batch_size, res, device):
     return out
 
 
-def check_memory(block, layout, batch_size, res, limit, held_key):
+def check_memory(block, layout, batch_size, res, limit, held_key, squares=False):
     """UsageError unless this split and the other (a run holds both) fit in MEMORY_SHARE of free memory,
-    counting the other split's images as free when a live loader already holds them."""
+    counting the other split's images as free when a live loader already holds them; `squares`: this split
+    also keeps its res x res crops (augment flip or none)."""
     device = block.device
-    need = layout.nbytes() + working_bytes(layout, batch_size, res, device)
+    need = layout.nbytes() + working_bytes(layout, batch_size, res, device) + squares * len(layout.sizes) * 3 * res**2
     other = next(s for s in SPLITS if s != block.split)
     other_key = held_key[:1] + (other,) + held_key[2:]
     held = _HELD.get(other_key)
@@ -239,9 +246,11 @@ def decode_split(samples, positions, layout, fit, device, workers):
 class ResidentLoader(Loader):
     """Batches cut from the decoded store (`images`, laid out as `layout` says), on the store's device."""
 
-    def __init__(self, block, images, layout, labels, ids, *, batch_size, res, seed, with_ids, threads=None):
+    def __init__(self, block, images, layout, labels, ids, *, batch_size, res, seed, with_ids, augment="rrc",
+                 threads=None):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
         self.images, self.layout, self.labels, self.ids, self.res = images, layout, labels, ids, res
+        self.augment, self._squares = augment, None
         self.from_cache = False
         self.normalize = Normalizer(images.device)
         self.on_gpu = images.device.type == "cuda"
@@ -256,7 +265,7 @@ class ResidentLoader(Loader):
         test batches are the crops of the res the store was laid out for, resized to res (the field of view of
         the other backends' test path at res)."""
         if res != self.res:
-            self.res, self._work = res, None  # the reused buffers are res x res
+            self.res, self._work, self._squares = res, None, None  # the reused buffers and crops are res x res
 
     def _buffers(self, n):
         """Reused from batch to batch (fresh ones are page-faulted in every batch on the CPU, which cost as
@@ -264,7 +273,7 @@ class ResidentLoader(Loader):
         sampling grid on a GPU."""
         if self._work is None:
             device, n = self.images.device, min(self.batch_size, self.num_samples)
-            if self.on_gpu:
+            if self.on_gpu and self.augment == "rrc":
                 self._work = (torch.empty(n, *self.images.shape[1:], dtype=torch.uint8, device=device,
                                           memory_format=torch.channels_last),
                               torch.empty(n, *self.images.shape[1:], device=device, memory_format=torch.channels_last),
@@ -305,13 +314,30 @@ class ResidentLoader(Loader):
             crops = F.interpolate(crops.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
         return crops
 
+    def _gathered_squares(self, index, generator):
+        """Augment flip or none: the batch's crops gathered from the squares (cut on first use), maybe
+        flipped."""
+        if self._squares is None:
+            self._squares = torch.empty(self.num_samples, 3, self.res, self.res, dtype=torch.uint8,
+                                        device=self.images.device, memory_format=torch.channels_last)
+            for start in range(0, self.num_samples, DECODE_BATCH):  # a float copy of a part at a time
+                part = slice(start, start + DECODE_BATCH)
+                crops = self._center_crops(part)
+                self._squares[part] = crops.round().clamp(0, 255) if crops.is_floating_point() else crops
+        out = self._buffers(len(index))[:len(index)]
+        images = torch.index_select(self._squares, 0, index, out=out)
+        return random_flips(images, generator) if self.augment == "flip" else images
+
     def __iter__(self):
         device, n = self.images.device, self.num_samples
         if self.train:
             generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=generator, device=device)
         for start in range(0, n, self.batch_size):
-            if self.train:
+            if self.train and self.augment != "rrc":
+                index = order[start:start + self.batch_size]
+                images = self._gathered_squares(index, generator)
+            elif self.train:
                 index = order[start:start + self.batch_size]
                 sizes = self._sizes[index]
                 boxes, flips = sample_crops(sizes[:, 0], sizes[:, 1], generator)

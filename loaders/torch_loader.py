@@ -8,7 +8,9 @@ Dataset reads any sample with one pread and the per-epoch order is an ordinary S
 DataLoader workers decode with libjpeg-turbo (torchvision.io.decode_jpeg) and crop with torchvision.transforms.v2 on uint8 tensors;
 with a GPU the workers only read bytes, decode_jpeg(device="cuda") decodes a whole batch with nvJPEG (after
 draining the caller's stream: see decode_jpegs_on_gpu) and one grid_sample crops the batch (no per-image
-kernels; the crop boxes follow torchvision's distribution, drawn from (seed, epoch): loaders.common).
+kernels; the crop boxes follow torchvision's distribution, drawn from (seed, epoch): loaders.common). The
+test transform (the test split, and train with augment flip or none) resizes with antialiasing image by
+image on the GPU too: photos differ in size, and grid_sample does not antialias.
 Normalisation always runs on the loader's device, after the (small, uint8) batch got there.
 
 Ranks get a contiguous block of shard positions (loaders.common.rank_ids), as DALI's shard_id/num_shards.
@@ -26,26 +28,26 @@ from torchvision.transforms import RandomResizedCrop, v2
 from ingest.shards import ShardIndex
 from loaders.base import Loader
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
-                            drawing_from, epoch_seed, resized_crop, sample_crops, sample_seed, test_resize,
-                            undecodable)
+                            drawing_from, epoch_seed, random_flips, resized_crop, sample_crops, sample_seed,
+                            test_resize, undecodable)
 
 
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
-def build(block, *, batch_size, res, seed, workers, with_ids=False):
+def build(block, *, batch_size, res, seed, workers, augment, with_ids=False):
     """A torchvision loader over `<split>-*.tar` for this rank's block of samples."""
     # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
     on_gpu = block.device.type == "cuda"
-    transform = None if on_gpu else PerRes(functools.partial(image_transform, block.train), res)
+    transform = None if on_gpu else PerRes(functools.partial(image_transform, augment), res)
     samples = ShardSamples(ShardIndex(block.data_dir, block.split), transform)
-    return TorchLoader(block, samples, batch_size=batch_size, res=res, seed=seed, workers=workers, with_ids=with_ids)
+    return TorchLoader(block, samples, augment=augment, batch_size=batch_size, res=res, seed=seed, workers=workers,
+                       with_ids=with_ids)
 
 
-def image_transform(train, res):
-    """(JPEG bytes, stored height, width) -> uint8 3 x res x res: RRC + flip for train, resize + center crop
-    for test."""
-    return TrainCrop(res) if train else TestCrop(res)
+def image_transform(augment, res):
+    """(JPEG bytes, stored height, width) -> uint8 3 x res x res, as `augment` says (loaders.common)."""
+    return TrainCrop(res) if augment == "rrc" else TestCrop(res, flip=augment == "flip")
 
 
 def decode(data):
@@ -54,10 +56,12 @@ def decode(data):
 
 
 class TestCrop:
-    """Resize the shorter side to test_resize(res), center crop res: the other backends' test transform."""
+    """Resize the shorter side to test_resize(res), center crop res: the other backends' test transform; with
+    `flip`, then a random horizontal flip (drawn from torch's default generator, which ShardSamples seeds)."""
 
-    def __init__(self, res):
-        self.transform = v2.Compose([v2.Resize(test_resize(res), antialias=True), v2.CenterCrop(res)])
+    def __init__(self, res, flip=False):
+        self.transform = v2.Compose([v2.Resize(test_resize(res), antialias=True), v2.CenterCrop(res),
+                                     *([v2.RandomHorizontalFlip()] if flip else [])])
 
     def __call__(self, data, height, width):
         return self.transform(decode(data))
@@ -158,9 +162,9 @@ def collate_bytes(batch):
 class TorchLoader(Loader):
     """A DataLoader over ShardSamples: its workers decode and crop on the CPU; with a GPU they read bytes only."""
 
-    def __init__(self, block, samples, *, batch_size, res, seed, workers, with_ids):
+    def __init__(self, block, samples, *, augment, batch_size, res, seed, workers, with_ids):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
-        self.res, self.test_transform = res, TestCrop(res).transform
+        self.res, self.test_transform, self.augment = res, TestCrop(res).transform, augment
         self.sampler = EpochSampler(block.positions, seed, shuffle=self.train, keyed=True)
         self.normalize = Normalizer(self.device)
         on_gpu = self.device.type == "cuda"
@@ -179,15 +183,16 @@ class TorchLoader(Loader):
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)  # the DataLoader draws this pass's order from it
         generator = None
-        if self.device.type == "cuda" and self.train:  # crops drawn on the GPU, from (seed, epoch)
+        if self.device.type == "cuda" and self.augment != "none":  # crops and flips drawn on the GPU, from (seed, epoch)
             generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.epoch))
         for data, labels, ids in self.loader:
             if self.device.type != "cuda":
                 images = data.to(self.device, non_blocking=True)
-            elif self.train:
+            elif self.augment == "rrc":
                 images = crop_on_gpu(decode_jpegs_on_gpu(data, self.device), self.res, generator)
-            else:  # the test path resizes with antialiasing, image by image (test batches are few)
+            else:  # the test transform resizes with antialiasing, image by image
                 images = torch.stack([self.test_transform(image) for image in decode_jpegs_on_gpu(data, self.device)])
+                images = random_flips(images, generator) if self.augment == "flip" else images
             yield self.batch(self.normalize(images), labels.to(self.device, non_blocking=True), ids)
 
 

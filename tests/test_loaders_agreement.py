@@ -17,6 +17,8 @@ resize one pixel off: that is what the resamplers' own rounding looks like.
 
 On the train split, the torch backend's own crop code is checked against torchvision's transforms, and the
 dali backend's crop windows against torchvision's sampling and its ROI decode against PIL on the same windows.
+With augment="none" every backend's train batches are the test transform, against the same PIL reference, and
+with "flip" that transform mirrored or not.
 """
 import gc
 import io
@@ -230,3 +232,51 @@ def test_dali_train_roi_decode_agrees_with_pil_reference(ingested):
     errors = np.stack(errors)
     assert errors.mean() <= TRAIN_MEAN_BOUND and errors.max() <= TRAIN_MAX_BOUND, \
         f"dali train: mean abs error {errors.mean():.2f} levels, max {errors.max():.0f}"
+
+
+# ---------------------------------------------------------------- augment="none" and "flip" on the train split
+
+def train_epochs(name, data_dir, augment, epochs):
+    """[(ids in the order they came, {sample id: image in levels})] of each train epoch in `epochs`."""
+    loader = make_loader(name, data_dir, "train", batch_size=16, res=RES, device="cpu", workers=1, augment=augment,
+                         with_ids=True)
+    seen = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        order, images = [], {}
+        for batch, _, ids in loader:
+            for i, image in zip(ids.tolist(), levels(batch)):
+                order.append(i)
+                images[i] = image.copy()  # loaders reuse their buffers
+        seen.append((order, images))
+    del loader
+    gc.collect()  # FFCV's finalizers run here, under this module's warning filter
+    return seen
+
+
+NONE_EXACT = {"torch": 1.01, "resident": 1.01}  # worst pixel, levels (+ float error of undoing the normalisation)
+
+
+@pytest.mark.parametrize("name", AGREEING + ["folder"])
+def test_train_split_without_augmentation_is_the_test_transform_and_flip_only_mirrors_it(name, ingested):
+    """augment="none" has no randomness but the order: two epochs give the very same tensors per sample id, in
+    another order, and those are the test transform of the stored JPEG (the PIL reference): torch and resident
+    within a level everywhere (measured: worst pixel 1, mean 0.00), dali and ffcv within the test split's mean
+    bound (measured: 2.6 and 5.1 levels; their worst pixels, 95 and 99, sit where their geometry rounds
+    differently, see the module docstring, so only the mean is bounded, which catches a flip or a one-pixel
+    shift). folder reads the original photos, not the stored JPEGs: only its own consistency is checked.
+    augment="flip" gives, per sample, exactly none's image or exactly its mirror, each about half the time.
+    One test per backend: FFCV compiles each loader for seconds."""
+    require(name)
+    (order, none), (order_1, none_1) = train_epochs(name, ingested, "none", (0, 1))
+    assert sorted(order) == sorted(order_1) == list(range(len(csv_labels(ingested, "train")))) and order != order_1
+    assert all(np.array_equal(none[i], none_1[i]) for i in order)
+    if name != "folder":
+        references = {i: pil_reference(jpeg, RES).astype(np.float32) for i, jpeg in stored_jpegs(ingested, "train").items()}
+        errors = np.stack([np.abs(none[i] - references[i]) for i in order])
+        assert errors.mean() <= MEAN_BOUND and errors.max() <= NONE_EXACT.get(name, 255), \
+            f"{name} none: mean abs error {errors.mean():.2f} levels, max {errors.max():.0f}"
+    [(_, flip)] = train_epochs(name, ingested, "flip", (0,))
+    mirrored = [np.array_equal(flip[i], none[i][:, ::-1]) for i in order]
+    assert all(m or np.array_equal(flip[i], none[i]) for i, m in zip(order, mirrored))
+    assert 0.25 < np.mean(mirrored) < 0.75  # a fair coin over ~65 samples

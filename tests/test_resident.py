@@ -222,3 +222,31 @@ def test_store_holds_whole_photos_resized_like_pil(ingested):
         assert photo.shape == reference.shape
         diff = (photo.int() - reference.int()).abs()
         assert diff.float().mean() < 0.1 and diff.max() <= 3, (k, diff.float().mean(), diff.max())
+
+
+def test_without_augmentation_the_crops_are_cut_once_per_res_and_epochs_only_gather(ingested, monkeypatch):
+    """augment="none": the first epoch cuts every photo's test crop from the store into one uint8 tensor; later
+    epochs only gather from it (neither crop nor decode again), and a set_res cuts them anew from the same store
+    (no decode), giving back the very same batches at the first res."""
+    none = loader(ingested, "train", augment="none")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("cut or decoded again")
+
+    monkeypatch.setattr(resident, "decode_split", fail)
+    images, _, ids = epoch(none, 0)
+    squares = none._squares
+    assert squares.dtype == torch.uint8 and squares.shape == (none.num_samples, 3, 32, 32)
+    by_id = dict(zip(ids.tolist(), images))
+    test_crops = none.normalize(none._center_crops(slice(None)))  # the test path's crops, of the train photos
+    assert all(torch.equal(by_id[int(i)], crop) for i, crop in zip(none.ids, test_crops))
+
+    with monkeypatch.context() as m:
+        m.setattr(none, "_center_crops", fail)
+        again, _, ids_again = epoch(none, 1)
+    assert none._squares is squares and not torch.equal(ids, ids_again)
+    assert all(torch.equal(by_id[int(i)], image) for i, image in zip(ids_again, again))
+    none.set_res(24)
+    assert epoch(none, 2)[0].shape[1:] == (3, 24, 24)
+    none.set_res(32)
+    assert torch.equal(epoch(none, 0)[0], images)
