@@ -50,7 +50,7 @@ import nets  # noqa: E402
 from cli import Parser, UsageError, add_options, check_options, config_from, ints, names, option, run  # noqa: E402
 from ingest import layout  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
-from loaders.common import resolve_device  # noqa: E402
+from loaders.common import AUGMENTS, resolve_device  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
 from report.images import plot_feature_maps, plot_filters, plot_predictions, plot_samples  # noqa: E402
 from report.layers import layer_table, layers_markdown  # noqa: E402
@@ -110,6 +110,8 @@ class Config:
     loader: str = option("dali", "data loader backend", choices=BACKENDS)
     data: str = option(str(layout.DEFAULT_OUT), "ingested dataset folder (python ingest/build.py)")
     res: int = option(224, "square input side in pixels")
+    augment: str = option("rrc", "train transform: rrc (RandomResizedCrop + flip), flip (the test transform + flip) "
+                          "or none (the test transform: the study's resize + center crop)", choices=AUGMENTS)
     batch_size: int = option(150, "images per step per process (the study's batch); DDP multiplies it by the "
                              "world size", minimum=1)
     epochs: int = option(10, "epochs to train", minimum=1)
@@ -652,7 +654,7 @@ class Run:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
-                                rank=rank, world=world, workers=cfg.workers)
+                                rank=rank, world=world, workers=cfg.workers, augment=cfg.augment)  # test: ignored
         self.train_loader = make_loader(cfg.loader, cfg.data, "train", **self.loader_args)
         self.test_loader = make_loader(cfg.loader, cfg.data, "test", **self.loader_args)
         manifest = self.train_loader.block.manifest  # the one the loaders checked the data against

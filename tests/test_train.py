@@ -157,11 +157,33 @@ def test_auto_amp_on_the_cpu_follows_native_bf16_and_fp16_needs_a_gpu():
     (["--resume", "/nonexistent-run"], "no config.json there"),
     (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
     (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["--augment", "crop"], "unknown augment 'crop': choose one of rrc, flip, none"),
     (["--data", "/nonexistent-data", "--loader", "resident"], "is not an ingested dataset"),
 ])
 def test_bad_arguments_are_one_usage_error_line(argv, message, tmp_path):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         train.main(argv + ["--runs-dir", str(tmp_path)])
+
+
+def test_augment_reaches_the_train_loader(ingested, tmp_path, monkeypatch):
+    """--augment is make_loader's augment for the train split (the default: rrc); make_loader itself gives the
+    test split the test transform whatever it is told (tests/test_loaders_agreement.py checks the pixels)."""
+    made = []
+
+    class Built(Exception):
+        pass
+
+    def recording(name, data_dir, split, **options):
+        made.append((split, options.get("augment", "rrc")))
+        if split == "test":
+            raise Built  # both loaders asked for: the rest of the run is not what is tested
+
+    monkeypatch.setattr(train, "make_loader", recording)
+    for augment in ("none", None):
+        with pytest.raises(Built):
+            train.train(train.parse(["--net", "resnet18", "--data", str(ingested), "--runs-dir", str(tmp_path)]
+                                    + (["--augment", augment] if augment else [])))
+    assert [augment for split, augment in made if split == "train"] == ["none", "rrc"]
 
 
 def test_the_cli_reports_a_bad_argument_in_one_line_with_exit_2(tmp_path):
