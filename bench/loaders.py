@@ -1,19 +1,23 @@
 """Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline, each library's
 own recommended pipeline and the fastest decoder, all measured in the same run on the same cores.
 
-`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 1] [--backends ...]`
-Each (backend, split) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
+`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 1] [--backends ...]
+[--augments rrc,none]`
+Each (backend, split, augment) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
 row): build the loader (time reported: DALI pipeline build, resident decode or cache load), one warm-up epoch
 (worker start, numba compilation: reported, not counted), then `--epochs` timed epochs; the figure is their
 median. Time to first batch is build + the warm-up epoch's first batch. Beside the backends run the rows of
 bench/references.py: `dali-reference` and `ffcv-reference` (the libraries' own example pipelines, added with
 their backend; "× reference" is a backend's ratio to its library's) and decode-only rates of torchvision, PIL
-and DALI, the fastest of which is the decode ceiling ("of ceiling"). Output under the results folder:
-table.md, results.json (+ config.json) and throughput.png.
+and DALI, the fastest of which is the decode ceiling ("of ceiling"). The train split runs once per
+`--augments` value (make_loader's augment; the libraries' rows only as rrc): with `none` an epoch needs no
+random work, so the resident row shows memory-copy speed. Output under the results folder: table.md,
+results.json (+ config.json), throughput.png and, per backend and augment, samples-<backend>[-<augment>].png:
+its first train batch de-normalised, a visual check of what each loader feeds the model.
 
 Over 300 lines: one measurement and everything its table says (the isolated child process, workers' memory,
-rounds, ratios to the baseline, reference and ceiling, the plot); the reference pipelines themselves live in
-bench/references.py.
+rounds, ratios to the baseline, reference and ceiling, the plot, the sample sheets); the reference pipelines
+themselves live in bench/references.py.
 """
 import argparse
 import gc
@@ -38,17 +42,19 @@ from cli import Parser, UsageError, run  # noqa: E402
 
 BASELINE = "folder"
 SPLITS = ("train", "test")
+AUGMENTS = ("rrc", "none")  # the train split's, by default; the test split is always the test transform
 
 
 # ---------------------------------------------------------------- measuring (in this process)
 
 def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device="auto", workers=None, epochs=3,
-            seed=0, threads=None):
+            seed=0, threads=None, augment="rrc", samples_png=None):
     """Loader-only throughput of one backend in this process: {images_per_sec (median of `epochs` timed epochs
     after a warm-up epoch), epoch_images_per_sec, warmup_s, build_s, samples, peak_rss_mb, peak_worker_rss_mb}.
 
-    backend may also be a row of bench/references.py. Peak RSS is this process's high-water mark so far, so it is the
-    backend's own only in a fresh process (see isolated). `threads` sets torch's intra-op threads here."""
+    backend may also be a row of bench/references.py (which ignore `augment`). Peak RSS is this process's
+    high-water mark so far, so it is the backend's own only in a fresh process (see isolated). `threads` sets
+    torch's intra-op threads here. `samples_png`: where to draw the warm-up epoch's first batch (untimed)."""
     import torch
     from bench.references import LIBRARY, ROWS
     from loaders import BACKENDS, make_loader
@@ -62,7 +68,7 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
         torch.set_num_threads(threads)
         try:
             return measure(backend, data_dir, split, batch_size=batch_size, res=res, device=device,
-                           workers=workers, epochs=epochs, seed=seed)
+                           workers=workers, epochs=epochs, seed=seed, augment=augment, samples_png=samples_png)
         finally:
             torch.set_num_threads(before)
     importlib.import_module(BACKENDS.get(backend) or LIBRARY[backend])  # import (seconds) is not build time
@@ -72,9 +78,9 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
                                workers=workers)
     else:
         loader = make_loader(backend, data_dir, split, batch_size=batch_size, res=res, device=str(device),
-                             seed=seed, workers=workers)
+                             seed=seed, workers=workers, augment=augment)
     build_s = time.perf_counter() - started
-    seconds, counts, batch, first_batch_s = [], [], None, None
+    seconds, counts, batch, first_batch_s, first = [], [], None, None, None
     with WorkerRss() as workers_rss:
         for epoch in range(epochs + 1):
             loader.set_epoch(epoch)
@@ -85,6 +91,8 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     first_batch_s = build_s + time.perf_counter() - started
+                    if samples_png:  # in the untimed warm-up epoch; a copy, as loaders reuse their buffers
+                        first = [t.to("cpu", copy=True) for t in batch[:2]]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)
@@ -92,12 +100,16 @@ def measure(backend, data_dir, split="train", *, batch_size=256, res=224, device
     del loader, batch
     gc.collect()
     rates = [n / s for n, s in zip(counts[1:], seconds[1:])]
-    samples = counts[-1]
-    return {"backend": backend, "split": split, "images_per_sec": statistics.median(rates),
-            "epoch_images_per_sec": rates, "warmup_s": seconds[0], "build_s": build_s,
-            "first_batch_s": first_batch_s, "samples": samples,
-            "device": str(device), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_worker_rss_mb": workers_rss.peak_mb or None}
+    row = {"backend": backend, "split": split, "augment": augment, "images_per_sec": statistics.median(rates),
+           "epoch_images_per_sec": rates, "warmup_s": seconds[0], "build_s": build_s,
+           "first_batch_s": first_batch_s, "samples": counts[-1],
+           "device": str(device), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_worker_rss_mb": workers_rss.peak_mb or None}
+    if first is not None:  # after the peak RSS is read: drawing is no part of the loader
+        from ingest.layout import read_manifest
+        from report.images import plot_samples
+        plot_samples(*first, read_manifest(data_dir)["classes"], Path(samples_png))
+    return row
 
 
 class WorkerRss:
@@ -141,11 +153,12 @@ def isolated(backend, data_dir, split, timeout=1800, **kwargs):
             done = subprocess.run([sys.executable, "-m", "bench.loaders", "--child", json.dumps(params), str(out)],
                                   capture_output=True, text=True, timeout=timeout, cwd=REPO)
         except subprocess.TimeoutExpired:
-            return {"backend": backend, "split": split, "error": f"timed out after {timeout} s"}
+            return {"backend": backend, "split": split, "augment": kwargs.get("augment"),
+                    "error": f"timed out after {timeout} s"}
         if done.returncode == 0 and out.is_file():
             return json.loads(out.read_text())
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
-        return {"backend": backend, "split": split, "error": lines[-1][:300]}
+        return {"backend": backend, "split": split, "augment": kwargs.get("augment"), "error": lines[-1][:300]}
 
 
 # ---------------------------------------------------------------- the report
@@ -165,16 +178,37 @@ def merge_rounds(runs):
             "load_avg_1min": [r["load_avg_1min"] for r in runs]}
 
 
+def cells(backends, splits, augments):
+    """The (backend, split, augment) rows to measure: fastpix's loaders (folder too) on the train split once per
+    augment, the libraries' reference pipelines as they are (rrc), decode-only rows with no augment (None);
+    the test split is always the test transform (none)."""
+    from loaders import BACKENDS
+    from bench.references import DECODERS
+    return [(b, s, a) for b in backends for s in splits
+            for a in ((None,) if b in DECODERS else augments if s == "train" and b in BACKENDS else
+                      (DEFAULT_AUGMENT[s],))]
+
+
+DEFAULT_AUGMENT = {"train": "rrc", "test": "none"}  # the libraries' rows and the targets compare at these
+
+
+def augment_of(row):
+    """A row's augment; decode-only rows (None) stand with their split's default."""
+    return row.get("augment") or DEFAULT_AUGMENT[row["split"]]
+
+
 def add_ratios(rows):
-    """Each row's ratio to the folder baseline, to its library's reference pipeline and to the decode ceiling
-    (the fastest decode-only row), of the same split; the ceiling row gets `ceiling: True`."""
+    """Each row's ratio to the folder baseline and to its library's reference pipeline of the same split and
+    augment (decode-only rows: the split's default augment), and to the decode ceiling (the fastest decode-only
+    row of the split); the ceiling row gets `ceiling: True`."""
     from bench.references import DECODERS, REFERENCES
-    ok = {(r["backend"], r["split"]): r["images_per_sec"] for r in rows if not r.get("error")}
+    ok = {(r["backend"], r["split"], augment_of(r)): r["images_per_sec"] for r in rows if not r.get("error")}
     for split in {r["split"] for r in rows}:
-        decoders = [(ok[(d, split)], d) for d in DECODERS if (d, split) in ok]
+        decoders = [(rate, d) for (d, s, _), rate in ok.items() if d in DECODERS and s == split]
         ceiling, fastest = max(decoders) if decoders else (None, None)
         for r in (r for r in rows if r["split"] == split):
-            base, reference = ok.get((BASELINE, split)), ok.get((REFERENCES.get(r["backend"]), split))
+            key = (split, augment_of(r))
+            base, reference = ok.get((BASELINE, *key)), ok.get((REFERENCES.get(r["backend"]), *key))
             rate = r.get("images_per_sec")
             r["vs_folder"] = rate / base if rate and base else None
             r["vs_reference"] = rate / reference if rate and reference else None
@@ -183,12 +217,13 @@ def add_ratios(rows):
     return rows
 
 
-def targets(rows, split="train"):
-    """The issue's targets on one split: best backend vs folder and vs the ceiling, the slowest vs folder, each
-    backend vs its library's reference."""
+def targets(rows, split="train", augment=None):
+    """The issue's targets on one split and augment (default: the split's): best backend vs folder and vs the
+    ceiling, the slowest vs folder, each backend vs its library's reference."""
     from loaders import BACKENDS
-    loaders = [r for r in rows if r["split"] == split and r.get("vs_folder") and r["backend"] in BACKENDS
-               and r["backend"] != BASELINE]
+    augment = augment or DEFAULT_AUGMENT[split]
+    loaders = [r for r in rows if r["split"] == split and augment_of(r) == augment and r.get("vs_folder")
+               and r["backend"] in BACKENDS and r["backend"] != BASELINE]
     if not loaders:
         return {}
     best, slowest = max(loaders, key=lambda r: r["vs_folder"]), min(loaders, key=lambda r: r["vs_folder"])
@@ -208,6 +243,7 @@ def table(rows):
 
     columns = [("backend", lambda r: r["backend"] + (" (ceiling)" if r.get("ceiling") else "")),
                ("split", lambda r: r["split"]),
+               ("augment", lambda r: r.get("augment") or "–"),
                ("img/s (median)", lambda r: f"failed: {r['error'][:80]}" if r.get("error") else
                 f"{r['images_per_sec']:,.0f}"),
                ("× folder", number("vs_folder", "{:.2f}×")),
@@ -222,18 +258,24 @@ def table(rows):
 
 
 def plot(rows, path, title):
-    """Horizontal bars, train and test side by side per backend, each labelled with its ratio to folder."""
+    """Horizontal bars, one per pass (train with each augment, test) side by side per backend, each labelled
+    with its ratio to folder."""
     import numpy as np
     from bench.plots import plt, save
 
+    def pass_of(r):
+        return r["split"] if augment_of(r) == DEFAULT_AUGMENT[r["split"]] else f"{r['split']} {augment_of(r)}"
+
     names = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 0.8 * len(names) + 1.5))
-    y = np.arange(len(names))
+    passes = list(dict.fromkeys(pass_of(r) for r in sorted(rows, key=lambda r: r["split"] != "train")))
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(passes) * len(names) + 1.5))
+    y, width = np.arange(len(names)), 0.8 / len(passes)
     right = max([r.get("images_per_sec") or 0 for r in rows] + [1])
-    for shift, split in ((-0.2, "train"), (0.2, "test")):
-        by_name = {r["backend"]: r for r in rows if r["split"] == split}
+    for k, label in enumerate(passes):
+        shift = (k - (len(passes) - 1) / 2) * width
+        by_name = {r["backend"]: r for r in rows if pass_of(r) == label}
         rates = [by_name.get(n, {}).get("images_per_sec") or 0 for n in names]
-        ax.barh(y + shift, rates, 0.4, label=split)
+        ax.barh(y + shift, rates, width, label=label)
         for i, n in enumerate(names):
             row = by_name.get(n, {})
             note = "failed" if row.get("error") else f"{row['vs_folder']:.1f}× folder" if row.get("vs_folder") else ""
@@ -254,6 +296,7 @@ def parse(argv):
     from bench.references import DECODERS, REFERENCES
     from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
+    from loaders.common import check_augment
     p = Parser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="an ingested dataset")
     p.add_argument("--res", type=int, default=224, help="output resolution, px")
@@ -263,6 +306,8 @@ def parse(argv):
                    help="comma-separated; folder and the decoders are always added, dali-reference and "
                         "ffcv-reference with dali and ffcv (default: all)")
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
+    p.add_argument("--augments", default=",".join(AUGMENTS),
+                   help="comma-separated make_loader augments of the train split's loader rows (rrc, flip, none)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="loader workers/threads (default: each backend's)")
     p.add_argument("--threads", type=int, default=None,
@@ -285,6 +330,9 @@ def parse(argv):
     args.splits = [s for s in args.splits.split(",") if s]
     if not args.splits or set(args.splits) - set(SPLITS):
         raise UsageError(f"--splits must be a comma-separated subset of {', '.join(SPLITS)}")
+    args.augments = [a for a in args.augments.split(",") if a]
+    for augment in args.augments or [""]:
+        check_augment(augment)
     if args.quick:
         args.epochs = args.rounds = 1
     if min(args.epochs, args.batch_size, args.rounds) < 1 or args.res < 8:
@@ -303,6 +351,7 @@ def main(argv=None):
     from bench.results import environment, machine_label, new_results_dir, write_config
     from files import write_json, write_text
     from ingest.layout import read_manifest
+    from loaders import BACKENDS
     from loaders.common import resolve_device
 
     manifest = read_manifest(args.data)
@@ -312,28 +361,33 @@ def main(argv=None):
     settings = dict(batch_size=args.batch_size, res=args.res, device=device, workers=args.workers, epochs=args.epochs,
                     threads=args.threads)
     write_config(out, {**settings, "data": str(args.data), "backends": args.backends, "rounds": args.rounds,
-                       "in_process": args.in_process})
-    cells = [(b, s) for b in args.backends for s in args.splits]
+                       "in_process": args.in_process, "augments": args.augments})
+    rows_to_run = cells(args.backends, args.splits, args.augments)
     # Every other round runs the rows backwards, so a load that drifts during the run (a shared machine)
     # weighs on all backends alike instead of on the last ones.
-    order = [cell for r in range(args.rounds) for cell in (cells if r % 2 == 0 else cells[::-1])]
-    runs = {cell: [] for cell in cells}
-    for backend, split in tqdm(order, desc="bench.loaders", unit="row", disable=None):
+    order = [cell for r in range(args.rounds) for cell in (rows_to_run if r % 2 == 0 else rows_to_run[::-1])]
+    runs = {cell: [] for cell in rows_to_run}
+    for backend, split, augment in tqdm(order, desc="bench.loaders", unit="row", disable=None):
+        sheet = out / f"samples-{backend}{'' if augment == 'rrc' else f'-{augment}'}.png" \
+            if split == "train" and backend in BACKENDS else None
+        options = dict(settings, augment=augment, samples_png=sheet and str(sheet))
         if args.in_process:
             try:
-                row = measure(backend, args.data, split, **settings)
+                row = measure(backend, args.data, split, **options)
             except Exception as err:  # one failing backend costs one row, as in a fresh process
-                row = {"backend": backend, "split": split, "error": f"{type(err).__name__}: {err}"}
+                row = {"backend": backend, "split": split, "augment": augment, "error": f"{type(err).__name__}: {err}"}
         else:
-            row = isolated(backend, args.data, split, **settings)
-        runs[(backend, split)].append({**row, "load_avg_1min": os.getloadavg()[0]})
-    rows = add_ratios([merge_rounds(runs[cell]) for cell in cells])
+            row = isolated(backend, args.data, split, **options)
+        runs[(backend, split, augment)].append({**row, "load_avg_1min": os.getloadavg()[0]})
+    rows = add_ratios([merge_rounds(runs[cell]) for cell in rows_to_run])
     env = environment()
     loads = [r["load_avg_1min"] for cell in runs.values() for r in cell]
     title = (f"loader only, res {args.res}, batch {args.batch_size}, {manifest['splits']['train']['count']} train "
              f"images stored at {manifest['store_size']} px, {machine_label(env)}, device {device}, {args.rounds} "
              f"round(s), 1-min load average {min(loads):.1f}-{max(loads):.1f} (2 cores: above 2, others ran too)")
     summary = {s: targets(rows, s) for s in args.splits}
+    if "train" in args.splits:
+        summary.update({f"train-{a}": targets(rows, "train", a) for a in args.augments if a != "rrc"})
     write_json(out / "results.json", {"title": title, "settings": settings, "rows": rows, "targets": summary})
     text = f"# {title}\n\n{table(rows)}\n" + "".join(
         f"- {s}: best {t['best']} {t['best_vs_folder']:.2f}× folder, "

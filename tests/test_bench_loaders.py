@@ -16,33 +16,52 @@ pytestmark = pytest.mark.filterwarnings(  # FFCV's finalizers (DEPENDENCIES.md)
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 
 
-def test_tiny_run_writes_table_json_and_plot(ingested, tmp_path):
+def tiles(png):
+    """How many pictures a sample sheet shows: the large, square, non-white blobs (titles are small)."""
+    import numpy as np
+    from PIL import Image
+    from scipy import ndimage
+
+    pixels = np.asarray(Image.open(png).convert("L"))
+    blobs, _ = ndimage.label(pixels < 250)
+    boxes = ndimage.find_objects(blobs)
+    sides = [(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes]
+    return sum(1 for h, w in sides if min(h, w) >= 40 and abs(h - w) <= 2)  # framed squares
+
+
+def test_tiny_run_writes_table_json_plot_and_a_sample_sheet_per_backend(ingested, tmp_path):
     out = tmp_path / "results"
     assert bench.main(["--data", str(ingested), "--backends", "resident", "--in-process", "--out", str(out), *TINY]) == 0
     report = json.loads((out / "results.json").read_text())
-    rows = {(r["backend"], r["split"]): r for r in report["rows"]}
-    assert set(rows) == {(b, s) for b in (*DECODERS, "folder", "resident") for s in ("train", "test")}
+    rows = {(r["backend"], r["split"], r["augment"]): r for r in report["rows"]}
+    assert set(rows) == ({(d, s, None) for d in DECODERS for s in ("train", "test")}
+                         | {(b, "train", a) for b in ("folder", "resident") for a in ("rrc", "none")}
+                         | {(b, "test", "none") for b in ("folder", "resident")})
     if import_error("nvidia.dali"):  # DALI's decode row is then a failed row that says why
         for split in ("train", "test"):
-            assert "No module named 'nvidia" in rows.pop(("decode-dali", split))["error"]
-    for (backend, split), row in rows.items():
+            assert "No module named 'nvidia" in rows.pop(("decode-dali", split, None))["error"]
+    for (backend, split, augment), row in rows.items():
         assert "error" not in row, row
         assert row["images_per_sec"] > 0 and len(row["epoch_images_per_sec"]) == 2
         assert row["samples"] == layout.read_manifest(ingested)["splits"][split]["count"]
         assert row["warmup_s"] >= 0 and row["peak_rss_mb"] > 100
         assert 0 <= row["build_s"] <= row["first_batch_s"] <= row["build_s"] + row["warmup_s"]
-        folder = rows[("folder", split)]
-        ceiling = max(rows[(d, split)]["images_per_sec"] for d in DECODERS if (d, split) in rows)
+        folder = rows[("folder", split, augment or bench.DEFAULT_AUGMENT[split])]
+        ceiling = max(rows[(d, split, None)]["images_per_sec"] for d in DECODERS if (d, split, None) in rows)
         assert row["vs_folder"] == pytest.approx(row["images_per_sec"] / folder["images_per_sec"])
         assert row["vs_ceiling"] == pytest.approx(row["images_per_sec"] / ceiling)
         assert row["ceiling"] == (row["images_per_sec"] == ceiling and backend in DECODERS)
         assert row["vs_reference"] is None  # resident has no library of its own
-    assert report["targets"]["train"]["best"] == "resident"
+    assert report["targets"]["train"]["best"] == report["targets"]["train-none"]["best"] == "resident"
     table = (out / "table.md").read_text()
-    assert table.count("\n| ") == 1 + 10 and "× folder" in table and "× reference" in table
+    assert table.count("\n| ") == 1 + 12 and "× folder" in table and "× reference" in table
     assert table.count("(ceiling)") == 2 and "first batch s" in table
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
+    # one sheet per loader and augment, of its first train batch (16 images), and none for the other rows
+    sheets = {"samples-folder.png", "samples-folder-none.png", "samples-resident.png", "samples-resident-none.png"}
+    assert {p.name for p in out.glob("samples-*.png")} == sheets
+    assert all(tiles(out / sheet) == 16 for sheet in sheets)
 
 
 @pytest.mark.parametrize("backend", sorted(REFERENCES))
@@ -66,6 +85,21 @@ def test_references_come_with_their_library_and_get_its_ratio():
     assert by_name["dali"]["vs_reference"] == 1.5 and by_name["torch"]["vs_reference"] is None
     assert by_name["dali"]["vs_ceiling"] == 0.6 and by_name["decode-dali"]["ceiling"]
     assert bench.targets(rows)["vs_reference"] == {"dali": 1.5}
+
+
+def test_the_train_split_runs_once_per_augment_for_fastpix_loaders_only():
+    cells = bench.cells(["decode-pil", "folder", "dali", "dali-reference"], ["train", "test"], ["rrc", "none"])
+    assert cells == [("decode-pil", "train", None), ("decode-pil", "test", None),
+                     ("folder", "train", "rrc"), ("folder", "train", "none"), ("folder", "test", "none"),
+                     ("dali", "train", "rrc"), ("dali", "train", "none"), ("dali", "test", "none"),
+                     ("dali-reference", "train", "rrc"), ("dali-reference", "test", "none")]
+    rows = bench.add_ratios([{"backend": b, "split": s, "augment": a, "images_per_sec": rate} for (b, s, a), rate in
+                             zip(cells, [400, 500, 10, 40, 12, 300, 800, 600, 200, 400])])
+    dali_none = next(r for r in rows if r["backend"] == "dali" and r["augment"] == "none")
+    assert dali_none["vs_folder"] == 20 and dali_none["vs_reference"] is None and dali_none["vs_ceiling"] == 2
+    assert bench.targets(rows, "train", "none")["best_vs_folder"] == 20
+    with pytest.raises(UsageError, match="unknown augment"):
+        bench.parse(["--augments", "rrc,crop"])
 
 
 def test_a_row_in_a_fresh_process_reports_its_own_numbers(ingested):
