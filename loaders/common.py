@@ -8,8 +8,8 @@ once, in id order, last batch partial. Train batches are reshuffled every epoch 
 transformed as `augment` says (AUGMENTS): `rrc` (the default) RandomResizedCrop(res) + random horizontal
 flip; `flip` the test transform + random horizontal flip; `none` the test transform alone (the 500px study's
 own pipeline), so every epoch gives the very same images, only in another order. Random draws are a
-function of (seed, epoch, sample) alone, so a resumed run draws what the uninterrupted one drew. Train epochs also give each of this rank's samples exactly once (last batch
-partial). The order of an epoch is a function of (seed, epoch) alone, where epoch is the last value given
+function of (seed, epoch, sample) alone, so a resumed run draws what the uninterrupted one drew. Train
+epochs also give each of this rank's samples exactly once (last batch partial). The order of an epoch is a function of (seed, epoch) alone, where epoch is the last value given
 to set_epoch (default 0): iterating twice without set_epoch repeats the order, like DistributedSampler.
 `set_res(res)` changes the side of the batches from the next pass on (progressive resizing, a test pass at
 another resolution) without rebuilding what need not be rebuilt: no re-decode, no worker restart.
