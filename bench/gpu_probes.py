@@ -296,13 +296,14 @@ def p_train(args):
 
 
 def best_loader(results):
-    """The fastest fastpix train backend of a bench.loaders run, or resident when there is none."""
+    """The fastest fastpix train backend of a bench.loaders run (at the default augment, rrc, which training
+    uses), or resident when there is none."""
     try:
         rows = json.loads(Path(results).read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError):
         return "resident", "no loaders table: resident needs no extra library"
-    ours = [r for r in rows if r["split"] == "train" and not r.get("error") and r["backend"] not in
-            ("folder", "decode") and not r["backend"].endswith("-reference")]
+    ours = [r for r in rows if r["split"] == "train" and r.get("augment", "rrc") == "rrc" and not r.get("error")
+            and r["backend"] not in ("folder", "decode") and not r["backend"].endswith("-reference")]
     if not ours:
         return "resident", "no working loader in the table: resident needs no extra library"
     best = max(ours, key=lambda r: r["images_per_sec"])

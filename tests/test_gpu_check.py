@@ -125,6 +125,8 @@ def test_best_loader_is_the_fastest_fastpix_train_row(tmp_path):
             {"backend": "folder", "split": "train", "images_per_sec": 800},
             {"backend": "torch", "split": "train", "images_per_sec": 3000},
             {"backend": "resident", "split": "train", "images_per_sec": 7000},
+            {"backend": "torch", "split": "train", "augment": "none", "images_per_sec": 7500},  # not what trains
+            {"backend": "decode-pil", "split": "train", "augment": None, "images_per_sec": 9500},
             {"backend": "dali-reference", "split": "train", "images_per_sec": 8000},
             {"backend": "dali", "split": "train", "error": "no DALI"}]
     path = tmp_path / "results.json"
