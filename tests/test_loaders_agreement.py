@@ -236,16 +236,16 @@ def test_dali_train_roi_decode_agrees_with_pil_reference(ingested):
 
 # ---------------------------------------------------------------- augment="none" and "flip" on the train split
 
-def train_epochs(name, data_dir, augment, epochs):
+def train_epochs(name, data_dir, augment, epochs, device="cpu"):
     """[(ids in the order they came, {sample id: image in levels})] of each train epoch in `epochs`."""
-    loader = make_loader(name, data_dir, "train", batch_size=16, res=RES, device="cpu", workers=1, augment=augment,
+    loader = make_loader(name, data_dir, "train", batch_size=16, res=RES, device=device, workers=1, augment=augment,
                          with_ids=True)
     seen = []
     for epoch in epochs:
         loader.set_epoch(epoch)
         order, images = [], {}
         for batch, _, ids in loader:
-            for i, image in zip(ids.tolist(), levels(batch)):
+            for i, image in zip(ids.tolist(), levels(batch.cpu())):
                 order.append(i)
                 images[i] = image.copy()  # loaders reuse their buffers
         seen.append((order, images))
@@ -280,3 +280,18 @@ def test_train_split_without_augmentation_is_the_test_transform_and_flip_only_mi
     mirrored = [np.array_equal(flip[i], none[i][:, ::-1]) for i in order]
     assert all(m or np.array_equal(flip[i], none[i]) for i, m in zip(order, mirrored))
     assert 0.25 < np.mean(mirrored) < 0.75  # a fair coin over ~65 samples
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["torch", "resident"])
+def test_gpu_paths_without_augmentation_match_the_cpu_and_flip_only_mirrors(name, ingested):
+    """On a GPU, torch decodes with nvJPEG and resizes each image on the device, resident gathers from crops cut
+    on the device: none gives the CPU path's images (nvJPEG's IDCT differs from libjpeg-turbo's by a level or
+    two: mean under 1 level), and flip exactly those or their mirrors."""
+    require(name)
+    [(order, gpu)] = train_epochs(name, ingested, "none", (0,), device="cuda")
+    [(_, cpu)] = train_epochs(name, ingested, "none", (0,))
+    assert np.mean([np.abs(gpu[i] - cpu[i]).mean() for i in order]) < 1.0
+    [(_, flip)] = train_epochs(name, ingested, "flip", (0,), device="cuda")
+    mirrored = [np.array_equal(flip[i], gpu[i][:, ::-1]) for i in order]
+    assert all(m or np.array_equal(flip[i], gpu[i]) for i, m in zip(order, mirrored)) and 0 < np.mean(mirrored) < 1
