@@ -181,7 +181,8 @@ def brief(name, result):
     if isinstance(result, dict) and "summary" in result:  # bench.tta: its table's lines, not every curve
         return {"targets": result["targets"], "summary": result["summary"]}
     if isinstance(result, dict) and "rows" in result:
-        keys = ("backend", "split", "augment", "images_per_sec", "vs_folder", "vs_ceiling", "build_s", "warmup_s", "error")
+        keys = ("backend", "split", "augment", "images_per_sec", "vs_folder", "vs_ceiling", "build_s", "warmup_s",
+                "error")
         return {"title": result.get("title"), "rows": [{k: r.get(k) for k in keys if k in r} for r in result["rows"]]}
     return result
 

@@ -1,18 +1,19 @@
 """What every loader backend shares: the batch contract, normalisation constants, device choice and the
 split of sample ids across ranks.
 
-Every backend yields `(images, labels)`: images float32 NCHW (channels_last memory format), normalised
-with the ImageNet mean/std, on the loader's device; labels int64 on the same device. Test batches are the
-test transform, resize(shorter side = res / 0.875) + center crop(res), each of this rank's samples exactly
-once, in id order, last batch partial. Train batches are reshuffled every epoch from (seed, epoch) and
-transformed as `augment` says (AUGMENTS): `rrc` (the default) RandomResizedCrop(res) + random horizontal
-flip; `flip` the test transform + random horizontal flip; `none` the test transform alone (the 500px study's
-own pipeline), so every epoch gives the very same images, only in another order. Random draws are a
-function of (seed, epoch, sample) alone, so a resumed run draws what the uninterrupted one drew. Train
-epochs also give each of this rank's samples exactly once (last batch partial). The order of an epoch is a function of (seed, epoch) alone, where epoch is the last value given
-to set_epoch (default 0): iterating twice without set_epoch repeats the order, like DistributedSampler.
-`set_res(res)` changes the side of the batches from the next pass on (progressive resizing, a test pass at
-another resolution) without rebuilding what need not be rebuilt: no re-decode, no worker restart.
+Every backend yields `(images, labels)`: images float32 NCHW (channels_last memory format), normalised with
+the ImageNet mean/std, on the loader's device; labels int64 on the same device. Test batches are the test
+transform, resize(shorter side = res / 0.875) + center crop(res), each of this rank's samples exactly once, in
+id order, last batch partial. Train batches are reshuffled every epoch from (seed, epoch) and transformed as
+`augment` says (AUGMENTS): `rrc` (the default) RandomResizedCrop(res) + random horizontal flip; `flip` the
+test transform + random horizontal flip; `none` the test transform alone (the 500px study's own pipeline), so
+every epoch gives the very same images, only in another order. Random draws are a function of (seed, epoch,
+sample) alone, so a resumed run draws what the uninterrupted one drew. Train epochs also give each of this
+rank's samples exactly once (last batch partial). The order of an epoch is a function of (seed, epoch) alone,
+where epoch is the last value given to set_epoch (default 0): iterating twice without set_epoch repeats the
+order, like DistributedSampler. `set_res(res)` changes the side of the batches from the next pass on
+(progressive resizing, a test pass at another resolution) without rebuilding what need not be rebuilt: no
+re-decode, no worker restart.
 
 `workers` means the same to every backend: None (the default) is this process's share of the cores, the
 CPUs it may run on divided by the processes of a DDP run on this machine (LOCAL_WORLD_SIZE), at least 1, so

@@ -1,9 +1,10 @@
 """FFCV backend: crop-decode the `.beton` in numba-compiled, multithreaded code, then hand torch a batch.
 
-The decoders crop before they resize (train with augment rrc: RandomResizedCrop; test, and train with flip
-or none: a center crop of 0.875 of the shorter side resized to res, the same picture as resize-then-crop). The first epoch of each Loader spends
-seconds compiling with numba; benches absorb it in a warm-up epoch. The file stays in the page cache
-(`os_cache=True`), which suits datasets that fit in RAM and several loaders reading one file.
+The decoders crop before they resize (train with augment rrc: RandomResizedCrop; test, and train with flip or
+none: a center crop of 0.875 of the shorter side resized to res, the same picture as resize-then-crop). The
+first epoch of each Loader spends seconds compiling with numba; benches absorb it in a warm-up epoch. The file
+stays in the page cache (`os_cache=True`), which suits datasets that fit in RAM and several loaders reading
+one file.
 
 Ranks get a contiguous block of sample ids through `indices=` (loaders.common.rank_ids) instead of FFCV's
 `distributed=True`, which pads ranks to equal length by repeating samples. Train order is FFCV's RANDOM,

@@ -183,7 +183,7 @@ class TorchLoader(Loader):
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)  # the DataLoader draws this pass's order from it
         generator = None
-        if self.device.type == "cuda" and self.augment != "none":  # crops and flips drawn on the GPU, from (seed, epoch)
+        if self.device.type == "cuda" and self.augment != "none":  # crops, flips drawn on the GPU from (seed, epoch)
             generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.epoch))
         for data, labels, ids in self.loader:
             if self.device.type != "cuda":

@@ -272,7 +272,8 @@ def test_train_split_without_augmentation_is_the_test_transform_and_flip_only_mi
     assert sorted(order) == sorted(order_1) == list(range(len(csv_labels(ingested, "train")))) and order != order_1
     assert all(np.array_equal(none[i], none_1[i]) for i in order)
     if name != "folder":
-        references = {i: pil_reference(jpeg, RES).astype(np.float32) for i, jpeg in stored_jpegs(ingested, "train").items()}
+        references = {i: pil_reference(jpeg, RES).astype(np.float32)
+                      for i, jpeg in stored_jpegs(ingested, "train").items()}
         errors = np.stack([np.abs(none[i] - references[i]) for i in order])
         assert errors.mean() <= MEAN_BOUND and errors.max() <= NONE_EXACT.get(name, 255), \
             f"{name} none: mean abs error {errors.mean():.2f} levels, max {errors.max():.0f}"
