@@ -4,7 +4,8 @@
 
 1. nets: alexnet, flat and narrow; loss per iteration (rolling mean and std over 50 iterations), train/test
    accuracy per epoch.  2. strides and 3. kernels of flat: a small grid, accuracy, images/s, feature-map size
-   and MACs per setting.  4. regularization of flat: none vs dropout 0.5 vs batch norm vs weight decay x10.
+   and MACs per setting.  4. regularization of flat: none vs dropout 0.5 vs batch norm vs weight decay x10 vs
+augmentation rrc (RandomResizedCrop + flip), each alone.
 5. optimizers: one epoch of plain SGD, checkpointed, then continued from that checkpoint with SGD+momentum,
    Adam and RMSprop for the same number of epochs, each at its own LR range test's suggestion (--lr auto).
 6. transfer: resnet18 from local ImageNet weights (--pretrained PATH), head only vs full fine-tune; skipped
@@ -15,6 +16,8 @@ Every run is cached in <out>/runs/<run>.json with the exact train.Config it ran 
 <out>/train/<run>/); a rerun reuses a cached run whose config and data (fingerprint) are unchanged, and
 continues (train --resume) one that was interrupted. The study writes only into an --out it made (marker
 .fastpix-study) and replaces only runs of its own. Experiments share runs: flat with AlexNet's strides and kernels is trained once.
+Every run trains on the study's own pipeline, resize + center crop with no augmentation (train.py --augment
+none), except the regularization experiment's augmentation row.
 The defaults fit the demo data on a 2-core CPU well under an hour; raise --epochs/--res for a GPU.
 
 Over 300 lines: seven experiments, each a short function over the one cached, resumable `run`; their plots
@@ -75,8 +78,9 @@ class StudyConfig:
                               minimum=1)
     optimizers: tuple = option(("sgd+momentum", "adam", "rmsprop"), "continuations to compare, from "
                                "sgd+momentum,adam,rmsprop", parse=names)
-    regularization: tuple = option(("none", "dropout 0.5", "batch norm", "weight decay x10"), "regularisers to "
-                                   "compare, from none,dropout 0.5,batch norm,weight decay x10", parse=names)
+    regularization: tuple = option(("none", "dropout 0.5", "batch norm", "weight decay x10", "augmentation rrc"),
+                                   "regularisers to compare, from none,dropout 0.5,batch norm,weight decay x10,"
+                                   "augmentation rrc", parse=names)
     pretrained: Path | None = option(None, "resnet18 ImageNet state dict (local file; nothing is downloaded)")
     bootstrap: int = option(1000, "bootstrap resamples for the 95 % intervals")
 
@@ -94,7 +98,8 @@ def run(study, name, **overrides):
     what a run is, never which experiment asked for it."""
     import train
     runs_dir = Path(study.out) / "train"
-    cfg = train_config(study, exclude=NOT_EVERY_RUN, name=name, runs_dir=str(runs_dir), **overrides)
+    cfg = train_config(study, exclude=NOT_EVERY_RUN, name=name, runs_dir=str(runs_dir),
+                       **{"augment": "none", **overrides})  # the study's own pipeline, unless a run says otherwise
     cache = Path(study.out) / "runs" / f"{name}.json"
     wanted = {"config": _plain_config(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
     if cache.is_file() and {k: read_json(cache).get(k) for k in wanted} == wanted:
@@ -227,9 +232,8 @@ def exp_regularization(study):
     title = "4. Regularisation of flat, one method at a time"
     accuracy_panels(acc, Path(study.out) / "regularization" / "accuracy.png", title)
     rows = [{**row(n, r), "gap": r["summary"]["train_acc"] - r["summary"]["test_acc"]} for n, r in results.items()]
-    note = ("Every run trains on the loaders' RandomResizedCrop + flip, the only train transform until "
-            "make_loader gains augment=: so 'none' is not augmentation-free, and the augmentation row (rrc) is "
-            "left out until then.")
+    note = ("Every run but 'augmentation rrc' trains on the study's own pipeline, resize + center crop, no "
+            "augmentation (--augment none); 'augmentation rrc' trains on RandomResizedCrop + flip.")
     return write_experiment(study, "regularization", title, rows, note, columns=REG_COLUMNS)
 
 
@@ -238,6 +242,7 @@ REGULARIZATION = {  # name: (run name, train.Config overrides); "none" is the ne
     "dropout 0.5": ("flat-dropout-0.5", dict(net="flat", dropout=0.5)),
     "batch norm": ("flat-batchnorm", dict(net="flat", batchnorm=True)),
     "weight decay x10": ("flat-weight-decay-x10", dict(net="flat", weight_decay=10 * 5e-4)),  # train's 5e-4 x10
+    "augmentation rrc": ("flat-rrc", dict(net="flat", augment="rrc")),
 }
 
 

@@ -71,7 +71,7 @@ def write_report(study, env, machine, done):
 
     r.add("## 2. Sample sheet", "")
     r.figure(flat_dir / "samples.png", f"A train batch of flat exactly as the model receives it ({study.res}px, "
-             "de-normalised): the loaders' RandomResizedCrop + flip.")
+             "de-normalised): the study's own resize + center crop, no augmentation.")
 
     r.add("## 3. Nets", "")
     nets = r.table("nets")

@@ -15,7 +15,7 @@ from report.study import SECTIONS
 def tiny(ingested, out, **kw):
     return StudyConfig(**{**dict(data=ingested, out=out, loader="torch", device="cpu", epochs=1, batch_size=16,
                                  res=64, workers=0, nets=("flat",), strides=((4, 1, 1),), kernels=((11, 5, 3),),
-                                 optimizers=("adam",), regularization=("none", "batch norm"), find_lr_steps=6,
+                                 optimizers=("adam",), regularization=("none", "augmentation rrc"), find_lr_steps=6,
                                  bootstrap=50), **kw})
 
 
@@ -39,15 +39,18 @@ def test_every_experiment_writes_tables_and_plots_and_reruns_are_reused(ingested
     # flat with its own strides and kernels is one run shared by three experiments.
     runs = {p.stem for p in (out / "runs").glob("*.json")}
     merged = [r for r in runs if r.startswith("flat-merge-")]
-    assert len(merged) == 1 and sorted(runs - set(merged)) == ["flat", "flat-batchnorm", "flat-from-sgd-adam",
+    assert len(merged) == 1 and sorted(runs - set(merged)) == ["flat", "flat-from-sgd-adam", "flat-rrc",
                                                                "flat-sgd-start"]
+    # The study's own pipeline (no augmentation) everywhere but the regularization experiment's augmentation row.
+    augments = {r: json.loads((out / "runs" / f"{r}.json").read_text())["config"]["augment"] for r in runs}
+    assert augments == {**dict.fromkeys(runs, "none"), "flat-rrc": "rrc"}
     transfer = json.loads((out / "transfer" / "summary.json").read_text())
     assert transfer["rows"] == [] and "no --pretrained" in transfer["note"]
     grid = json.loads((out / "strides" / "summary.json").read_text())["rows"][0]
     assert grid["feature_map"] == "384 x 3 x 3" and grid["macs"] > 0  # flat at 64 px: 15 -> 7 -> 3 after the pools
     assert "feature map" in (out / "strides" / "table.md").read_text()
     regularization = json.loads((out / "regularization" / "summary.json").read_text())["rows"]
-    assert [r["setting"] for r in regularization] == ["none", "batch norm"]
+    assert [r["setting"] for r in regularization] == ["none", "augmentation rrc"]
     assert all(r["gap"] == pytest.approx(r["train_acc"] - r["test_acc"]) for r in regularization)
     merge = json.loads((out / "merge" / "pair.json").read_text())
     merged_run = json.loads((out / "runs" / f"{merged[0]}.json").read_text())
