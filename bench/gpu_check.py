@@ -323,7 +323,7 @@ def plan(args):
         p("ffcv_gpu", "FFCV ToDevice + GPU normalise; agrees with CPU FFCV", 40, need + ("ffcv_import",)),
         Step("channels_last", "channels_last + autocast forward/backward matches fp32",
              probe + ["channels_last", "--device", dev], 15, ("torch_cuda",), parallel=True),
-        Step("nccl", "a real NCCL process group: 1-process torchrun, train.start_distributed, all_reduce",
+        Step("nccl", "a real NCCL process group: 1-process torchrun, training.device.start_distributed, all_reduce",
              [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "bench.gpu_probes",
               "nccl", "--device", dev], 25, ("torch_cuda",), parallel=True),
         Step("amp_bf16", "training under bf16 autocast (resident)",

@@ -258,15 +258,15 @@ def p_channels_last(args):
 
 
 def p_nccl(args):
-    """Under torchrun: train.py's start_distributed really makes a process group (NCCL on a GPU), and an
+    """Under torchrun: training.device.start_distributed really makes a process group (NCCL on a GPU), and an
     all_reduce goes through it. A 1-process group must exist too, or the DDP check proves nothing."""
     import torch.distributed as dist
 
-    import train
+    from training.device import start_distributed
     if "RANK" not in os.environ:
         raise UsageError("probe nccl runs under torchrun (python -m torch.distributed.run ...)")
-    rank, world, device = train.start_distributed(args.device)
-    assert dist.is_initialized(), f"train.start_distributed left no process group with WORLD_SIZE={world}"
+    rank, world, device = start_distributed(args.device)
+    assert dist.is_initialized(), f"start_distributed left no process group with WORLD_SIZE={world}"
     backend = dist.get_backend()
     want = "nccl" if device.type == "cuda" else "gloo"
     assert backend == want, f"process group backend {backend}, expected {want}"

@@ -60,11 +60,12 @@ def run_cell(cfg, net, loader, out_dir):
     """Train one cell, then measure its loader alone; returns the row (all numbers, no formatting)."""
     import train
     from bench.loaders import measure
+    from training.runfolder import remove_run
 
     name = f"{net}-{loader}"
     runs_dir = Path(out_dir) / "runs"
     if (runs_dir / name).exists():  # this cell's run from an earlier bench into the same --out
-        train.remove_run(runs_dir / name)
+        remove_run(runs_dir / name)
     summary = train.train(train_config(cfg, net=net, loader=loader, workers=cfg.workers or None, name=name,
                                        runs_dir=str(runs_dir)))
     # A bench keeps each run's metrics and plots, not its weights: AlexNet-size checkpoints are ~600 MB each.

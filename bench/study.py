@@ -97,6 +97,7 @@ def run(study, name, **overrides):
     experiments (flat with AlexNet's strides is the same run in nets, strides and kernels), so names say
     what a run is, never which experiment asked for it."""
     import train
+    from training.runfolder import remove_run
     runs_dir = Path(study.out) / "train"
     cfg = train_config(study, exclude=NOT_EVERY_RUN, name=name, runs_dir=str(runs_dir),
                        **{"augment": "none", **overrides})  # the study's own pipeline, unless a run says otherwise
@@ -110,7 +111,7 @@ def run(study, name, **overrides):
         summary = train.train(replace(cfg, resume=str(run_dir)))  # interrupted earlier: continue it exactly
     else:
         if run_dir.exists():  # another config, other data, or a checkpoint-less attempt: start it afresh
-            train.remove_run(run_dir)
+            remove_run(run_dir)
         summary = train.train(cfg)
     steps, epochs = read_metrics(summary["run_dir"])
     result = {**wanted, "summary": summary,

@@ -14,6 +14,8 @@ import train
 from report.runlog import read_metrics
 from cli import UsageError
 from loaders import make_loader
+from training import recipe
+from training.resume import seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +32,7 @@ def plain_study_loop(cfg, num_classes):
     """The study's training written out by hand (what train.py ran before recipes existed): seeded init,
     channels_last, fused SGD with momentum and weight decay, linear warm-up then cosine per step, plain
     cross-entropy over full batches. Returns the per-step losses and the final weights."""
-    train.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = nets.build(cfg.net, num_classes).to(memory_format=torch.channels_last).train()
     loader = make_loader(cfg.loader, cfg.data, "train", batch_size=cfg.batch_size, res=cfg.res, device="cpu",
                          seed=cfg.seed, workers=cfg.workers)
@@ -82,10 +84,10 @@ def observed_pieces(run, evaluated_with_flip):
     if run.ema is not None:
         on.add("ema")
     total = cfg.epochs * run.steps_per_epoch
-    if run.scheduler.lr_lambdas[0](total - 1) != train.lr_factor(total - 1, round(cfg.warmup * run.steps_per_epoch),
+    if run.scheduler.lr_lambdas[0](total - 1) != recipe.lr_factor(total - 1, round(cfg.warmup * run.steps_per_epoch),
                                                                  total):
         on.add("onecycle")
-    schedule = [train.train_res(cfg, e) for e in range(cfg.epochs)]
+    schedule = [recipe.train_res(cfg, e) for e in range(cfg.epochs)]
     if schedule[0] < schedule[-1]:
         on.add("progressive")
     if schedule[-1] < cfg.res:
@@ -95,14 +97,14 @@ def observed_pieces(run, evaluated_with_flip):
     return on
 
 
-@pytest.mark.parametrize("without", [None, *train.RECIPE_PIECES])
+@pytest.mark.parametrize("without", [None, *recipe.RECIPE_PIECES])
 def test_fast_pieces_are_on_when_asked_and_off_otherwise(without, ingested, tmp_path, monkeypatch):
     flips = []
     monkeypatch.setattr(train, "evaluate", lambda *args, flip=False: flips.append(flip) or ([0], [0], [1.0]))
     if without is None:  # the study, then fast with every piece
         cases = [(dict(), set()), (dict(recipe="fast"), set(train.FAST_DEFAULT))]
     else:  # the ablation: each piece off in turn
-        pieces = tuple(p for p in train.RECIPE_PIECES if p != without)
+        pieces = tuple(p for p in recipe.RECIPE_PIECES if p != without)
         cases = [(dict(recipe="fast", pieces=pieces), set(pieces))]
     for i, (options, expected) in enumerate(cases):
         cfg = tiny(ingested, tmp_path, f"run{i}", net="flat", res=128, epochs=5, **options)
@@ -117,19 +119,19 @@ def test_fast_pieces_are_on_when_asked_and_off_otherwise(without, ingested, tmp_
 
 def test_progressive_and_fixres_schedule():
     cfg = train.Config(res=128, epochs=5, recipe="fast", pieces=("progressive",))
-    assert [train.train_res(cfg, e) for e in range(5)] == [80, 96, 112, 128, 128]
+    assert [recipe.train_res(cfg, e) for e in range(5)] == [80, 96, 112, 128, 128]
     cfg.pieces = ("progressive", "fixres")  # tops out at 128 / 1.15 ~ 112
-    assert [train.train_res(cfg, e) for e in range(5)] == [64, 80, 96, 112, 112]
+    assert [recipe.train_res(cfg, e) for e in range(5)] == [64, 80, 96, 112, 112]
     cfg.pieces = ("fixres",)
-    assert [train.train_res(cfg, e) for e in range(5)] == [112] * 5
-    assert [train.train_res(train.Config(res=128, epochs=5), e) for e in range(5)] == [128] * 5
+    assert [recipe.train_res(cfg, e) for e in range(5)] == [112] * 5
+    assert [recipe.train_res(train.Config(res=128, epochs=5), e) for e in range(5)] == [128] * 5
 
 
 def test_a_tiny_fast_run_trains_at_the_scheduled_res_and_records_its_pieces(ingested, tmp_path):
     cfg = tiny(ingested, tmp_path, "fast", recipe="fast", res=64, epochs=3)
     summary = train.train(cfg)
     _, epochs = read_metrics(summary["run_dir"])
-    assert [e["res"] for e in epochs] == [train.train_res(cfg, e) for e in range(3)] == [32, 48, 56]
+    assert [e["res"] for e in epochs] == [recipe.train_res(cfg, e) for e in range(3)] == [32, 48, 56]
     assert all(math.isfinite(e["train_loss"]) for e in epochs) and summary["stopped"] is None
     config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())["config"]
     assert config["recipe"] == "fast" and tuple(config["pieces"]) == train.FAST_DEFAULT

@@ -18,6 +18,9 @@ import torch
 import train
 from cli import UsageError
 from report.runlog import read_metrics
+from training.device import cpu_has_native_bf16, resolve_amp
+from training.labels import merge_classes
+from training.recipe import lr_factor
 
 REPO = Path(train.__file__).resolve().parent
 
@@ -132,7 +135,7 @@ def test_a_non_finite_loss_stops_with_a_clear_message(ingested, tmp_path):
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero():
-    factors = [train.lr_factor(s, 10, 100) for s in range(100)]
+    factors = [lr_factor(s, 10, 100) for s in range(100)]
     assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert factors[10] == 1.0 and all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] < 0.001
@@ -140,9 +143,9 @@ def test_lr_warms_up_linearly_then_decays_to_zero():
 
 def test_auto_amp_on_the_cpu_follows_native_bf16_and_fp16_needs_a_gpu():
     cpu = torch.device("cpu")
-    assert train.resolve_amp("auto", cpu) == ("bf16" if train.cpu_has_native_bf16() else "off")
+    assert resolve_amp("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "off")
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
-        train.resolve_amp("fp16", cpu)
+        resolve_amp("fp16", cpu)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -225,11 +228,11 @@ def test_merge_trains_the_merged_classes_as_one(ingested, tmp_path):
     assert confusion_matrix(saved["y_true"], saved["y_pred"], labels=range(5)).shape == (5, 5)
     assert saved["y_pred"].max() < 5 and "| People+Celebrities |" in (run_dir / "per_class.md").read_text()
     with pytest.raises(UsageError, match="join two or more"):
-        train.merge_classes(["A", "B"], ["A+C"])
+        merge_classes(["A", "B"], ["A+C"])
     with pytest.raises(UsageError, match="in two merges"):
-        train.merge_classes(["A", "B", "C"], ["A+B", "B+C"])
+        merge_classes(["A", "B", "C"], ["A+B", "B+C"])
     with pytest.raises(UsageError, match="fewer than 2"):
-        train.merge_classes(["A", "B"], ["A+B"])
+        merge_classes(["A", "B"], ["A+B"])
 
 
 def test_pretrained_takes_a_fastpix_checkpoint_of_another_class_count(ingested, tmp_path, learned):

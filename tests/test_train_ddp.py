@@ -19,6 +19,7 @@ import torch
 
 import train
 from report.runlog import read_metrics
+from training.resume import seed_everything
 
 # Runs train.py's CLI under torchrun and saves each rank's final parameters to <prefix><rank>.pt, so the test
 # can compare ranks (only rank 0 writes the run folder).
@@ -28,13 +29,13 @@ import torch
 import train
 
 prefix, argv = sys.argv[1], sys.argv[2:]
-finish = train.Run.finish
+finish = train.finish
 
 def finish_and_dump(run):
     torch.save({k: v for k, v in run.model.named_parameters()}, f"{prefix}{run.rank}.pt")
     finish(run)
 
-train.Run.finish = finish_and_dump
+train.finish = finish_and_dump
 train.run(train.main, argv)
 """
 
@@ -85,7 +86,7 @@ def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
     full = torchrun(script, tmp_path / "full-rank", *common, "--name", "full")
     rank0, rank1 = (torch.load(tmp_path / f"full-rank{r}.pt", weights_only=True) for r in (0, 1))
     cfg = train.parse([str(a) for a in common])
-    train.seed_everything(cfg.seed)  # the weights both runs started from
+    seed_everything(cfg.seed)  # the weights both runs started from
     classes = json.loads((Path(ingested) / "manifest.json").read_text())["classes"]
     start = dict(train.make_model(cfg, len(classes), torch.device("cpu")).named_parameters())
     assert any(not torch.equal(rank0[k], start[k]) for k in rank0), "the run did not train"

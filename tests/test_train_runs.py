@@ -17,6 +17,8 @@ import train
 from cli import UsageError
 from report.runlog import read_metrics
 from tests.test_train import tiny
+from training import results, runfolder
+from training.resume import rng_state, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +95,7 @@ def test_a_folder_train_did_not_make_is_never_written_into(ingested, tmp_path):
         train.train(tiny(ingested, tmp_path / "runs", "mine"))
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     with pytest.raises(UsageError, match="was not made by train.py"):
-        train.remove_run(foreign)
+        runfolder.remove_run(foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -132,11 +134,11 @@ def test_remove_run_deletes_only_what_train_wrote(stopped, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
     (run_dir / "notes.txt").write_text("the user's")
-    train.remove_run(run_dir)
+    runfolder.remove_run(run_dir)
     assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
     (run_dir / "notes.txt").unlink()
     shutil.copytree(stopped, run_dir, dirs_exist_ok=True)
-    train.remove_run(run_dir)
+    runfolder.remove_run(run_dir)
     assert not run_dir.exists()
 
 
@@ -152,7 +154,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(inges
             return enospc() if self.tell() + len(data) > 2**16 else super().write(data)
 
     with monkeypatch.context() as m:
-        m.setattr(train, "open", FullDisk, raising=False)
+        m.setattr(runfolder, "open", FullDisk, raising=False)
         with pytest.raises(UsageError, match=r"disk full writing last.pt in .*full \(needs \d+ MB, .* free\): no "
                                              r"checkpoint yet; .* rerun with --name full"):
             train.train(tiny(ingested, runs, "full", max_steps=1))
@@ -160,7 +162,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(inges
     assert train.train(tiny(ingested, runs, "full", max_steps=1))["stopped"] == "max_steps"
 
     with monkeypatch.context() as m:  # the free-space check refuses before writing a byte
-        m.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(free=5000))
+        m.setattr(runfolder.shutil, "disk_usage", lambda path: SimpleNamespace(free=5000))
         with pytest.raises(UsageError, match=r"disk full writing last.pt .*\(needs \d+ MB, 5 KB free\): kept .*"
                                              r"last.pt \(step 1\) .* --resume .*full"):
             train.train(train.Config(resume=str(run_dir), max_steps=2))
@@ -178,7 +180,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(inges
     assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")  # the torn line is there
 
     with monkeypatch.context() as m:
-        m.setattr(train, "plot_run", enospc)
+        m.setattr(results, "plot_run", enospc)
         with pytest.raises(UsageError, match="disk full writing the plots .* kept .*step 8"):
             train.train(train.Config(resume=str(run_dir)))  # to the end: 2 epochs of 4 steps
     steps, epochs = read_metrics(run_dir)  # the torn line was dropped on resume
@@ -208,8 +210,8 @@ def test_resume_restores_only_this_processs_gpu_rng_state(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gpus[i] for i in sorted(gpus)])
     for module in (torch.cuda, torch.cuda.random):  # set_rng_state_all calls the one in torch.cuda.random
         monkeypatch.setattr(module, "set_rng_state", set_state)
-    saved = train.rng_state()
+    saved = rng_state()
     del gpus[1]
     current[0] = 0
-    train.set_rng_state(saved)
+    set_rng_state(saved)
     assert gpus == {0: torch.tensor([11], dtype=torch.uint8)}

@@ -1,0 +1,67 @@
+"""Smith's LR range test (--find-lr, --lr auto), run on copies so that the run itself stays bit-identical."""
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loaders import make_loader
+from training.device import all_ranks
+from training.recipe import make_optimizer
+from training.resume import rng_state, set_rng_state
+
+
+def find_lr(run, start=1e-7, end=10.0, beta=0.98):
+    """Smith's LR range test: train a copy of the model with its own optimizer and its own train loader while
+    the LR grows exponentially from `start` to `end` over --find-lr-steps steps, stopping once the smoothed loss
+    exceeds 4x its minimum. The RNG state is restored afterwards, so the run itself is untouched: same weights,
+    same batches, bit for bit. Suggests the LR of the lowest smoothed loss / 10 (where it still falls steeply).
+    Rank 0's suggestion is every rank's. Returns what lr_find.json holds (the run writes it with lr_find.png)."""
+    cfg, saved = run.cfg, rng_state()
+    model = copy.deepcopy(run.model)
+    optimizer = make_optimizer(cfg, model.parameters(), start)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
+    loader = make_loader(cfg.loader, cfg.data, "train", **run.loader_args)
+    lrs = start * (end / start) ** (np.arange(cfg.find_lr_steps) / max(cfg.find_lr_steps - 1, 1))
+    losses, pending, epoch, batches = [], [], 0, iter(loader)
+    for step, lr in enumerate(lrs):
+        batch = next(batches, None)
+        if batch is None or len(batch[1]) < cfg.batch_size:  # full batches only, as in training; then next epoch
+            epoch += 1
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            batch = next(batches)
+        images, labels = batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with run.autocast():
+            loss = F.cross_entropy(model(images), run.relabel(labels))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        pending.append(loss.detach())
+        if len(pending) == cfg.log_every or step + 1 == len(lrs):  # one read per --log-every steps
+            losses += torch.stack(pending).float().cpu().tolist()
+            pending = []
+            smooth = lr_sweep_smoothed(losses, beta)
+            if not math.isfinite(smooth[-1]) or smooth[-1] > 4 * min(smooth):
+                break
+    del model, optimizer, loader
+    set_rng_state(saved)
+    lrs, smooth = lrs[:len(losses)].tolist(), lr_sweep_smoothed(losses, beta)
+    finite = [i for i, v in enumerate(smooth) if math.isfinite(v)]
+    suggested = lrs[min(finite, key=smooth.__getitem__)] / 10 if finite else start
+    suggested = all_ranks(run.world, run.device, suggested if run.writer else 0.0, "sum")
+    return {"suggested_lr": suggested, "rule": "lowest smoothed loss / 10", "lr": lrs, "loss": losses,
+            "smoothed": smooth}
+
+
+def lr_sweep_smoothed(losses, beta):
+    """Exponential moving average of the sweep's losses with bias correction (fastai's LR finder smoothing)."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
