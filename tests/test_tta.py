@@ -9,6 +9,7 @@ import pytest
 
 from bench.tta import TtaConfig, config_from_args, plan, summarize, time_to, tta
 from cli import UsageError
+import train
 
 
 def test_tta_trains_both_recipes_and_writes_table_json_plot(ingested, tmp_path):
@@ -30,7 +31,7 @@ def test_tta_trains_both_recipes_and_writes_table_json_plot(ingested, tmp_path):
     assert study["reached"] == 1 and study["time_to_target_s"] <= study["wall_s"]
     assert [p["res"] for p in rows[1]["curve"]] == [16, 24]  # progressive + fixres at res 32 over 2 epochs
     config = json.loads((out / "runs" / "fast-no-ema-seed0" / "config.json").read_text())["config"]
-    assert config["recipe"] == "fast" and "ema" not in config["pieces"] and "flip_tta" in config["pieces"]
+    assert config["recipe"] == "fast" and set(config["pieces"]) == set(train.FAST_DEFAULT) - {"ema"}
     table = (out / "table.md").read_text()
     assert "| study |" in table and "| fast |" in table and "Ablation" in table and "| fast - ema |" in table
     assert (out / "tta.png").read_bytes()[:4] == b"\x89PNG"
