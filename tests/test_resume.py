@@ -47,10 +47,12 @@ def kill_in_epoch_1(options, run_dir):
     assert child.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-500:]}"
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(name, ingested, tmp_path):
+@pytest.mark.parametrize("name,augment", [(name, "rrc") for name in BACKENDS] + [("ffcv", "flip"), ("torch", "flip")])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(name, augment, ingested, tmp_path):
+    """Every loader with its default augmentation, and the flip-only one where flips are drawn in worker
+    processes (torch) and numba threads (ffcv)."""
     require(name)
-    options = dict(OPTIONS, loader=name, data=str(ingested), runs_dir=str(tmp_path))
+    options = dict(OPTIONS, loader=name, augment=augment, data=str(ingested), runs_dir=str(tmp_path))
     full = train.train(train.Config(**options, name="full"))
     kill_in_epoch_1(dict(options, name="cut"), tmp_path / "cut")
     resumed = train.train(train.Config(resume=str(tmp_path / "cut")))
