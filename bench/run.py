@@ -41,7 +41,8 @@ class BenchConfig:
                       minimum=8)
     device: str = option("auto", "auto, cpu or cuda")
     amp: str = option("auto", "auto, bf16, fp16 or off")
-    workers: int = option(0, "loader workers, 0 = the loader's own default", minimum=0)
+    workers: int | None = option(None, "loader workers (default: the backend's; 0: in the training process)",
+                                 minimum=0)
     seed: int = option(0, "seed of every cell")
     loader_epochs: int = option(2, "loader-only epochs measured after a warm-up", minimum=1)
     out: Path | None = option(None, "results folder (default results/bench-<time>)")
@@ -66,12 +67,12 @@ def run_cell(cfg, net, loader, out_dir):
     runs_dir = Path(out_dir) / "runs"
     if (runs_dir / name).exists():  # this cell's run from an earlier bench into the same --out
         remove_run(runs_dir / name)
-    summary = train.train(train_config(cfg, net=net, loader=loader, workers=cfg.workers or None, name=name,
+    summary = train.train(train_config(cfg, net=net, loader=loader, workers=cfg.workers, name=name,
                                        runs_dir=str(runs_dir)))
     # A bench keeps each run's metrics and plots, not its weights: AlexNet-size checkpoints are ~600 MB each.
     (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)
     loader_stats = measure(loader, cfg.data, "train", batch_size=cfg.batch_size, res=cfg.res, device=cfg.device,
-                           workers=cfg.workers or None, epochs=cfg.loader_epochs)
+                           workers=cfg.workers, epochs=cfg.loader_epochs)
     keys = ("images_per_sec", "data_stall_fraction", "test_acc", "test_acc_ci", "macro_precision",
             "macro_precision_ci", "peak_rss_mb", "peak_gpu_mb", "amp", "run_dir")
     row = {"cell": cell_name(net, loader), "net": net, "loader": loader, **{k: summary.get(k) for k in keys}}

@@ -80,7 +80,7 @@ def test_a_cells_training_config_is_the_benchs_options_over_trains_defaults():
     from bench import train_config
     cfg = train_config(BenchConfig(data=Path("d"), epochs=5, res=64, seed=3), net="alexnet", name="x")
     assert cfg == replace(train.Config(), data="d", epochs=5, res=64, seed=3, net="alexnet", name="x",
-                          batch_size=64, workers=0)  # the bench's defaults where it has its own
+                          batch_size=64)  # the bench's defaults where it has its own
 
 
 def test_the_bench_writes_only_into_its_own_results_folder(ingested, tmp_path):
