@@ -28,6 +28,9 @@ can see which samples came out rather than infer it.
 Labels and ids belong to the caller; on the CPU images may be views of a loader's buffers that it rewrites
 a few batches later (a fresh buffer per batch costs more than filling it; see Normalizer): clone images to
 keep them.
+
+Over 300 lines: the contract above and the pieces that keep every backend to it (seeded draws, crops, rank
+blocks, normalisation) sit together, so a backend imports them from the one place that defines them.
 """
 import contextlib
 import math
