@@ -279,7 +279,8 @@ class ResidentLoader(Loader):
                               torch.empty(n, *self.images.shape[1:], device=device, memory_format=torch.channels_last),
                               torch.empty(n, self.res, self.res, 2, device=device))
             else:
-                self._work = torch.empty(n, 3, self.res, self.res, dtype=torch.uint8, memory_format=torch.channels_last)
+                self._work = torch.empty(n, 3, self.res, self.res, dtype=torch.uint8, device=device,
+                                         memory_format=torch.channels_last)
         return self._work
 
     def _crop_on_cpu(self, index, boxes, flips):
