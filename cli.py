@@ -39,10 +39,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(main, argv=None):
-    """Call main(argv) and exit with its code; UsageError -> one line on stderr and exit 2."""
+    """Call main(argv) and exit with its code; UsageError (or a folder another process writes) -> one line on
+    stderr and exit 2."""
+    from files import Busy
+
     try:
         code = main(argv)
-    except UsageError as err:
+    except (UsageError, Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -78,19 +78,70 @@ def _plain(obj):
     return obj
 
 
-@contextlib.contextmanager
-def exclusive(lock_path):
-    """Hold an exclusive lock on `lock_path`, a folder or a file (created if needed): two builds of one folder
-    take turns, and the second then finds the work done instead of racing the first. Locking a folder itself
-    leaves no lock file behind in it, so a folder can be locked before it is known to be ours."""
-    import fcntl
+WRITER_NOTE = ".fastpix-writer"  # inside a held folder: who holds it (pid, command, since); never data
 
-    lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_RDONLY if lock_path.is_dir() else os.O_RDWR | os.O_CREAT
-    fd = os.open(lock_path, flags, 0o644)
+
+class Busy(Exception):
+    """Another live process writes the folder. str(): one line naming it and how to stop it."""
+
+
+@contextlib.contextmanager
+def one_writer(folder, wait=False, say=None, every=5.0):
+    """Hold `folder` as its only writer for the block. The lock is flock on the folder itself, which the kernel
+    releases when the holder dies, even by kill -9, so nothing stale is ever left to clean by hand; who holds it
+    is written to `WRITER_NOTE` inside it for the next comer to name. By default a second writer is refused at
+    once (Busy); with `wait=True` it waits, saying through `say` (default: stderr) every `every` seconds whom it
+    waits for. Readers of the folder skip WRITER_NOTE."""
+    import fcntl
+    import sys
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        started, told = time.monotonic(), None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = describe_writer(folder)
+                if not wait:
+                    raise Busy(f"{folder} is being written by {holder}: wait for it to end, or stop it "
+                               f"(kill {_holder_pid(folder) or 'PID'}) and rerun") from None
+                if told is None or time.monotonic() - told >= every:
+                    told = time.monotonic()
+                    (say or (lambda m: print(m, file=sys.stderr, flush=True)))(
+                        f"waiting {time.monotonic() - started:.0f} s for {folder}, held by {holder} "
+                        f"(stop it with kill {_holder_pid(folder) or 'PID'})")
+                time.sleep(0.2)
+        note = folder / WRITER_NOTE
+        write_text(note, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv) or sys.executable,
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        try:
+            yield
+        finally:
+            note.unlink(missing_ok=True)
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _read_note(folder):
+    try:
+        return json.loads((Path(folder) / WRITER_NOTE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _holder_pid(folder):
+    note = _read_note(folder)
+    return note.get("pid") if isinstance(note, dict) else None
+
+
+def describe_writer(folder):
+    """`pid 42 (python train.py ..., since 2026-12-06 07:00:00)`, or `another process` if it left no note yet."""
+    note = _read_note(folder)
+    if not isinstance(note, dict):
+        return "another process"
+    return f"pid {note.get('pid')} ({str(note.get('command'))[:120]}, since {note.get('since')})"

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, add_options, config_from, run  # noqa: E402
-from files import exclusive, read_json, write_json, write_text  # noqa: E402
+from files import one_writer, read_json, write_json, write_text  # noqa: E402
 from ingest import layout  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
@@ -54,7 +54,7 @@ def build(cfg, progress=True, log=print, timings=None):
         cfg.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {cfg.out} cannot be created: {err.strerror}") from None
-    with exclusive(cfg.out):
+    with one_writer(cfg.out):  # a second ingest into it is refused, naming this one
         journal = claim(cfg.out, cfg.force)
         doing = {"what": f"the validated images to {cfg.cache_dir}", "bytes_left": _image_bytes(cfg.store_size)
                  * len(found.candidates) * 3}  # the cache, then a tar and a beton copy of it

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, run  # noqa: E402
-from files import exclusive, read_json, write_bytes, write_json  # noqa: E402
+from files import one_writer, read_json, write_bytes, write_json  # noqa: E402
 from ingest import layout  # noqa: E402
 
 CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
@@ -209,7 +209,9 @@ def generate(out, cfg=DemoConfig(), workers=None, progress=True):
     """Write the demo into `out` unless a complete one with the same config is already there; returns the
     marker's content ({config, junk: {kind: [relative paths]}})."""
     out = Path(out)
-    with exclusive(out.with_name(f".{out.name}.lock")):  # two first runs in one tree: one generates, one waits
+    # Two first runs in one tree: one generates, the other waits (saying for whom), then finds it done. The lock
+    # is a sibling folder, so the demo folder holds nothing but photos for ingest to scan.
+    with one_writer(out.with_name(f".{out.name}.lock"), wait=True):
         return _generate(out, cfg, workers, progress)
 
 

@@ -13,7 +13,7 @@ import json
 import os
 
 from cli import UsageError
-from files import temp_of, write_json
+from files import WRITER_NOTE, temp_of, write_json
 from ingest import layout
 
 
@@ -94,7 +94,7 @@ def claim(out, force):
     if manifest.is_file() and layout.manifest_problem(manifest) is None:
         old = json.loads(manifest.read_text())
         journal.plan(old.get("files") or _older_files(old))
-    elif any(not _journal_temp(e.name) for e in os.scandir(out)) and not force:
+    elif any(not _journal_temp(e.name) and e.name != WRITER_NOTE for e in os.scandir(out)) and not force:
         raise UsageError(f"--out {out} is not empty and holds no dataset of fastpix's: choose a new or empty "
                          "folder, or pass --force to write into it (files of other tools are never deleted)")
     journal.save()

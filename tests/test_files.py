@@ -55,3 +55,55 @@ def test_json_writes_dataclasses_paths_and_tuples_and_reads_back(tmp_path):
     files.write_json(tmp_path / "m.json", {"b": 1, "a": [1]}, indent=1, sort_keys=True)
     assert (tmp_path / "m.json").read_text() == '{\n "a": [\n  1\n ],\n "b": 1\n}\n'  # the manifest's form
     assert files.read_json(tmp_path / "m.json") == {"a": [1], "b": 1}
+
+
+def _try_writer(folder, wait=False):
+    """A second process asks for `folder`; returns its stdout and stderr."""
+    import subprocess
+    import sys
+    code = ("import sys, files\n"
+            "try:\n"
+            f"    with files.one_writer({str(folder)!r}, wait={wait}, every=0.2): print('got it')\n"
+            "except files.Busy as err: print('busy:', err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(files.__file__).parent)
+    return done.stdout, done.stderr
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    folder = tmp_path / "out"
+    with files.one_writer(folder):
+        assert (folder / files.WRITER_NOTE).is_file()
+        out, _ = _try_writer(folder)
+    assert out.startswith("busy: ") and f"pid {os.getpid()}" in out and f"kill {os.getpid()}" in out
+    assert list(folder.iterdir()) == []  # the note goes with the holder
+    assert _try_writer(folder)[0] == "got it\n"
+
+
+def test_a_dead_holder_releases_the_folder_and_its_stale_note_is_ignored(tmp_path):
+    import subprocess
+    import sys
+    folder = tmp_path / "out"
+    code = f"import os, files\nwith files.one_writer({str(folder)!r}): os._exit(0)"  # dies without cleaning up
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(files.__file__).parent)
+    assert (folder / files.WRITER_NOTE).is_file()
+    assert _try_writer(folder)[0] == "got it\n"
+
+
+def test_a_waiting_writer_says_whom_it_waits_for_then_gets_the_folder(tmp_path):
+    import threading
+    folder = tmp_path / "out"
+    held = threading.Event()
+
+    def hold():
+        with files.one_writer(folder):
+            held.set()
+            import time
+            time.sleep(1.5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    out, err = _try_writer(folder, wait=True)
+    holder.join()
+    assert out == "got it\n" and f"held by pid {os.getpid()}" in err

@@ -177,12 +177,21 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
 
 
-def test_two_builds_of_one_folder_take_turns(tiny_src, ingested, tmp_path):
-    """Developers share a working tree: a second `ingest/build.py` waits, then finds the work done."""
+def test_a_second_build_of_one_folder_is_refused_naming_the_first(tiny_src, ingested, tmp_path):
+    """Two writers of one folder would interleave: the second `ingest/build.py` is refused at once, with the
+    first one's pid, and the first finishes undisturbed. (Before: the second waited silently.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    out, said = tmp_path / "out", []
+    import files
+
+    def one(_):
+        try:
+            return build(tiny_cfg(tiny_src, out), progress=False, log=lambda *_: None) and "built"
+        except files.Busy as err:
+            return str(err)
+
+    out = tmp_path / "out"
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda _: build(tiny_cfg(tiny_src, out), progress=False, log=said.append), range(2)))
-    assert sum("up to date" in line for line in said) == 1
+        ended = sorted(pool.map(one, range(2)), key=lambda said: said != "built")
+    assert ended[0] == "built" and f"is being written by pid {os.getpid()}" in ended[1], ended
     assert outputs(out) == outputs(ingested)
