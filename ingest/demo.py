@@ -39,6 +39,10 @@ CONFUSABLE = {"Celebrities": "People", "Travel": "Landscapes"}  # class -> the c
 MARKER = ".demo.json"
 CANVAS = 96  # long side the texture is drawn at; upscaling to photo size is PIL's (C) work, not numpy's
 EXIF_ORIENTATION = 0x0112
+GRAIN_SIGMA = (3.0, 14.0)  # per-photo grain strength (uint8 levels at half resolution): mean ~0.18 bytes/pixel
+QUALITY_BANDS = ((60, 74), (75, 89), (90, 97))  # JPEG quality bands, drawn with QUALITY_SHARES
+QUALITY_SHARES = (0.2, 0.55, 0.25)
+PROGRESSIVE_SHARE = 0.25  # of web JPEGs, about a quarter are progressive
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,26 @@ def _photo(cfg, name, index):
     w, h = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
     scale = CANVAS / max(w, h)
     small = _draw(name, max(8, round(h * scale)), max(8, round(w * scale)), rng, cfg.classes)
-    image = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
-    return image, int(rng.integers(60, 96)), bool(rng.random() < 0.15)
+    image = _grain(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), rng)
+    return image, _quality(rng), bool(rng.random() < PROGRESSIVE_SHARE)
+
+
+def _grain(image, rng):
+    """Fine detail at photo size: an upscaled smooth canvas alone compresses to ~0.1 bytes/pixel and decodes
+    faster than a real photo (~0.18), so add grain at half the photo's resolution, its strength varying per
+    photo like the detail of real scenes. PIL does the upscale; numpy draws one half-size field."""
+    w, h = image.size
+    field = rng.standard_normal((max(8, h // 2), max(8, w // 2), 3), dtype=np.float32)
+    field *= rng.uniform(*GRAIN_SIGMA)
+    field = Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, np.int16) + np.asarray(field, np.int16) - 128
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _quality(rng):
+    """A JPEG quality like the web's: mostly 75-95 (camera and CMS exports), some re-saved low, a few near 100."""
+    low, high = QUALITY_BANDS[int(rng.choice(len(QUALITY_BANDS), p=QUALITY_SHARES))]
+    return int(rng.integers(low, high + 1))
 
 
 def _write_photo(job):
