@@ -5,37 +5,44 @@ workers=)`.
 
 - `dali-reference`: the train and val pipelines of DALI's ResNet-50 example
   (docs/examples/use_cases/pytorch/resnet50/main.py): image_random_crop (area 0.1-1, aspect 0.8-1.25,
-  100 attempts), resize with INTERP_TRIANGULAR, crop_mirror_normalize to CHW float; one pipeline built once,
+  100 attempts), resize with INTERP_TRIANGULAR, crop_mirror_normalize to float; one pipeline built once,
   seed 12, default prefetch, DALIClassificationIterator with auto_reset. Its `readers.file` becomes
   `readers.webdataset` over our shards; `--dali_cpu` is the CPU variant, where the example's `.gpu()`
-  before crop_mirror_normalize is left out.
-- `ffcv-reference`: the train and val loaders of ffcv-imagenet (train_imagenet.py): RandomResizedCrop /
-  CenterCrop (224/256) decoders, flip, ToTensor, ToDevice, ToTorchImage, NormalizeImage, QUASI_RANDOM order,
-  os_cache. Two changes to match fastpix's batch contract: NormalizeImage writes float32 (the example:
-  float16, a GPU trainer's choice) and the last partial batch is kept (the example drops it). On the CPU
-  NormalizeImage runs before ToTensor, where FFCV compiles it (after ToTorchImage it is a Python loop).
+  before crop_mirror_normalize is left out. One change of layout: crop_mirror_normalize writes HWC (the
+  example: CHW), as the `dali` backend does, and torch sees it as NCHW channels_last, so both rows hand over
+  the same tensor layout (CHW costs DALI a transposing write).
+- `ffcv-reference`: the train and val loaders of ffcv-imagenet (train_imagenet.py), CPU side: the
+  RandomResizedCrop / CenterCrop (224/256) decoder, flip (train), ToTensor, ToDevice (GPU), ToTorchImage:
+  uint8 NCHW channels_last, QUASI_RANDOM order, os_cache. The example normalises after ToDevice with
+  NormalizeImage (float16 on the GPU); here the `ffcv` backend's own normalisation step
+  (loaders.common.Normalizer, float32) follows in the timed loop instead, so `ffcv` and `ffcv-reference`
+  differ in their FFCV pipelines only. The last partial batch is kept (the example drops it), as the batch
+  contract wants, so labels are squeezed on dimension 1 only.
+
+Both take their thread count by the backends' rule (loaders.common.resolve_workers: this process's share of
+the cores, at least 1). With `with_ids=True` they also yield each batch's sample ids (a test's check that they
+deliver the split: for DALI read from the webdataset key, for FFCV from FFCV's own sample index).
 - `decode-torchvision`, `decode-pil`, `decode-dali`: every stored JPEG of the split decoded once per epoch in
   `workers` threads (each library releases the GIL while decoding), nothing else; PIL asks libjpeg-turbo for
   the smallest DCT scale (draft) that keeps the shorter side >= test_resize(res), which any pipeline could use.
   On a GPU torchvision and DALI decode batches with nvJPEG. The fastest is the bench's decode ceiling.
 """
 import io
-import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
-from loaders.common import IMAGENET_MEAN, IMAGENET_STD, TEST_CROP_RATIO, test_resize
+from loaders.common import IMAGENET_MEAN, IMAGENET_STD, TEST_CROP_RATIO, Normalizer, resolve_workers, test_resize
 
 
 def _threads(workers):
-    return workers or os.cpu_count()
+    """The backends' rule (dali and ffcv): resolve_workers, and at least one thread."""
+    return max(resolve_workers(workers), 1)
 
 
-def dali_reference(data_dir, split, *, batch_size, res, device, seed, workers):
+def dali_reference(data_dir, split, *, batch_size, res, device, seed, workers, with_ids=False):
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     from ingest import layout
     tars, indexes = layout.shard_paths(data_dir, split)
@@ -58,51 +65,64 @@ def dali_reference(data_dir, split, *, batch_size, res, device, seed, workers):
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
             images = fn.resize(images, size=test_resize(res), mode="not_smaller", interp_type=types.INTERP_TRIANGULAR)
             mirror = False
-        images = fn.crop_mirror_normalize(images.gpu() if on_gpu else images, dtype=types.FLOAT, output_layout="CHW",
+        images = fn.crop_mirror_normalize(images.gpu() if on_gpu else images, dtype=types.FLOAT, output_layout="HWC",
                                           crop=(res, res), mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                                           mirror=mirror)
-        return images, labels.gpu() if on_gpu else labels
+        keys = (fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0),) if with_ids else ()
+        return (images, labels.gpu() if on_gpu else labels) + keys
 
     pipe = graph()
     pipe.build()
-    batches = DALIClassificationIterator(pipe, reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
-                                         auto_reset=True)
-    return Reference(_dali_epochs(batches, "data", "label"), pipe.reader_meta("Reader")["epoch_size"])
+    # DALIClassificationIterator is this iterator with outputs ["data", "label"]: the ids need a third
+    batches = DALIGenericIterator(pipe, ["data", "label"] + (["keys"] if with_ids else []), reader_name="Reader",
+                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+    def epochs():
+        while True:
+            yield ((b[0]["data"].permute(0, 3, 1, 2), b[0]["label"].squeeze(-1).long())
+                   + ((_sample_ids(b[0]["keys"]),) if with_ids else ()) for b in batches)
+    return Reference(epochs(), pipe.reader_meta("Reader")["epoch_size"])
 
 
-def ffcv_reference(data_dir, split, *, batch_size, res, device, seed, workers):
+def _sample_ids(keys):
+    """Sample ids from DALI's source_info of webdataset samples ("<tar>:<offset>:<id>.jpg", zero-padded)."""
+    return torch.tensor([int(bytes(k[k != 0].tolist()).decode().rsplit(":", 1)[1].split(".")[0]) for k in keys])
+
+
+def ffcv_reference(data_dir, split, *, batch_size, res, device, seed, workers, with_ids=False):
     import torch
 
     from ingest import layout
-    from loaders.ffcv import keep_torch_threads
+    from loaders.ffcv import SampleIdDecoder, keep_torch_threads
     with keep_torch_threads():
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
-                                     ToTorchImage)
+        from ffcv.pipeline.pipeline_spec import PipelineSpec
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     train = split == "train"
     decoder = (RandomResizedCropRGBImageDecoder((res, res)) if train
                else CenterCropRGBImageDecoder((res, res), ratio=TEST_CROP_RATIO))
-    normalize = [NormalizeImage(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), np.float32)]
-    on_gpu = device.type == "cuda"
-    pipelines = {  # FFCV's CPU NormalizeImage is compiled on numpy images only: before ToTensor on the CPU
-        "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + ([] if on_gpu else normalize)
-                 + [ToTensor()] + to_device + [ToTorchImage()] + (normalize if on_gpu else []),
-        "label": [IntDecoder(), ToTensor(), Squeeze()] + to_device,
+    pipelines = {  # ffcv-imagenet's, up to its NormalizeImage (see the module docstring)
+        "image": [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()] + to_device
+                 + [ToTorchImage()],
+        "label": [IntDecoder(), ToTensor(), Squeeze(1)] + to_device,  # Squeeze(): a last batch of 1 is 0-d
     }
+    if with_ids:
+        pipelines["id"] = PipelineSpec("label", decoder=SampleIdDecoder(), transforms=[ToTensor(), Squeeze(1)])
     with keep_torch_threads():
         loader = Loader(str(layout.beton_path(data_dir, split)), batch_size=batch_size,
                         num_workers=_threads(workers), order=OrderOption.QUASI_RANDOM if train else
                         OrderOption.SEQUENTIAL, os_cache=True, drop_last=False, pipelines=pipelines, seed=seed)
+    normalize = Normalizer(device)  # the ffcv backend's step, in the timed loop
 
     def epochs():
         while True:
-            threads = torch.get_num_threads()
-            yield iter(loader)
-            torch.set_num_threads(threads)
+            with keep_torch_threads():
+                batches = iter(loader)
+            yield ((normalize(images), labels, *ids) for images, labels, *ids in batches)
     return Reference(epochs(), len(loader.indices))
 
 
