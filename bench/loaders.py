@@ -1,12 +1,15 @@
 """Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline, each library's
 own recommended pipeline and the fastest decoder, all measured in the same run on the same cores.
 
-`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 1] [--backends ...]
+`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 3] [--backends ...]
 [--augments rrc,none]`
 Each (backend, split, augment) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
 row): build the loader (time reported: DALI pipeline build, resident decode or cache load), one warm-up epoch
-(worker start, numba compilation: reported, not counted), then `--epochs` timed epochs; the figure is their
-median. Time to first batch is build + the warm-up epoch's first batch. Beside the backends run the rows of
+(worker start, numba compilation: reported, not counted), then `--epochs` timed epochs, whose median is the
+round's figure. Rows are interleaved over `--rounds` rounds (every other one backwards); each row reports the
+median and min-max of its rounds, and each ratio the range its two rows' rounds allow, "within noise" when that
+spans 1.0 (bench.results.ratio). The table warns of fewer than 3 rounds and of timed epochs under 50 batches:
+the 1,259-photo demo's 5-batch epochs gave ffcv 0.69x, then 1.63x its reference (issue 20). Time to first batch is build + the warm-up epoch's first batch. Beside the backends run the rows of
 bench/references.py: `dali-reference` and `ffcv-reference` (the libraries' own example pipelines, added with
 their backend; "× reference" is a backend's ratio to its library's) and decode-only rates of torchvision, PIL
 and DALI, the fastest of which is the decode ceiling ("of ceiling"). The train split runs once per
@@ -164,13 +167,16 @@ def isolated(backend, data_dir, split, timeout=1800, **kwargs):
 # ---------------------------------------------------------------- the report
 
 def merge_rounds(runs):
-    """One row from a cell's rounds: the median over all their timed epochs, the worst peak RSS."""
+    """One row from a cell's rounds: `rate`, the spread (median, min-max) of the rounds' rates (each the median
+    of its round's timed epochs), every timed epoch's rate, the worst peak RSS."""
+    from bench.results import spread
     ok = [r for r in runs if not r.get("error")]
     if not ok:
         return runs[-1]
-    rates = [rate for r in ok for rate in r["epoch_images_per_sec"]]
+    rate = spread([r["images_per_sec"] for r in ok])
     worst = lambda key: max((r[key] for r in ok if r.get(key) is not None), default=None)  # noqa: E731
-    return {**ok[0], "images_per_sec": statistics.median(rates), "epoch_images_per_sec": rates,
+    return {**ok[0], "images_per_sec": rate["median"], "rate": rate,
+            "epoch_images_per_sec": [e for r in ok for e in r["epoch_images_per_sec"]],
             "warmup_s": statistics.median(r["warmup_s"] for r in ok),
             "build_s": statistics.median(r["build_s"] for r in ok),
             "first_batch_s": statistics.median(r["first_batch_s"] for r in ok), "peak_rss_mb": worst("peak_rss_mb"),
@@ -199,20 +205,23 @@ def augment_of(row):
 
 def add_ratios(rows):
     """Each row's ratio to the folder baseline and to its library's reference pipeline of the same split and
-    augment (decode-only rows: the split's default augment), and to the decode ceiling (the fastest decode-only
-    row of the split); the ceiling row gets `ceiling: True`."""
+    augment (decode-only rows: the split's default augment), and to the decode ceiling (the decode-only row of
+    the split with the fastest median, measured in the same rounds); the ceiling row gets `ceiling: True`.
+    Every ratio is bench.results.ratio: its median and the range its rows' rounds allow."""
     from bench.references import DECODERS, REFERENCES
-    ok = {(r["backend"], r["split"], augment_of(r)): r["images_per_sec"] for r in rows if not r.get("error")}
+    from bench.results import ratio, spread
+    ok = {(r["backend"], r["split"], augment_of(r)): r.get("rate") or spread([r["images_per_sec"]])
+          for r in rows if not r.get("error")}
     for split in {r["split"] for r in rows}:
-        decoders = [(rate, d) for (d, s, _), rate in ok.items() if d in DECODERS and s == split]
-        ceiling, fastest = max(decoders) if decoders else (None, None)
+        decoders = [(rate["median"], d) for (d, s, _), rate in ok.items() if d in DECODERS and s == split]
+        fastest = max(decoders)[1] if decoders else None
+        ceiling = ok.get((fastest, split, DEFAULT_AUGMENT[split]))
         for r in (r for r in rows if r["split"] == split):
             key = (split, augment_of(r))
-            base, reference = ok.get((BASELINE, *key)), ok.get((REFERENCES.get(r["backend"]), *key))
-            rate = r.get("images_per_sec")
-            r["vs_folder"] = rate / base if rate and base else None
-            r["vs_reference"] = rate / reference if rate and reference else None
-            r["vs_ceiling"] = rate / ceiling if rate and ceiling else None
+            rate = ok.get((r["backend"], *key))
+            r["vs_folder"] = ratio(rate, ok.get((BASELINE, *key)))
+            r["vs_reference"] = ratio(rate, ok.get((REFERENCES.get(r["backend"]), *key)))
+            r["vs_ceiling"] = ratio(rate, ceiling)
             r["ceiling"] = r["backend"] == fastest
     return rows
 
@@ -226,7 +235,8 @@ def targets(rows, split="train", augment=None):
                and r["backend"] in BACKENDS and r["backend"] != BASELINE]
     if not loaders:
         return {}
-    best, slowest = max(loaders, key=lambda r: r["vs_folder"]), min(loaders, key=lambda r: r["vs_folder"])
+    best = max(loaders, key=lambda r: r["vs_folder"]["median"])
+    slowest = min(loaders, key=lambda r: r["vs_folder"]["median"])
     resident = next((r["vs_folder"] for r in loaders if r["backend"] == "resident"), None)
     return {"split": split, "best": best["backend"], "best_vs_folder": best["vs_folder"],
             "best_vs_ceiling": best["vs_ceiling"], "slowest": slowest["backend"],
@@ -236,7 +246,7 @@ def targets(rows, split="train", augment=None):
 
 
 def table(rows):
-    from bench.results import markdown_table
+    from bench.results import fmt_ratio, fmt_spread, markdown_table, spread
 
     def number(key, form):
         return lambda r: form.format(r[key]) if r.get(key) is not None else "–"
@@ -244,11 +254,11 @@ def table(rows):
     columns = [("backend", lambda r: r["backend"] + (" (ceiling)" if r.get("ceiling") else "")),
                ("split", lambda r: r["split"]),
                ("augment", lambda r: r.get("augment") or "–"),
-               ("img/s (median)", lambda r: f"failed: {r['error'][:80]}" if r.get("error") else
-                f"{r['images_per_sec']:,.0f}"),
-               ("× folder", number("vs_folder", "{:.2f}×")),
-               ("× reference", number("vs_reference", "{:.2f}×")),
-               ("of ceiling", lambda r: f"{100 * r['vs_ceiling']:.0f} %" if r.get("vs_ceiling") else "–"),
+               ("img/s median (min-max of rounds)", lambda r: f"failed: {r['error'][:80]}" if r.get("error") else
+                fmt_spread(r.get("rate") or spread([r["images_per_sec"]]))),
+               ("× folder", lambda r: "baseline" if r["backend"] == BASELINE else fmt_ratio(r.get("vs_folder"))),
+               ("× reference", lambda r: fmt_ratio(r.get("vs_reference"))),
+               ("of ceiling", lambda r: fmt_ratio(r.get("vs_ceiling"))),
                ("build s", number("build_s", "{:.2f}")),
                ("first batch s", number("first_batch_s", "{:.2f}")),
                ("warm-up epoch s", number("warmup_s", "{:.2f}")),
@@ -278,7 +288,8 @@ def plot(rows, path, title):
         ax.barh(y + shift, rates, width, label=label)
         for i, n in enumerate(names):
             row = by_name.get(n, {})
-            note = "failed" if row.get("error") else f"{row['vs_folder']:.1f}× folder" if row.get("vs_folder") else ""
+            note = "failed" if row.get("error") else \
+                f"{row['vs_folder']['median']:.1f}× folder" if row.get("vs_folder") else ""
             ax.text(rates[i] + right * 0.01, i + shift, note, va="center", fontsize=8)
     ceilings = {r["backend"] for r in rows if r.get("ceiling")}
     ax.set_yticks(y, [n + (" (ceiling)" if n in ceilings else "") for n in names])
@@ -290,10 +301,38 @@ def plot(rows, path, title):
     save(fig, path)
 
 
+def warnings(rows, args):
+    """What makes this table's figures not hold (--quick says so itself): too few rounds, short timed epochs."""
+    from bench.results import MIN_BATCHES, MIN_ROUNDS
+    if args.quick:
+        return ["--quick: 1 timed epoch, 1 round, a smoke run: not a measurement"]
+    said = []
+    if args.rounds < MIN_ROUNDS:
+        said.append(f"{args.rounds} round(s): fewer than {MIN_ROUNDS} give no idea of the noise")
+    short = sorted({(r["split"], -(-r["samples"] // args.batch_size)) for r in rows if r.get("samples")
+                    and r["samples"] < MIN_BATCHES * args.batch_size})
+    if short:
+        said.append("timed epochs of " + ", ".join(f"{n} batches ({s})" for s, n in short)
+                    + f", fewer than {MIN_BATCHES}: figures from epochs this short do not hold "
+                    "(use the 28,000-photo demo: ingest/demo.py --per-class 1000)")
+    return said
+
+
+def summary_line(split, t):
+    """The targets of one split and augment in one line, every ratio with its range."""
+    from bench.results import fmt_ratio
+    return (f"- {split}: best {t['best']} {fmt_ratio(t['best_vs_folder'])} folder, "
+            f"{fmt_ratio(t['best_vs_ceiling'])} the decode ceiling ({t['ceiling']}); slowest {t['slowest']} "
+            f"{fmt_ratio(t['slowest_vs_folder'])} folder"
+            + (f"; resident {fmt_ratio(t['resident_vs_folder'])} folder" if t.get("resident_vs_folder") else "")
+            + "".join(f"; {b} {fmt_ratio(v)} its reference" for b, v in t["vs_reference"].items()) + "\n")
+
+
 # ---------------------------------------------------------------- command line
 
 def parse(argv):
     from bench.references import DECODERS, REFERENCES
+    from bench.results import MIN_ROUNDS
     from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
     from loaders.common import check_augment
@@ -314,9 +353,10 @@ def parse(argv):
                    help="torch intra-op threads of the measuring process (default torch's: one per core); 1 avoids "
                         "stalls at every parallel op when other processes share the cores")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/loaders-<time>)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the whole matrix, alternating the order; figures pool every round's epochs")
-    p.add_argument("--quick", action="store_true", help="1 timed epoch: a smoke run, not a measurement")
+    p.add_argument("--rounds", type=int, default=MIN_ROUNDS,
+                   help=f"repeat the whole matrix, alternating the order; each row reports the median and min-max of "
+                        f"its rounds (fewer than {MIN_ROUNDS}: a warning in the table)")
+    p.add_argument("--quick", action="store_true", help="1 timed epoch, 1 round: a smoke run, not a measurement")
     p.add_argument("--in-process", action="store_true",
                    help="no fresh process per row: faster, but peak RSS then accumulates over rows")
     p.add_argument("--child", nargs=2, metavar=("PARAMS", "OUT"), help=argparse.SUPPRESS)
@@ -389,13 +429,8 @@ def main(argv=None):
     if "train" in args.splits:
         summary.update({f"train-{a}": targets(rows, "train", a) for a in args.augments if a != "rrc"})
     write_json(out / "results.json", {"title": title, "settings": settings, "rows": rows, "targets": summary})
-    text = f"# {title}\n\n{table(rows)}\n" + "".join(
-        f"- {s}: best {t['best']} {t['best_vs_folder']:.2f}× folder, "
-        f"{100 * t['best_vs_ceiling']:.0f} % of the decode ceiling ({t['ceiling']}); slowest {t['slowest']} "
-        f"{t['slowest_vs_folder']:.2f}× folder"
-        + (f"; resident {t['resident_vs_folder']:.2f}× folder" if t.get("resident_vs_folder") else "")
-        + "".join(f"; {b} {v:.2f}× its reference" for b, v in t["vs_reference"].items()) + "\n"
-        for s, t in summary.items() if t and t.get("best_vs_ceiling"))
+    text = f"# {title}\n\n" + "".join(f"**warning:** {w}\n\n" for w in warnings(rows, args)) + table(rows) + \
+        "\n" + "".join(summary_line(s, t) for s, t in summary.items() if t and t.get("best_vs_ceiling"))
     write_text(out / "table.md", text)
     plot(rows, out / "throughput.png", title)
     print(text + f"\nwritten to {out}")

@@ -5,6 +5,7 @@ import csv
 import io
 import os
 import platform
+import statistics
 import time
 from importlib import metadata
 from pathlib import Path
@@ -118,3 +119,42 @@ def write_csv(path, rows, fields):
                 line.append("" if v is None else v)
         writer.writerow(line)
     write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- noise: every figure with the spread of its rounds
+
+MIN_ROUNDS = 3  # fewer rounds give no idea of the noise
+MIN_BATCHES = 50  # timed epochs shorter than this do not hold (issue 20: 5-batch epochs read 0.69x, then 1.63x)
+
+
+def spread(values):
+    """A figure measured once per round: {median, lo, hi, rounds}."""
+    values = sorted(values)
+    return {"median": statistics.median(values), "lo": values[0], "hi": values[-1], "rounds": len(values)}
+
+
+def ratio(a, b):
+    """a / b of two spreads, with the range of every value the ratio can take between them: lo = a.lo / b.hi,
+    hi = a.hi / b.lo. It spans 1.0 exactly when the two rows' ranges overlap."""
+    if not a or not b or not b["lo"]:
+        return None
+    return {"median": a["median"] / b["median"], "lo": a["lo"] / b["hi"], "hi": a["hi"] / b["lo"]}
+
+
+def within_noise(r):
+    return r["lo"] <= 1.0 <= r["hi"]
+
+
+def fmt_spread(s, digits=0):
+    """'3,396 (3,236-3,512)': a median and its rounds' range."""
+    if not s:
+        return "–"
+    return f"{s['median']:,.{digits}f} ({s['lo']:,.{digits}f}-{s['hi']:,.{digits}f})"
+
+
+def fmt_ratio(r):
+    """'1.12× (1.05-1.20)', or '1.01× (0.95-1.08) within noise' when the range spans 1.0: never a win."""
+    if not r:
+        return "–"
+    text = f"{r['median']:.2f}× ({r['lo']:.2f}-{r['hi']:.2f})"
+    return text + " within noise" if within_noise(r) else text

@@ -31,7 +31,8 @@ def tiles(png):
 
 def test_tiny_run_writes_table_json_plot_and_a_sample_sheet_per_backend(ingested, tmp_path):
     out = tmp_path / "results"
-    assert bench.main(["--data", str(ingested), "--backends", "resident", "--in-process", "--out", str(out), *TINY]) == 0
+    assert bench.main(["--data", str(ingested), "--backends", "resident", "--in-process", "--out", str(out), *TINY,
+                       "--rounds", "1"]) == 0
     report = json.loads((out / "results.json").read_text())
     rows = {(r["backend"], r["split"], r["augment"]): r for r in report["rows"]}
     assert set(rows) == ({(d, s, None) for d in DECODERS for s in ("train", "test")}
@@ -42,19 +43,21 @@ def test_tiny_run_writes_table_json_plot_and_a_sample_sheet_per_backend(ingested
             assert "No module named 'nvidia" in rows.pop(("decode-dali", split, None))["error"]
     for (backend, split, augment), row in rows.items():
         assert "error" not in row, row
-        assert row["images_per_sec"] > 0 and len(row["epoch_images_per_sec"]) == 2
+        assert row["images_per_sec"] > 0 and len(row["epoch_images_per_sec"]) == 2 and row["rate"]["rounds"] == 1
         assert row["samples"] == layout.read_manifest(ingested)["splits"][split]["count"]
         assert row["warmup_s"] >= 0 and row["peak_rss_mb"] > 100
         assert 0 <= row["build_s"] <= row["first_batch_s"] <= row["build_s"] + row["warmup_s"]
         folder = rows[("folder", split, augment or bench.DEFAULT_AUGMENT[split])]
         ceiling = max(rows[(d, split, None)]["images_per_sec"] for d in DECODERS if (d, split, None) in rows)
-        assert row["vs_folder"] == pytest.approx(row["images_per_sec"] / folder["images_per_sec"])
-        assert row["vs_ceiling"] == pytest.approx(row["images_per_sec"] / ceiling)
+        assert row["vs_folder"]["median"] == pytest.approx(row["images_per_sec"] / folder["images_per_sec"])
+        assert row["vs_ceiling"]["median"] == pytest.approx(row["images_per_sec"] / ceiling)
         assert row["ceiling"] == (row["images_per_sec"] == ceiling and backend in DECODERS)
         assert row["vs_reference"] is None  # resident has no library of its own
     assert report["targets"]["train"]["best"] == report["targets"]["train-none"]["best"] == "resident"
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 1 + 12 and "× folder" in table and "× reference" in table
+    assert "fewer than 50" in table  # the tiny data's epochs are a few batches: the table says they do not hold
+    assert "1 round(s): fewer than 3 give no idea of the noise" in table
     assert table.count("(ceiling)") == 2 and "first batch s" in table
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
@@ -96,9 +99,9 @@ def test_references_come_with_their_library_and_get_its_ratio():
                              [("decode-pil", 400), ("decode-dali", 500), ("folder", 10), ("dali", 300),
                               ("dali-reference", 200), ("torch", 100)]])
     by_name = {r["backend"]: r for r in rows}
-    assert by_name["dali"]["vs_reference"] == 1.5 and by_name["torch"]["vs_reference"] is None
-    assert by_name["dali"]["vs_ceiling"] == 0.6 and by_name["decode-dali"]["ceiling"]
-    assert bench.targets(rows)["vs_reference"] == {"dali": 1.5}
+    assert by_name["dali"]["vs_reference"]["median"] == 1.5 and by_name["torch"]["vs_reference"] is None
+    assert by_name["dali"]["vs_ceiling"]["median"] == 0.6 and by_name["decode-dali"]["ceiling"]
+    assert bench.targets(rows)["vs_reference"]["dali"]["median"] == 1.5
 
 
 def test_the_train_split_runs_once_per_augment_for_fastpix_loaders_only():
@@ -110,10 +113,31 @@ def test_the_train_split_runs_once_per_augment_for_fastpix_loaders_only():
     rows = bench.add_ratios([{"backend": b, "split": s, "augment": a, "images_per_sec": rate} for (b, s, a), rate in
                              zip(cells, [400, 500, 10, 40, 12, 300, 800, 600, 200, 400])])
     dali_none = next(r for r in rows if r["backend"] == "dali" and r["augment"] == "none")
-    assert dali_none["vs_folder"] == 20 and dali_none["vs_reference"] is None and dali_none["vs_ceiling"] == 2
-    assert bench.targets(rows, "train", "none")["best_vs_folder"] == 20
+    assert dali_none["vs_folder"]["median"] == 20 and dali_none["vs_reference"] is None
+    assert dali_none["vs_ceiling"]["median"] == 2
+    assert bench.targets(rows, "train", "none")["best_vs_folder"]["median"] == 20
     with pytest.raises(UsageError, match="unknown augment"):
         bench.parse(["--augments", "rrc,crop"])
+
+
+def test_noise_columns_come_from_the_rounds():
+    """Each row is the median and min-max of its rounds; a ratio's range runs from the worst to the best pairing
+    of the two rows' rounds, and one that spans 1.0 is printed "within noise", never as a win (issue 20)."""
+    rounds = {"decode-pil": [500, 520, 480], "folder": [100, 90, 110], "dali": [300, 310, 290],
+              "dali-reference": [280, 320, 300], "ffcv": [400, 420, 410], "ffcv-reference": [300, 310, 305]}
+    rows = bench.add_ratios([bench.merge_rounds([
+        {"backend": b, "split": "train", "augment": None if b == "decode-pil" else "rrc", "images_per_sec": rate,
+         "epoch_images_per_sec": [rate], "warmup_s": 1, "build_s": 1, "first_batch_s": 1, "load_avg_1min": 2.0}
+        for rate in rates]) for b, rates in rounds.items()])
+    by_name = {r["backend"]: r for r in rows}
+    assert by_name["dali"]["rate"] == {"median": 300, "lo": 290, "hi": 310, "rounds": 3}
+    assert by_name["dali"]["vs_reference"] == pytest.approx({"median": 1.0, "lo": 290 / 320, "hi": 310 / 280})
+    assert by_name["ffcv"]["vs_reference"] == pytest.approx({"median": 410 / 305, "lo": 400 / 310, "hi": 420 / 300})
+    assert by_name["ffcv"]["vs_ceiling"] == pytest.approx({"median": 410 / 500, "lo": 400 / 520, "hi": 420 / 480})
+    lines = {line.split(" | ")[0].strip("| ").split(" ")[0]: line for line in bench.table(rows).splitlines()[2:]}
+    assert "300 (290-310)" in lines["dali"] and "1.00× (0.91-1.11) within noise" in lines["dali"]
+    assert "1.34× (1.29-1.40) |" in lines["ffcv"]  # a win: its range stays above 1.0
+    assert "500 (480-520)" in lines["decode-pil"]
 
 
 def test_a_row_in_a_fresh_process_reports_its_own_numbers(ingested):
