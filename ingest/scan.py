@@ -55,25 +55,14 @@ def scan(src):
             result.stats.append((entry.name, *_size_mtime(entry.path)))
     for label, name in enumerate(classes):
         errors = []
-        for root, dirs, files in os.walk(src / name, onerror=errors.append):
-            dirs[:] = sorted(d for d in dirs if not _hidden(d))
-            for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-                dirs.remove(d)  # os.walk would not follow it anyway; account for it as one entry
-                files.append(d)
-            for fname in sorted(files):
-                path = os.path.join(root, fname)
-                rel = os.path.relpath(path, src)
-                result.stats.append((rel, *_size_mtime(path)))
-                if _hidden(fname):
-                    result.ignored.append(rel)
-                    continue
-                reason = _link_or_special(path, src)
-                if not _utf8(rel):  # the csv files are UTF-8: name it readably and keep it out
-                    rel, reason = os.fsencode(rel).decode("utf-8", "backslashreplace"), "file name is not UTF-8"
-                if reason:
-                    result.quarantined.append((rel, reason))
-                else:
-                    result.candidates.append((rel, label))
+        for path, rel, reason in walk(src / name, src, errors):
+            result.stats.append((rel, *_size_mtime(path)))
+            if reason is None:
+                result.ignored.append(rel)
+            elif reason:
+                result.quarantined.append((readable(rel), reason))
+            else:
+                result.candidates.append((rel, label))
         for err in errors:  # folders os.walk could not list
             if os.path.samefile(err.filename, src / name):
                 raise UsageError(f"class folder {src / name} cannot be read: {err.strerror}: fix its permissions "
@@ -82,6 +71,32 @@ def scan(src):
             result.quarantined.append((rel, f"unreadable folder: {err.strerror} (its files are not counted)"))
             result.stats.append((rel, *_size_mtime(err.filename)))
     return result
+
+
+def walk(top, src, errors):
+    """Every file below `top` as (path, rel, reason): any depth, in sorted order, hidden folders skipped, a linked
+    folder as one entry (never followed); rel is relative to `src`, the tree no link may leave. reason: None for
+    a hidden file (ignored), "" for a candidate to read, else why it is quarantined unread. Folders os.walk
+    cannot list are appended to `errors`."""
+    for root, dirs, files in os.walk(top, onerror=errors.append):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            dirs.remove(d)  # os.walk would not follow it anyway; account for it as one entry
+            files.append(d)
+        for fname in sorted(files):
+            path = os.path.join(root, fname)
+            rel = os.path.relpath(path, src)
+            if _hidden(fname):
+                yield path, rel, None
+            elif not _utf8(rel):  # the csv files are UTF-8: keep it out (`readable` names it)
+                yield path, rel, "file name is not UTF-8"
+            else:
+                yield path, rel, _link_or_special(path, src) or ""
+
+
+def readable(name):
+    """A file name as UTF-8 text: undecodable bytes as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if not _utf8(name) else name
 
 
 def _utf8(name):

@@ -43,9 +43,9 @@ def check(task):
     """Worker entry point: task = (cfg, rel, label) -> Checked. Cached results are reused as they are."""
     cfg, rel, label = task
     try:
-        data = (cfg.src / rel).read_bytes()
-    except OSError as err:  # removed or locked since the scan: a reason, not a crash of the whole run
-        return Checked(rel, label, "", reason=f"unreadable: {err.strerror}")
+        data = read_source(cfg.src / rel)
+    except Rejected as why:
+        return Checked(rel, label, "", reason=str(why))
     sha = hashlib.sha256(data).hexdigest()
     base = cache_file(cfg.cache_dir, sha, cfg.cache_params())
     jpg, bad = base.with_suffix(".jpg"), base.with_suffix(".bad")
@@ -63,8 +63,42 @@ def check(task):
     return Checked(rel, label, sha, width=size[0], height=size[1], cached=str(jpg))
 
 
+def read_source(path):
+    """A source file's bytes, or Rejected: removed or locked since it was found is a reason, not a crash."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise Rejected(f"unreadable: {err.strerror}") from None
+
+
 def normalise(data, cfg):
     """Source bytes -> (baseline JPEG bytes, (width, height)), or Rejected with the reason."""
+    image = stored_photo(data, cfg)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=cfg.quality, progressive=False, optimize=False)  # no EXIF: already upright
+    return out.getvalue(), image.size
+
+
+def stored_photo(data, cfg):
+    """Source bytes -> the RGB, upright photo at store size that ingest encodes (and predict.py classifies),
+    or Rejected with the reason. cfg: anything with store_size, min_side and max_pixels."""
+    image = opened(data, cfg)
+    # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for no less than the store size on both sides
+    image.draft("RGB", (cfg.store_size, cfg.store_size))
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when already upright (most photos)
+        image = _rgb(image)
+    except OSError as err:
+        reason = "truncated" if "truncated" in str(err) else "undecodable"
+        raise Rejected(f"{reason}: {err}") from None
+    except Exception as err:  # corrupt data surfaces as many exception types inside the decoders
+        raise Rejected(f"undecodable: {err}") from None
+    return _shrink(image, cfg.store_size)
+
+
+def opened(data, cfg):
+    """Source bytes -> a PIL image whose header passed the checks that need no decoding, or Rejected."""
     if not data:
         raise Rejected("empty file")
     try:
@@ -78,21 +112,7 @@ def normalise(data, cfg):
         raise Rejected(f"decompression bomb: {w}x{h} = {w * h} pixels > --max-pixels {cfg.max_pixels}")
     if min(w, h) < cfg.min_side:
         raise Rejected(f"too small: {w}x{h}, shorter side < --min-side {cfg.min_side}")
-    # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for no less than the store size on both sides
-    image.draft("RGB", (cfg.store_size, cfg.store_size))
-    try:
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # no copy when already upright (most photos)
-        image = _rgb(image)
-    except OSError as err:
-        reason = "truncated" if "truncated" in str(err) else "undecodable"
-        raise Rejected(f"{reason}: {err}") from None
-    except Exception as err:  # corrupt data surfaces as many exception types inside the decoders
-        raise Rejected(f"undecodable: {err}") from None
-    image = _shrink(image, cfg.store_size)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=cfg.quality, progressive=False, optimize=False)  # no EXIF: already upright
-    return out.getvalue(), image.size
+    return image
 
 
 def _rgb(image):
