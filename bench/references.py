@@ -6,7 +6,7 @@ workers=)`.
 - `dali-reference`: the train and val pipelines of DALI's ResNet-50 example
   (docs/examples/use_cases/pytorch/resnet50/main.py): image_random_crop (area 0.1-1, aspect 0.8-1.25,
   100 attempts), resize with INTERP_TRIANGULAR, crop_mirror_normalize to float; one pipeline built once,
-  seed 12, default prefetch, DALIClassificationIterator with auto_reset. Its `readers.file` becomes
+  seed 12, default prefetch, auto_reset, the outputs of DALIClassificationIterator. Its `readers.file` becomes
   `readers.webdataset` over our shards; `--dali_cpu` is the CPU variant, where the example's `.gpu()`
   before crop_mirror_normalize is left out. One change of layout: crop_mirror_normalize writes HWC (the
   example: CHW), as the `dali` backend does, and torch sees it as NCHW channels_last, so both rows hand over
@@ -18,14 +18,14 @@ workers=)`.
   (loaders.common.Normalizer, float32) follows in the timed loop instead, so `ffcv` and `ffcv-reference`
   differ in their FFCV pipelines only. The last partial batch is kept (the example drops it), as the batch
   contract wants, so labels are squeezed on dimension 1 only.
-
-Both take their thread count by the backends' rule (loaders.common.resolve_workers: this process's share of
-the cores, at least 1). With `with_ids=True` they also yield each batch's sample ids (a test's check that they
-deliver the split: for DALI read from the webdataset key, for FFCV from FFCV's own sample index).
 - `decode-torchvision`, `decode-pil`, `decode-dali`: every stored JPEG of the split decoded once per epoch in
   `workers` threads (each library releases the GIL while decoding), nothing else; PIL asks libjpeg-turbo for
   the smallest DCT scale (draft) that keeps the shorter side >= test_resize(res), which any pipeline could use.
   On a GPU torchvision and DALI decode batches with nvJPEG. The fastest is the bench's decode ceiling.
+
+Both take their thread count by the backends' rule (loaders.common.resolve_workers: this process's share of
+the cores, at least 1). With `with_ids=True` they also yield each batch's sample ids (a test's check that they
+deliver the split: for DALI read from the webdataset key, for FFCV from FFCV's own sample index).
 """
 import io
 from concurrent.futures import ThreadPoolExecutor
@@ -90,8 +90,6 @@ def _sample_ids(keys):
 
 
 def ffcv_reference(data_dir, split, *, batch_size, res, device, seed, workers, with_ids=False):
-    import torch
-
     from ingest import layout
     from loaders.ffcv import SampleIdDecoder, keep_torch_threads
     with keep_torch_threads():
