@@ -41,8 +41,8 @@ def measure(src, out, workers, store_size):
 def up_to_date_seconds(src, out, store_size):
     """Wall time of the no-op rerun, interpreter start included, as a user runs it."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "ingest" / "build.py"), "--src", str(src), "--out", str(out), "--store-size",
-                    str(store_size), "--workers", "1", "--quiet"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "ingest" / "build.py"), "--src", str(src), "--out", str(out),
+                    "--store-size", str(store_size), "--workers", "1", "--quiet"], check=True, capture_output=True)
     return time.perf_counter() - started
 
 

@@ -9,10 +9,11 @@ row): build the loader (time reported: DALI pipeline build, resident decode or c
 round's figure. Rows are interleaved over `--rounds` rounds (every other one backwards); each row reports the
 median and min-max of its rounds, and each ratio the range its two rows' rounds allow, "within noise" when that
 spans 1.0 (bench.results.ratio). The table warns of fewer than 3 rounds and of timed epochs under 50 batches:
-the 1,259-photo demo's 5-batch epochs gave ffcv 0.69x, then 1.63x its reference (issue 20). Time to first batch is build + the warm-up epoch's first batch. Beside the backends run the rows of
-bench/references.py: `dali-reference` and `ffcv-reference` (the libraries' own example pipelines, added with
-their backend; "× reference" is a backend's ratio to its library's) and decode-only rates of torchvision, PIL
-and DALI, the fastest of which is the decode ceiling ("of ceiling"). The train split runs once per
+the 1,259-photo demo's 5-batch epochs gave ffcv 0.69x, then 1.63x its reference (issue 20). Time to first
+batch is build + the warm-up epoch's first batch. Beside the backends run the rows of bench/references.py:
+`dali-reference` and `ffcv-reference` (the libraries' own example pipelines, added with their backend;
+"× reference" is a backend's ratio to its library's) and decode-only rates of torchvision, PIL and DALI, the
+fastest of which is the decode ceiling ("of ceiling"). The train split runs once per
 `--augments` value (make_loader's augment; the libraries' rows only as rrc): with `none` an epoch needs no
 random work, so the resident row shows memory-copy speed. Output under the results folder: table.md,
 results.json (+ config.json), throughput.png and, per backend and augment, samples-<backend>[-<augment>].png:

@@ -148,7 +148,8 @@ def report(r):
                       f"{res['build_s']:.1f} s, peak RSS {res['peak_rss_mb']:,.0f} MB, then "
                       f"{res['images_per_sec']:,.0f} img/s"))
     lines += [(f"train {b}: img/s, data stall", f"failed: {t['error']}" if t.get("error") else
-               f"{t['images_per_sec']:,.0f}, {t['data_stall']:.0%} ({t['steps']} steps)") for b, t in r["train"].items()]
+               f"{t['images_per_sec']:,.0f}, {t['data_stall']:.0%} ({t['steps']} steps)")
+              for b, t in r["train"].items()]
     return markdown_table(lines, [("figure", lambda line: line[0]), ("value", lambda line: line[1])])
 
 
@@ -162,7 +163,8 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=60, help="training steps per backend (> 5: the first 5 are start-up)")
     p.add_argument("--res", type=int, default=112, help="training and resident resolution, px")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    p.add_argument("--scratch", type=Path, default=None, help="where the re-ingested copy goes (default: beside --data)")
+    p.add_argument("--scratch", type=Path, default=None,
+                   help="where the re-ingested copy goes (default: beside --data)")
     p.add_argument("--keep", action="store_true", help="keep the scratch copy")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/scale-<time>)")
     args = p.parse_args(argv)

@@ -17,7 +17,8 @@ def test_scale_measures_every_figure_in_a_scratch_copy(ingested, tmp_path):
     r = json.loads((out / "results.json").read_text())
     manifest = layout.read_manifest(ingested)
     photos = sum(s["count"] for s in manifest["splits"].values())
-    assert r["ingest"]["photos"] == photos and r["ingest"]["per_worker"] == pytest.approx(photos / r["ingest"]["seconds"])
+    assert r["ingest"]["photos"] == photos
+    assert r["ingest"]["per_worker"] == pytest.approx(photos / r["ingest"]["seconds"])
     assert r["ingest"]["peak_rss_mb"] > 50  # the build's process tree, sampled
     assert r["footprint"]["shards_per_photo"] > 0 and r["footprint"]["cache_per_photo"] > 0
     assert r["footprint"]["per_photo"] > r["footprint"]["shards_per_photo"] + r["footprint"]["cache_per_photo"]
