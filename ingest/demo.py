@@ -153,7 +153,7 @@ def _grain(image, rng):
 
 
 def _quality(rng):
-    """A JPEG quality like the web's: mostly 75-95 (camera and CMS exports), some re-saved low, a few near 100."""
+    """A JPEG quality like the web's: mostly 75-89 (CMS exports), a fifth re-saved low (60-74), a quarter 90-97."""
     low, high = QUALITY_BANDS[int(rng.choice(len(QUALITY_BANDS), p=QUALITY_SHARES))]
     return int(rng.integers(low, high + 1))
 
