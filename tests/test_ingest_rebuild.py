@@ -177,21 +177,30 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
 
 
-def test_a_second_build_of_one_folder_is_refused_naming_the_first(tiny_src, ingested, tmp_path):
+def test_a_second_build_of_one_folder_is_refused_naming_the_first(tiny_src, ingested, tmp_path, monkeypatch):
     """Two writers of one folder would interleave: the second `ingest/build.py` is refused at once, with the
-    first one's pid, and the first finishes undisturbed. (Before: the second waited silently.)"""
-    from concurrent.futures import ThreadPoolExecutor
+    first one's pid, and the first finishes undisturbed. (Before: the second waited silently.) The first is
+    held inside the lock until the second has been answered, so the two surely overlap."""
+    import threading
 
     import files
 
-    def one(_):
-        try:
-            return build(tiny_cfg(tiny_src, out), progress=False, log=lambda *_: None) and "built"
-        except files.Busy as err:
-            return str(err)
+    holding, answered, real_claim = threading.Event(), threading.Event(), build_module.claim
 
-    out = tmp_path / "out"
-    with ThreadPoolExecutor(2) as pool:
-        ended = sorted(pool.map(one, range(2)), key=lambda said: said != "built")
-    assert ended[0] == "built" and f"is being written by pid {os.getpid()}" in ended[1], ended
+    def claim_then_hold(*args):
+        holding.set()
+        answered.wait(60)
+        return real_claim(*args)
+
+    monkeypatch.setattr(build_module, "claim", claim_then_hold)
+    out, first = tmp_path / "out", []
+    thread = threading.Thread(target=lambda: first.append(build(tiny_cfg(tiny_src, out), progress=False,
+                                                                  log=lambda *_: None)))
+    thread.start()
+    assert holding.wait(60)
+    with pytest.raises(files.Busy, match=f"is being written by pid {os.getpid()}"):
+        build(tiny_cfg(tiny_src, out), progress=False, log=lambda *_: None)
+    answered.set()
+    thread.join()
+    assert first, "the first build did not finish"
     assert outputs(out) == outputs(ingested)
