@@ -1,0 +1,112 @@
+"""A run folder as the model its test metrics describe: the weights `evaluate` used (the EMA's with --recipe fast),
+its flip TTA, its classes (merged ones with --merge), its res and autocast, and the ingest settings of the data
+it was trained on (the store-size resize and the quarantine limits), all read from the run and its dataset."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import nets
+from cli import UsageError
+from ingest.layout import read_manifest
+from training.device import resolve_amp
+from training.labels import merge_classes
+from training.runfolder import CHECKPOINT, read_checkpoint
+
+
+class Tested(nn.Module):
+    """The net as `training.evaluate` tests it: logits, averaged with those of the mirror image under flip TTA.
+    One module, so an exported model carries the TTA too."""
+
+    def __init__(self, net, flip):
+        super().__init__()
+        self.net, self.flip = net, flip
+
+    def forward(self, images):
+        logits = self.net(images)
+        return (logits + self.net(images.flip(3))) / 2 if self.flip else logits
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What ingest's conversion of a photo needs (ingest.validate.stored_photo), from the dataset's manifest."""
+    store_size: int
+    min_side: int
+    max_pixels: int
+
+
+@dataclass
+class TestedRun:
+    name: str
+    classes: list
+    res: int
+    amp: str  # the autocast of the run's test pass, resolved for this device: bf16, fp16 or off
+    ingested: Ingested
+    model: Tested  # eval mode, fp32, on the device
+    checkpoint: Path
+    data: Path  # the run's ingested dataset (its test photos are export's parity check)
+
+    def autocast(self, device):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu")):
+    """The TestedRun of `run_dir`, or one UsageError line: no run there, a damaged checkpoint, or a dataset that
+    is not the one the weights were trained on (another fingerprint or other classes)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"--run {run_dir}: no config.json there, so no fastpix run (train one with train.py)")
+    try:
+        saved = json.loads(config_path.read_text())
+        cfg, classes = saved["config"], list(saved["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--run {run_dir}: config.json is damaged ({type(err).__name__})") from None
+    path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path}: no such file" if checkpoint else
+                         f"--run {run_dir}: no {CHECKPOINT} there (the run stopped before its first checkpoint)")
+    state = read_checkpoint("--checkpoint", path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise UsageError(f"--checkpoint {path} is not a fastpix training checkpoint")
+    if list(state.get("classes") or classes) != classes:
+        raise UsageError(f"--checkpoint {path} was trained on other classes than the run {run_dir}")
+    data = Path(data or cfg["data"])
+    ingested = check_dataset(data, state, cfg, classes, path)
+    net = nets.build(cfg["net"], len(classes), strides=cfg.get("strides"), kernels=cfg.get("kernels"),
+                     dropout=cfg.get("dropout", 0.0), batchnorm=cfg.get("batchnorm", False))
+    load_tested_weights(net, state, path)
+    model = Tested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
+    amp = saved.get("amp", "off")
+    amp = resolve_amp("auto" if amp == "fp16" and device.type != "cuda" else amp, device)
+    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data)
+
+
+def check_dataset(data, state, cfg, classes, checkpoint):
+    """The ingest settings of the run's dataset, which must be the one the weights saw."""
+    manifest = read_manifest(data)
+    trained_on = state.get("data_fingerprint")
+    if trained_on and manifest["fingerprint"] != trained_on:
+        raise UsageError(f"--checkpoint {checkpoint} was trained on dataset {trained_on[:12]}, but {data} is dataset "
+                         f"{manifest['fingerprint'][:12]}: pass --data with the dataset it was trained on")
+    if merge_classes(manifest["classes"], cfg.get("merge") or ())[0] != classes:
+        raise UsageError(f"{data} holds other classes than the run was trained on: pass --data with its dataset")
+    return Ingested(manifest["store_size"], manifest["min_side"], manifest["max_pixels"])
+
+
+def load_tested_weights(net, state, checkpoint):
+    """The weights `evaluate` tested: the EMA's (an AveragedModel's state: module.* and its counter) when the
+    run kept one, else the model's. A frozen resnet18's FrozenBatchNorm2d has no num_batches_tracked: the plain
+    BatchNorm2d built here computes the same in eval mode."""
+    weights = state["model"]
+    if state.get("ema"):
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    try:
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        missing, unexpected = [str(err).strip().splitlines()[-1].strip()[:160]], []
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise UsageError(f"--checkpoint {checkpoint} does not fit the run's net: {(missing + unexpected)[0]}")
