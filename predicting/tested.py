@@ -16,7 +16,7 @@ from training.labels import merge_classes
 from training.runfolder import CHECKPOINT, read_checkpoint
 
 
-class Tested(nn.Module):
+class AsTested(nn.Module):
     """The net as `training.evaluate` tests it: logits, averaged with those of the mirror image under flip TTA.
     One module, so an exported model carries the TTA too."""
 
@@ -44,7 +44,7 @@ class TestedRun:
     res: int
     amp: str  # the autocast of the run's test pass, resolved for this device: bf16, fp16 or off
     ingested: Ingested
-    model: Tested  # eval mode, fp32, on the device
+    model: AsTested  # eval mode, fp32, on the device
     checkpoint: Path
     data: Path  # the run's ingested dataset (its test photos are export's parity check)
 
@@ -79,7 +79,7 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu")):
     net = nets.build(cfg["net"], len(classes), strides=cfg.get("strides"), kernels=cfg.get("kernels"),
                      dropout=cfg.get("dropout", 0.0), batchnorm=cfg.get("batchnorm", False))
     load_tested_weights(net, state, path)
-    model = Tested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
+    model = AsTested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
     amp = saved.get("amp", "off")
     amp = resolve_amp("auto" if amp == "fp16" and device.type != "cuda" else amp, device)
     return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data)

@@ -24,7 +24,7 @@ from ingest.build import build
 from ingest.config import IngestConfig
 from ingest.validate import Rejected, normalise
 from predicting import export as export_module
-from predicting.tested import Tested, load_run, load_tested_weights
+from predicting.tested import AsTested, load_run, load_tested_weights
 
 REPO = Path(predict.__file__).resolve().parent
 MERGE = "People+Celebrities"
@@ -81,7 +81,7 @@ def test_the_tested_weights_are_the_emas_and_flip_tta_averages_the_mirror():
     assert not all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        both = Tested(ema.eval(), flip=True)(images)
+        both = AsTested(ema.eval(), flip=True)(images)
         assert torch.allclose(both, (ema(images) + ema(images.flip(3))) / 2)
 
 
