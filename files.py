@@ -65,6 +65,25 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def checksum_of(obj):
+    """sha256 of a JSON object's canonical form without its own `checksum` field: derived JSON files carry it
+    (`seal`) so that a damaged, hand-edited or foreign copy is noticed rather than trusted."""
+    import hashlib
+
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(_plain(body), sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def seal(obj):
+    """`obj` (a dict) with its checksum added."""
+    return {**obj, "checksum": checksum_of(obj)}
+
+
+def sealed(obj):
+    """Whether `obj` is a dict carrying its own, matching checksum."""
+    return isinstance(obj, dict) and obj.get("checksum") == checksum_of(obj)
+
+
 def _plain(obj):
     """Dataclasses, Paths and tuples -> what json writes."""
     if is_dataclass(obj) and not isinstance(obj, type):

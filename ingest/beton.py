@@ -6,13 +6,13 @@ from its exact class, and a subclass would be written as 'unknown', which every 
 `custom_fields` for. The file stays a plain RGBImageField (mode jpg) + IntField beton.
 """
 import errno
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from files import atomic_path
+from ingest import cache
 
 
 class _Encoded:
@@ -26,8 +26,7 @@ class _Encoded:
 
     def __getitem__(self, i):
         s = self.samples[i]
-        with open(s.cached, "rb") as f:
-            data = np.frombuffer(f.read(), np.uint8)
+        data = np.frombuffer(cache.payload(s), np.uint8)
         return (data, s.width, s.height), s.label
 
 
@@ -48,18 +47,26 @@ def write_beton(path, samples):
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
     # a page must hold the biggest sample; beyond that, small pages keep small datasets small
-    sizes = [os.path.getsize(s.cached) for s in samples]
+    sizes = [s.stored_bytes for s in samples]
     page_size = max(MIN_PAGE_SIZE, 1 << (4 * max(sizes, default=0)).bit_length())
     # FFCV writes in a child process, and its parent waits for a count that a child killed by a full disk
     # never reaches: it would hang. So make sure of the space first (data, a partial page, the tables).
     needed = sum(sizes) + 2 * page_size + 64 * len(samples)
     free = shutil.disk_usage(Path(path).parent).free
     if free < needed:
-        raise OSError(errno.ENOSPC, f"{needed} bytes needed, {free} free")
+        full = OSError(errno.ENOSPC, f"{needed} bytes needed, {free} free")
+        full.overhead = needed - sum(sizes)  # beyond the images: what the caller's estimate leaves out
+        raise full
     image = RGBImageField(write_mode="jpg")
     image.encode = _store_jpeg
     with atomic_path(path) as tmp:
         # one writer process: records land in id order, so the same input gives the same file
-        DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=1,
-                      page_size=page_size).from_indexed_dataset(
-            _Encoded(samples), chunksize=256)
+        writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=1, page_size=page_size)
+        try:
+            writer.from_indexed_dataset(_Encoded(samples), chunksize=256)
+        except BaseException:  # stopped (its child died, Ctrl-C): free the shared memory FFCV frees only at the end
+            sm = getattr(writer, "metadata_sm", None)
+            if sm is not None:
+                sm.close()
+                sm.unlink()
+            raise

@@ -4,8 +4,9 @@ in both FFCV and DALI webdataset form (the format is ingest/layout.py).
 scan -> validate in worker processes (cached per file) -> drop duplicates -> split -> write, manifest last.
 Every file found is accounted for as written, quarantined or ignored. A rerun over an unchanged source is
 a no-op if every data file still has the manifest's size and checksum, and otherwise rewrites just the
-damaged files; a run killed at any point is finished by the next one with the same result. It writes only
-into a folder of its own (ingest/journal.py). Without --src the 500px-like demo is generated (once) into
+damaged files; a run killed at any point is finished by the next one with the same result, and a child
+process's death stops it with one line (ingest/children.py). It writes only into a folder of its own
+(ingest/journal.py). Without --src the 500px-like demo is generated (once) into
 data/demo-500px and ingested. `--verify` only reads: ingest/verify.py.
 
 Over 300 lines because it holds the one order of the stages and the rerun logic (up to date, repair the
@@ -24,6 +25,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -34,12 +36,13 @@ if __package__ in (None, ""):  # run as a script: import from the repo root, nev
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, add_options, config_from, run  # noqa: E402
-from files import one_writer, read_json, write_json, write_text  # noqa: E402
-from ingest import layout  # noqa: E402
+from files import Busy, one_writer, read_json, write_text  # noqa: E402
+from ingest import cache, layout  # noqa: E402
+from ingest.children import ChildDied, said, watch_children  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
 from ingest.journal import claim  # noqa: E402
-from ingest.scan import scan  # noqa: E402
+from ingest.scan import scan, source_path  # noqa: E402
 from ingest.split import split  # noqa: E402
 from ingest.validate import check  # noqa: E402
 
@@ -60,13 +63,21 @@ def build(cfg, progress=True, log=print, timings=None):
                  * len(found.candidates) * 3}  # the cache, then a tar and a beton copy of it
         try:
             return _build(cfg, found, journal, clock, progress, log, doing)
+        except cache.Damaged as err:
+            raise UsageError(f"{err}: rerun to make it again from the source") from None
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             free = shutil.disk_usage(cfg.out).free
-            raise UsageError(f"disk full while writing {doing['what']}: about {doing['bytes_left'] / 1e6:.0f} MB more "
-                             f"is needed ({free / 1e6:.0f} MB free); what was written is kept: free space and rerun "
-                             "to finish") from None
+            needed = doing["bytes_left"] + getattr(err, "overhead", 0)
+            raise UsageError(f"disk full while writing {doing['what']}: about {_megabytes(needed)} more is needed "
+                             f"({_megabytes(free)} free); what was written is kept: free space and rerun to "
+                             "finish") from None
+
+
+def _megabytes(n):
+    """Bytes as MB, never rounded down to a misleading 0."""
+    return f"{n / 1e6:.1f} MB" if n < 10e6 else f"{n / 1e6:.0f} MB"
 
 
 def _image_bytes(store_size):
@@ -83,10 +94,13 @@ def _build(cfg, found, journal, clock, progress, log, doing):
         damaged = journal.damaged(previous["files"])
         if not damaged:
             log(f"{cfg.out} is up to date with {cfg.src} (use --force to rebuild)")
+            if "checksum" not in previous:  # written by a fastpix before manifests carried one
+                previous = layout.write_manifest(cfg.out, previous)
+                log(f"added a checksum to {cfg.out / layout.MANIFEST}: hand edits of it are now refused")
             return previous
         log(f"{cfg.out}: {', '.join(damaged)} damaged or missing: rewriting {'it' if len(damaged) == 1 else 'them'}")
     if cfg.force:
-        _clear_cache(cfg.cache_dir)
+        cache.prune(cfg.cache_dir)
 
     checked = validate_all(cfg, found.candidates, progress)
     clock.lap("validate")
@@ -103,7 +117,7 @@ def _build(cfg, found, journal, clock, progress, log, doing):
             return previous
     (cfg.out / layout.MANIFEST).unlink(missing_ok=True)  # from here the folder is incomplete until the end
     journal.plan(outputs)
-    files, images = {}, sum(os.path.getsize(s.cached) for part in splits.values() for s in part)
+    files, images = {}, sum(s.stored_bytes for part in splits.values() for s in part)
     doing["bytes_left"] = images * len(formats) + 2048 * len(kept)  # + tar headers; the csvs are small
     for name, write in outputs.items():
         doing["what"] = str(cfg.out / name)
@@ -113,8 +127,8 @@ def _build(cfg, found, journal, clock, progress, log, doing):
     doing["what"] = str(cfg.out / layout.MANIFEST)
     manifest = _manifest(cfg, found, fingerprint, quarantine, splits, shards, formats, files)
     journal.remove_stale(keep=outputs)
-    write_json(cfg.out / layout.MANIFEST, manifest, indent=1, sort_keys=True)
-    _prune_cache(cfg.cache_dir, [s.cached for part in splits.values() for s in part])
+    manifest = layout.write_manifest(cfg.out, manifest)
+    cache.prune(cfg.cache_dir, keep=[c.cached for c in checked])
     clock.lap("write")
 
     m = manifest
@@ -179,9 +193,13 @@ def validate_all(cfg, candidates, progress=True):
     tasks = [(cfg, rel, label) for rel, label in candidates]
     chunk = max(1, min(16, len(tasks) // (cfg.workers * 8)))
     # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit broken
-    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(check, tasks, chunksize=chunk), total=len(tasks), desc="validate",
-                         unit="img", disable=not progress))
+    try:
+        with watch_children("validation"), ProcessPoolExecutor(
+                cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(tqdm(pool.map(check, tasks, chunksize=chunk), total=len(tasks), desc="validate",
+                             unit="img", disable=not progress))
+    except BrokenProcessPool:  # the pool noticed the death first
+        raise ChildDied(said("validation", "(a worker)", "died")) from None
 
 
 def _formats(log):
@@ -211,7 +229,8 @@ def _plan(cfg, splits, quarantine, formats):
 
     rows = ("path", "label", "sha256", "width", "height")
     outputs = {layout.csv_path("", name).name: _text_writer(_csv(rows, [
-        (s.rel, s.label, s.sha256, s.width, s.height) for s in samples])) for name, samples in splits.items()}
+        (source_path(cfg.src, s.rel), s.label, s.sha256, s.width, s.height) for s in samples]))
+        for name, samples in splits.items()}
     outputs[layout.QUARANTINE] = _text_writer(_csv(("path", "reason"), quarantine))
     shards = {}
     for name, samples in splits.items():
@@ -232,7 +251,8 @@ def _text_writer(text):
 def _write_beton(path, samples):
     from ingest.beton import write_beton  # imports torch and numba: only when there is work
 
-    write_beton(path, samples)
+    with watch_children(f"writing {path}"):
+        write_beton(path, samples)
 
 
 def _write_index(path, tar):
@@ -280,20 +300,8 @@ def _csv(header, rows):
     return buf.getvalue()
 
 
-def _prune_cache(cache, used):
-    used = {Path(p) for p in used}
-    for path in cache.glob("*/*"):
-        if path.suffix == ".jpg" and path not in used or ".tmp" in path.name:
-            path.unlink()
-
-
-def _clear_cache(cache):
-    for path in cache.glob("*/*"):
-        path.unlink()
-
-
 def _verify(out, workers, started):
-    from ingest.verify import verify
+    from ingest.verify import damaged_names, verify
 
     problems, size = verify(out.resolve(), workers)
     for line in problems:
@@ -301,6 +309,11 @@ def _verify(out, workers, started):
     took = time.perf_counter() - started
     if problems:
         source = layout.read_manifest(out)["source"]
+        try:
+            with one_writer(out):  # noted for the rerun: some damage keeps the sha256 (a JPEG stored damaged)
+                claim(out, force=False).distrust(damaged_names(problems))
+        except (Busy, UsageError, OSError) as err:  # held by an ingest, not ours, or read-only
+            print(f"note: the damaged files could not be noted for the rerun ({err})")
         print(f"{len(problems)} problem{'s' * (len(problems) > 1)} in {out}: rerun python ingest/build.py "
               f"--src {source} --out {out} to rewrite the damaged files")
         return 1

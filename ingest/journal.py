@@ -7,13 +7,14 @@ never whatever else matches a name pattern. And it keeps a stamp per file (size,
 right after the file was hashed, so the up-to-date check re-hashes only files whose stamp changed: a full
 hash costs about 2 s per GB here, too much for a no-op rerun of a big dataset. A rewrite in place changes
 mtime and ctime (ctime cannot be set back), so the stamp catches edits; bit rot that keeps the stamp is
-what `python ingest/build.py --verify` is for.
+what `python ingest/build.py --verify` is for. The journal carries its own checksum: a damaged one keeps no
+stamp (every file is hashed again), and a name outside the folder is never taken from it.
 """
 import json
 import os
 
 from cli import UsageError
-from files import WRITER_NOTE, temp_of, write_json
+from files import WRITER_NOTE, seal, sealed, temp_of, write_json
 from ingest import layout
 
 
@@ -22,12 +23,18 @@ class Journal:
         self.out = out
         self.path = out / layout.JOURNAL
         try:
-            self.files = json.loads(self.path.read_text())["files"]
+            saved = json.loads(self.path.read_text())
+            self.files = dict(saved["files"])
         except (OSError, ValueError, KeyError, TypeError):  # none yet, or torn by hand: files are re-hashed
-            self.files = {}
+            saved, self.files = None, {}
+        if saved is not None and not sealed(saved):
+            # from a fastpix before journals had a checksum: keep the names it wrote, not the stamps (every file
+            # is hashed again once); damaged or edited: trust nothing (what it lists might not be ingest's)
+            legacy = "checksum" not in saved
+            self.files = {name: {} for name in self.files if legacy and "/" not in name and name not in ("", "..")}
 
     def save(self):
-        write_json(self.path, {"files": self.files}, indent=1, sort_keys=True)
+        write_json(self.path, seal({"files": self.files}), indent=1, sort_keys=True)
 
     def plan(self, names):
         """Note files about to be written, before writing them: a kill then leaves nothing unlisted."""
@@ -58,19 +65,28 @@ class Journal:
         return {"bytes": known["bytes"], "sha256": known["sha256"]}
 
     def damaged(self, files):
-        """Names among `files` ({name: {bytes, sha256}}) missing or different on disk; a wrong size needs
-        no hash. Fresh stamps are saved, so the next check is cheap again."""
+        """Names among `files` ({name: {bytes, sha256}}) missing or different on disk, or found damaged by
+        `--verify` (`distrust`); a wrong size needs no hash. Fresh stamps are saved, so the next check is cheap
+        again."""
+        flagged = {name for name, entry in self.files.items() if isinstance(entry, dict) and entry.get("damaged")}
         bad = [name for name, want in files.items()
-               if not (self.out / name).is_file() or (self.out / name).stat().st_size != want["bytes"]
-               or self.digest(name) != want]
+               if name in flagged or not (self.out / name).is_file()
+               or (self.out / name).stat().st_size != want["bytes"] or self.digest(name) != want]
         self.save()
         return bad
+
+    def distrust(self, names):
+        """Note files that `--verify` found damaged although their sha256 may match the manifest (an image
+        that does not decode was stored so): the next rerun rewrites them."""
+        self.files.update({name: {"damaged": True} for name in names if name in self.files})
+        self.save()
 
     def remove_stale(self, keep):
         """Delete the files this journal lists that are not in `keep`, and temp files of any listed name."""
         ours = set(self.files) | set(keep) | {layout.MANIFEST, layout.JOURNAL}
         for name in [n for n in self.files if n not in keep]:
-            (self.out / name).unlink(missing_ok=True)
+            if (self.out / name).is_file() and not (self.out / name).is_symlink():
+                (self.out / name).unlink()
             del self.files[name]
         for entry in os.scandir(self.out):
             if temp_of(entry.name) in ours and entry.is_file(follow_symlinks=False):

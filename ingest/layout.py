@@ -7,14 +7,15 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
   webdataset convention) and `<key>.lbl` (label as 8-byte little-endian int64, so DALI yields dense
   int64 labels with `dtypes=[UINT8, INT64]`). Train shards are shuffled at write time (DALI shuffles
   only within a buffer); test shards are in id order.
-- `<split>.csv`: one row per sample in id order: path (relative to the source), label, sha256, width,
-  height (of the stored image).
+- `<split>.csv`: one row per sample in id order: path (where the photo's bytes are: relative to the source,
+  or, reached through a link leading outside it, absolute), label, sha256, width, height (of the stored image).
 - `quarantine.csv` (path, reason) and `manifest.json` (written last: its presence means complete):
   `classes` (sorted names; label = index), `store_size`, `quality`, `seed`, `test_share`, `source`
   (absolute path of the source folder), `fingerprint`, `versions`, `found`/`written`/`quarantined`/
   `ignored` counts, and `splits.<split>` = {`count`, `per_class` {name: n}, `shards` [{`tar`, `count`}]};
   also `shard_size`, `min_side`, `max_pixels` and `pipeline` (what else decided the bytes);
-  `formats`: `["webdataset", "ffcv"]`, or `["webdataset"]` when FFCV could not be imported at ingest (then
+  `checksum`: sha256 of the manifest's canonical JSON without it (`files.checksum_of`; absent in manifests of
+  a fastpix before it, which load unchecked); `formats`: `["webdataset", "ffcv"]`, or `["webdataset"]` when FFCV could not be imported at ingest (then
   there is no `.beton`); `files`: {name relative to the folder: {`bytes`, `sha256`}} of every data file ingest
   wrote (betons, tars, idx files, the csvs and quarantine.csv; not the manifest itself), what
   `python ingest/build.py --verify` and the loaders' start-up check compare against.
@@ -22,7 +23,8 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
   the shorter side = `store_size` unless the photo was smaller (never upscaled).
 - Hidden entries (`.cache/`, `.ingest-journal.json`, temp files `.<name>.tmp<pid>`) belong to ingest; other tools
   may add files of their own, and ingest deletes only files its journal says it wrote (ingest/journal.py).
-  The loaders add `.verified.json` (VERIFIED: which file versions' sha256 they checked, see check_split).
+  The loaders add `.verified.json` (VERIFIED: which file versions' sha256 they checked, with its own checksum
+  and the manifest's fingerprint, see verify_digests).
 
 The sample id is the row number in `<split>.csv`, so every backend can be checked against the others.
 """
@@ -32,7 +34,7 @@ import json
 from pathlib import Path
 
 from cli import UsageError
-from files import read_json, write_json
+from files import read_json, seal, sealed, write_json
 
 SPLITS = ("train", "test")
 DEFAULT_SRC = Path("data/demo-500px")
@@ -65,18 +67,25 @@ def file_sha256(path):
 
 
 def read_manifest(data_dir):
-    """The manifest of an ingested folder, or a UsageError that says how to make or repair one."""
+    """The manifest of an ingested folder, or a UsageError that names manifest.json and how to repair it.
+    Every reader of a dataset comes through here, so a hand edit (swapped or dropped classes) is caught."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise UsageError(f"{data_dir} is not an ingested dataset (no {MANIFEST}): run python ingest/build.py first")
     problem = manifest_problem(path)
     if problem:
-        raise UsageError(f"{path} is damaged ({problem}): rerun python ingest/build.py --src <photos> --out {data_dir}")
+        try:
+            source = read_json(path)["source"]
+        except Exception:  # whatever is left of it: the message still says what to run
+            source = "<photos>"
+        raise UsageError(f"{path} is damaged ({problem}): rerun python ingest/build.py --src {source} --out "
+                         f"{data_dir} to rewrite it")
     return read_json(path)
 
 
 def manifest_problem(path):
-    """Why the file at `path` is not a readable manifest (a short phrase), or None if it is one."""
+    """Why the file at `path` is not a readable manifest (a short phrase), or None if it is one. A manifest
+    without a checksum (a fastpix before it wrote one) passes unchecked; ingest adds one on its next run."""
     try:
         manifest = json.loads(Path(path).read_text())
     except OSError as err:
@@ -88,7 +97,18 @@ def manifest_problem(path):
     missing = [k for k in ("classes", "fingerprint", "splits") if k not in manifest]
     missing += [f"splits.{s}.{k}" for s in SPLITS for k in ("count", "shards")
                 if not isinstance(manifest.get("splits"), dict) or k not in manifest["splits"].get(s, {})]
-    return f"missing {', '.join(missing)}" if missing else None
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if "checksum" in manifest and not sealed(manifest):
+        return "edited since ingest: its content does not match its checksum"
+    return None
+
+
+def write_manifest(data_dir, manifest):
+    """Write `manifest` (a dict) with its checksum, atomically, as the last file of an ingest; returns it."""
+    manifest = seal(manifest)
+    write_json(Path(data_dir) / MANIFEST, manifest, indent=1, sort_keys=True)
+    return manifest
 
 
 def shard_paths(data_dir, split):
@@ -185,13 +205,17 @@ def verify_digests(data_dir, manifest, paths):
     """Each file's full sha256 against the manifest, once per file version (about 2 s per GB here).
 
     A file whose (size, mtime, ctime, inode) and manifest digest are recorded in VERIFIED as matching is not
-    read again: any write changes its ctime, and a new ingest its digest. The record is written atomically;
-    in a read-only folder it is not, and the next start hashes again."""
+    read again: any write changes its ctime, and a new ingest its digest. The record is derived, so checked
+    too: it carries its own checksum and the manifest's fingerprint, and one that is damaged, from another
+    dataset or from a fastpix before it is ignored (everything is hashed again). It is written atomically; in
+    a read-only folder it is not, and the next start hashes again."""
     record_path = Path(data_dir) / VERIFIED
     try:
-        record = read_json(record_path)
+        saved = read_json(record_path)
     except (OSError, ValueError):
-        record = {}
+        saved = None
+    ours = sealed(saved) and saved.get("dataset") == manifest.get("fingerprint")
+    record = saved["files"] if ours and isinstance(saved.get("files"), dict) else {}
     verified = {}
     for path in paths:
         stat, digest = path.stat(), manifest["files"][path.name]["sha256"]
@@ -202,6 +226,7 @@ def verify_digests(data_dir, manifest, paths):
             verified[path.name] = stamp
     if verified:
         try:
-            write_json(record_path, {**record, **verified}, indent=None)
+            write_json(record_path, seal({"dataset": manifest.get("fingerprint"), "files": {**record, **verified}}),
+                       indent=None)
         except OSError:
             pass

@@ -1,4 +1,4 @@
-"""Find every file under the source and sort it into candidates, ignored and (for links) quarantined, cheaply:
+"""Find every file under the source and sort it into candidates, ignored and quarantined, cheaply:
 only directory listings and stat calls, so an unchanged source is recognised in well under a second."""
 import hashlib
 import json
@@ -33,24 +33,21 @@ def _hidden(name):
 
 
 def scan(src):
-    """Scan `src` (absolute): class = immediate non-hidden subfolder; files below it (any depth) are its.
-    A symlinked folder is never followed (its files would be counted twice, or come from outside the
-    source): it is quarantined as one entry saying where it points. An unreadable subfolder is quarantined
-    the same way; an unreadable class folder or source stops the scan with one line."""
+    """Scan `src` (absolute): class = immediate non-hidden subfolder (or link to one); files below it (any
+    depth) are its, links followed as `walk` says. A photo reached in two places is then a duplicate
+    (ingest/dedup.py). An unreadable subfolder is quarantined; an unreadable class folder or source stops
+    the scan with one line."""
     src = Path(src)
     try:
         entries = list(os.scandir(src))
     except OSError as err:
         raise UsageError(f"--src {src} cannot be read: {err.strerror}") from None
-    classes = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and not _hidden(e.name))
+    classes = sorted(e.name for e in entries if _is_dir(e) and not _hidden(e.name))
     if not classes:
         raise UsageError(f"--src {src} has no class folders: put each class's photos in a subfolder named after it")
     result = Scan(classes)
     for entry in entries:
-        if entry.is_symlink() and entry.is_dir() and not _hidden(entry.name):  # a linked class folder
-            result.quarantined.append((entry.name, _link_or_special(entry.path, src)))
-            result.stats.append((entry.name, *_size_mtime(entry.path)))
-        elif not entry.is_dir():
+        if not _is_dir(entry):
             result.ignored.append(entry.name)
             result.stats.append((entry.name, *_size_mtime(entry.path)))
     for label, name in enumerate(classes):
@@ -74,15 +71,23 @@ def scan(src):
 
 
 def walk(top, src, errors):
-    """Every file below `top` as (path, rel, reason): any depth, in sorted order, hidden folders skipped, a linked
-    folder as one entry (never followed); rel is relative to `src`, the tree no link may leave. reason: None for
-    a hidden file (ignored), "" for a candidate to read, else why it is quarantined unread. Folders os.walk
-    cannot list are appended to `errors`."""
-    for root, dirs, files in os.walk(top, onerror=errors.append):
+    """Every file below `top` as (path, rel, reason): any depth, in sorted order, hidden folders skipped; rel is
+    relative to `src`. reason: None for a hidden file (ignored), "" for a candidate to read, else why it is
+    quarantined unread. Links to folders and files are followed wherever they point, like torchvision's
+    ImageFolder (`os.walk(followlinks=True)`); a folder reached a second time below `top` (a link loop, or two
+    links to one folder) is one quarantined entry instead of being walked again, so the walk ends and every
+    file is counted once. Folders os.walk cannot list are appended to `errors`."""
+    walked = {_folder_id(top): os.path.relpath(top, src)}  # folder identity -> where it was walked
+    for root, dirs, files in os.walk(top, onerror=errors.append, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            dirs.remove(d)  # os.walk would not follow it anyway; account for it as one entry
-            files.append(d)
+        for d in list(dirs):
+            path = os.path.join(root, d)
+            rel = os.path.relpath(path, src)
+            first = walked.setdefault(_folder_id(path), rel)
+            if first != rel:
+                dirs.remove(d)
+                yield path, rel, ("folder reached again through a symlink (a loop, or two links to one folder): "
+                                  f"its files are counted at {first}")
         for fname in sorted(files):
             path = os.path.join(root, fname)
             rel = os.path.relpath(path, src)
@@ -91,12 +96,37 @@ def walk(top, src, errors):
             elif not _utf8(rel):  # the csv files are UTF-8: keep it out (`readable` names it)
                 yield path, rel, "file name is not UTF-8"
             else:
-                yield path, rel, _link_or_special(path, src) or ""
+                yield path, rel, _special(path) or ""
+
+
+def source_path(src, rel):
+    """Where the bytes of the file found at `rel` are: `rel` itself, or where its links lead (relative to
+    `src` when inside it, else absolute): what the csvs record, so that a photo can be found again."""
+    path = os.path.join(src, rel)
+    real = os.path.realpath(path)
+    if real == path:
+        return rel
+    return os.path.relpath(real, src) if Path(real).is_relative_to(src) else real
 
 
 def readable(name):
     """A file name as UTF-8 text: undecodable bytes as \\xNN escapes."""
     return os.fsencode(name).decode("utf-8", "backslashreplace") if not _utf8(name) else name
+
+
+def _is_dir(entry):
+    try:
+        return entry.is_dir()  # follows a link
+    except OSError:  # a link loop
+        return False
+
+
+def _folder_id(path):
+    try:
+        st = os.stat(path)
+    except OSError:  # gone since it was listed: os.walk reports it as unreadable
+        return path
+    return st.st_dev, st.st_ino
 
 
 def _utf8(name):
@@ -115,20 +145,12 @@ def _size_mtime(path):
     return st.st_size, st.st_mtime_ns
 
 
-def _link_or_special(path, src):
-    """A reason to quarantine without reading: a link leaving the tree, a broken link, a non-regular file."""
-    if os.path.islink(path):
-        target = Path(os.path.realpath(path))
-        if not target.is_relative_to(src):
-            return f"symlink leaves the source: points to {target}"
-        if not target.exists():
-            return "unreadable: broken symlink"
-        if target.is_dir():
-            return f"symlinked folder, not followed: points to {target.relative_to(src)}"
+def _special(path):
+    """A reason to quarantine without reading: a broken link, a non-regular file."""
     try:
         mode = os.stat(path).st_mode
     except OSError as err:
-        return f"unreadable: {err.strerror}"
+        return "unreadable: broken symlink" if os.path.islink(path) else f"unreadable: {err.strerror}"
     if not stat.S_ISREG(mode):
         return "not a regular file"
     return None

@@ -15,7 +15,7 @@ import numpy as np
 
 from cli import UsageError
 from files import atomic_path
-from ingest import layout
+from ingest import cache, layout
 
 
 def shard_order(n, split, seed):
@@ -38,9 +38,7 @@ def write_tar(path, samples, ids):
         with TarWriter(str(tmp), encoder=False, mtime=0, user="fastpix", group="fastpix") as tar:
             for i in ids:
                 s = samples[i]
-                with open(s.cached, "rb") as f:
-                    jpeg = f.read()
-                tar.write({"__key__": f"{i:08d}", "jpg": jpeg, "cls": str(s.label).encode("ascii"),
+                tar.write({"__key__": f"{i:08d}", "jpg": cache.payload(s), "cls": str(s.label).encode("ascii"),
                            "lbl": struct.pack("<q", s.label)})
 
 

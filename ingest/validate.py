@@ -3,8 +3,8 @@
 Every accepted image is fully decoded, made RGB (gray, CMYK, palette; alpha composited on white), turned
 upright from its EXIF orientation, shrunk so its shorter side is the store size (never enlarged) and
 re-encoded once as baseline JPEG, which every decoder we feed (DALI CPU and nvJPEG hardware, FFCV's
-libjpeg-turbo, PIL) accepts. The result lands in a cache keyed by the file's content hash and the
-parameters, so a killed or repeated run never redoes a file.
+libjpeg-turbo, PIL) accepts. The result lands in a checked cache keyed by the file's content hash and the
+parameters (ingest/cache.py), so a killed or repeated run never redoes a file.
 """
 import hashlib
 import io
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
-from files import write_bytes
+from ingest import cache
 
 Image.MAX_IMAGE_PIXELS = None  # our own --max-pixels check below replaces PIL's fixed limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey
@@ -27,40 +27,36 @@ class Checked:
     reason: str = ""  # empty = accepted
     width: int = 0  # of the stored image
     height: int = 0
-    cached: str = ""  # cache file holding the stored JPEG
+    cached: str = ""  # cache entry holding the stored JPEG (or the reason), see ingest/cache.py
+    stored_bytes: int = 0  # of the stored JPEG
 
 
 class Rejected(Exception):
     """A file that must not reach a shard; the message is its quarantine reason."""
 
 
-def cache_file(cache_dir, sha256, params):
-    key = hashlib.sha256(f"{sha256}:{params}".encode()).hexdigest()
-    return Path(cache_dir) / key[:2] / key
-
-
 def check(task):
-    """Worker entry point: task = (cfg, rel, label) -> Checked. Cached results are reused as they are."""
+    """Worker entry point: task = (cfg, rel, label) -> Checked. A cached result is reused if its entry is whole
+    and was made from these very source bytes; any other is made again."""
     cfg, rel, label = task
     try:
         data = read_source(cfg.src / rel)
     except Rejected as why:
         return Checked(rel, label, "", reason=str(why))
     sha = hashlib.sha256(data).hexdigest()
-    base = cache_file(cfg.cache_dir, sha, cfg.cache_params())
-    jpg, bad = base.with_suffix(".jpg"), base.with_suffix(".bad")
-    if jpg.is_file():
-        with Image.open(jpg) as im:  # header only
-            return Checked(rel, label, sha, width=im.width, height=im.height, cached=str(jpg))
-    if bad.is_file():
-        return Checked(rel, label, sha, reason=bad.read_text())
-    try:
-        encoded, size = normalise(data, cfg)
-    except Rejected as why:
-        write_bytes(bad, str(why).encode(), durable=False)  # a cache: not flushed, see files.py
-        return Checked(rel, label, sha, reason=str(why))
-    write_bytes(jpg, encoded, durable=False)
-    return Checked(rel, label, sha, width=size[0], height=size[1], cached=str(jpg))
+    path = cache.entry_path(cfg.cache_dir, sha, cfg.cache_params())
+    entry = cache.read(path, sha)
+    if entry is None:
+        try:
+            encoded, size = normalise(data, cfg)
+            entry = cache.Entry("jpeg", encoded, *size)
+        except Rejected as why:
+            entry = cache.Entry("rejected", str(why).encode())
+        cache.write(path, sha, entry)
+    if entry.kind == "rejected":
+        return Checked(rel, label, sha, reason=entry.payload.decode(errors="replace"), cached=str(path))
+    return Checked(rel, label, sha, width=entry.width, height=entry.height, cached=str(path),
+                   stored_bytes=len(entry.payload))
 
 
 def read_source(path):
@@ -89,6 +85,8 @@ def stored_photo(data, cfg):
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # no copy when already upright (most photos)
         image = _rgb(image)
+    except Rejected:
+        raise
     except OSError as err:
         reason = "truncated" if "truncated" in str(err) else "undecodable"
         raise Rejected(f"{reason}: {err}") from None
@@ -115,13 +113,45 @@ def opened(data, cfg):
     return image
 
 
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")  # composited on white
+_EIGHT_BIT = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # convert("RGB") maps these right
+
+
 def _rgb(image):
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+    """Any mode Pillow opens -> RGB by its real range, or Rejected saying why not: never a silently black or
+    white image (convert("RGB") clips 16-bit, int32 and float pixels to 0..255)."""
+    mode = image.mode
+    if mode in _ALPHA or (mode == "P" and "transparency" in image.info):
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    if image.mode.startswith("I;16"):  # 16-bit gray: convert("RGB") would clip, so scale to 8 bits first
+    if mode.startswith("I;16"):  # 16-bit gray: convert("RGB") would clip, so scale to 8 bits first
         image = image.convert("I").point(lambda v: v / 256).convert("L")
+    elif mode in ("I", "F"):
+        image = _gray_8bit(image)
+    elif mode not in _EIGHT_BIT:
+        raise Rejected(f"unsupported pixel mode {mode}")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _gray_8bit(image):
+    """An int32 (I) or float (F) image -> mode L, scaled by the range its values are in: 0..255 or 0..65535,
+    and for floats also 0..1. Other ranges are quarantined: no scale can be told from them."""
+    import numpy as np
+
+    mode, pixels = image.mode, np.asarray(image)
+    if not np.isfinite(pixels).all():
+        raise Rejected(f"pixel mode {mode} with NaN or infinite values")
+    low, high = pixels.min(), pixels.max()
+    ranges = (1.0, 255, 65535) if mode == "F" else (255, 65535)
+    top = next((r for r in ranges if high <= r), None)
+    if low < 0 or top is None:
+        raise Rejected(f"pixel mode {mode} with values {_number(low)}..{_number(high)}: outside "
+                       f"0..{ranges[-1]}, so the range of its pixels is unknown")
+    return Image.fromarray(np.rint(pixels.astype(np.float64) * (255 / top)).astype(np.uint8), "L")
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else f"{value:g}"
 
 
 def _shrink(image, store_size):

@@ -1,6 +1,6 @@
 """`python ingest/build.py --verify [--out DIR]`: re-read every data file of an ingested folder and name each
 problem in one line: checksums and sizes against the manifest, every tar member, each index against its tar,
-every stored JPEG decoded (and its size and label against the csv), and the .beton's records against the
+every stored JPEG decoded as FFCV decodes it (ingest/jpeg.py; and its size and label against the csv), and the .beton's records against the
 tars' bytes. It only reads; a plain rerun of the ingest rewrites what it reports.
 
 The stored JPEGs have no hash of their own: the csv's sha256 is of the source photo (it finds duplicates),
@@ -9,7 +9,6 @@ Shards are checked in worker processes, one file per task.
 """
 import csv
 import hashlib
-import io
 import multiprocessing
 import os
 import struct
@@ -18,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from cli import UsageError
 from ingest import layout
+from ingest.jpeg import decode_size
 
 
 def verify(out, workers=1):
@@ -41,6 +41,14 @@ def verify(out, workers=1):
         problems += [p for split in layout.SPLITS for p in _check_beton(
             out, split, manifest["splits"][split]["count"], tables[split], jpegs[split])]
     return problems, sum(f["bytes"] for f in manifest["files"].values())
+
+
+def damaged_names(problems):
+    """The data files that problem lines of `verify` name as damaged (not those it could not check)."""
+    return sorted({line.split(":")[0] for line in problems if UNCHECKED not in line})
+
+
+UNCHECKED = "cannot be checked here"
 
 
 def _file_problems(out, name, want):
@@ -74,8 +82,6 @@ def _table(out, split, manifest, problems, damaged):
 
 def _check_shard(task):
     """Worker: (out, split, tar name, count, csv table) -> ([problems], {id: sha256 of its JPEG})."""
-    from PIL import Image
-
     out, split, name, count, table = task
     path, problems, hashes, samples = f"{out}/{name}", [], {}, {}
     try:
@@ -93,7 +99,7 @@ def _check_shard(task):
         elif len(samples) > count:
             problems.append(f"{name}: {len(samples)} samples, the manifest says {count}")
     for key, parts in samples.items():
-        problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(key, parts, table, Image)]
+        problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(key, parts, table)]
         if "jpg" in parts and key.isdigit():
             hashes[int(key)] = hashlib.sha256(parts["jpg"]).hexdigest()
     idx = layout.index_name(name)
@@ -106,7 +112,7 @@ def _check_shard(task):
     return problems, hashes
 
 
-def _sample_problems(key, parts, table, image_module):
+def _sample_problems(key, parts, table):
     if sorted(parts) != ["cls", "jpg", "lbl"]:
         return [f"has {', '.join(sorted(parts))}, not cls, jpg, lbl"]
     if not key.isdigit():
@@ -120,11 +126,10 @@ def _sample_problems(key, parts, table, image_module):
     elif want and label != want[0]:
         problems.append(f"label {label}, the csv says {want[0]}")
     try:
-        with image_module.open(io.BytesIO(parts["jpg"])) as im:
-            im.load()
-            if want and im.size != want[1:]:
-                problems.append(f"image is {im.size[0]}x{im.size[1]}, the csv says {want[1]}x{want[2]}")
-    except Exception as err:  # corrupt data surfaces as many exception types inside the decoder
+        size = decode_size(bytes(parts["jpg"]))
+        if want and size != want[1:]:
+            problems.append(f"image is {size[0]}x{size[1]}, the csv says {want[1]}x{want[2]}")
+    except ValueError as err:
         problems.append(f"JPEG does not decode: {err}")
     return problems
 
@@ -137,7 +142,7 @@ def _check_beton(out, split, count, table, jpegs):
     try:
         from ffcv.reader import Reader
     except ImportError as err:
-        return [f"{name}: cannot be checked here: FFCV does not import ({err})"]
+        return [f"{name}: {UNCHECKED}: FFCV does not import ({err})"]
     try:
         reader = Reader(f"{out}/{name}")
         image, label = reader.metadata["f0"], reader.metadata["f1"]

@@ -182,6 +182,22 @@ def test_disk_full_is_one_line_keeps_what_was_written_and_a_rerun_completes(tiny
     assert outputs(out) == outputs(ingested)
 
 
+def test_disk_full_at_the_beton_says_what_its_pages_need_too(tiny_src, ingested, tmp_path, monkeypatch):
+    """Before: 'about 0 MB more is needed' where the beton's check wanted ~4 MB (two 2 MB pages)."""
+    require_beton(ingested)
+    import re
+    import shutil as shutil_module
+
+    from ingest import beton
+
+    free = 100_000
+    monkeypatch.setattr(beton.shutil, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9, free))
+    with pytest.raises(cli.UsageError) as err:
+        build(tiny_cfg(tiny_src, tmp_path / "out"), **SILENT)
+    more = float(re.search(r"about ([0-9.]+) MB more is needed", str(err.value))[1])
+    assert more >= 4.0, str(err.value)
+
+
 def test_beton_checks_the_space_first_instead_of_hanging(ingested, tmp_path, monkeypatch):
     """FFCV's writer waits forever for a child process that a full disk killed; the space is checked first."""
     require_beton(ingested)

@@ -30,7 +30,7 @@ def dataset_copy(ingested, tmp_path):
 
 
 def write_manifest(out, manifest):
-    (out / layout.MANIFEST).write_text(json.dumps(manifest))
+    layout.write_manifest(out, manifest)  # sealed with its checksum, as ingest writes it
 
 
 def truncate(path, keep=0.5):

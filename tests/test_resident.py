@@ -197,7 +197,7 @@ def test_disk_cache_is_reused_then_invalidated_by_a_new_manifest(ingested, tmp_p
 
     manifest = layout.read_manifest(data)
     manifest["note"] = "ingested again"
-    (data / layout.MANIFEST).write_text(json.dumps(manifest))
+    layout.write_manifest(data, manifest)
     monkeypatch.setattr(resident, "decode_split", decode)
     assert not loader(data, "test", cache=True).from_cache  # stale: decoded again and rewritten
     assert loader(data, "test", cache=True).from_cache

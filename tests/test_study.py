@@ -9,6 +9,7 @@ from bench import study as study_mod
 from bench.results import environment, machine_label
 from bench.study import StudyConfig, parse_args, study_main
 from cli import UsageError
+from ingest import layout
 from report.study import SECTIONS
 
 
@@ -104,7 +105,7 @@ def test_the_study_writes_only_into_its_own_folder_and_retrains_on_other_data(in
     study_mod.run(cfg, "r18", net="resnet18")
     assert trained == ["r18"]  # unchanged data: the cached run
     manifest = json.loads((data / "manifest.json").read_text())
-    (data / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "f" * 64}))  # re-ingested
+    layout.write_manifest(data, {**manifest, "fingerprint": "f" * 64})  # re-ingested
     again = study_mod.run(cfg, "r18", net="resnet18")
     assert trained == ["r18", "r18"] and again["summary"]["stopped"] is None
     assert again["data_fingerprint"] == "f" * 64 and first["data_fingerprint"] == manifest["fingerprint"]

@@ -15,6 +15,7 @@ import torch
 
 import train
 from cli import UsageError
+from ingest import layout
 from report.runlog import read_metrics
 from tests.test_train import tiny
 from training import results, runfolder
@@ -32,8 +33,7 @@ def copy_data(ingested, tmp_path):
 def edit_manifest(data, **changes):
     manifest = json.loads((data / "manifest.json").read_text())
     manifest.update(changes)
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
+    return layout.write_manifest(data, manifest)  # as a new ingest writes it, with its checksum
 
 
 @pytest.fixture(scope="module")
