@@ -126,6 +126,11 @@ def one_writer(folder, wait=False, say=None, every=5.0):
                 break
             except BlockingIOError:
                 holder = describe_writer(folder)
+                for _ in range(20):  # the holder writes its note right after taking the lock: give it a moment
+                    if holder != "another process":
+                        break
+                    time.sleep(0.05)
+                    holder = describe_writer(folder)
                 if not wait:
                     raise Busy(f"{folder} is being written by {holder}: wait for it to end, or stop it "
                                f"(kill {_holder_pid(folder) or 'PID'}) and rerun") from None

@@ -139,11 +139,12 @@ def test_a_jpeg_stored_damaged_under_a_matching_sha256_is_found_by_verify_and_re
     tar = out / "test-00000.tar"
     with tarfile.open(tar) as t:
         jpg = next(m for m in t if m.name.endswith(".jpg"))
-    with open(tar, "r+b") as f:
-        f.seek(jpg.offset_data + jpg.size // 2)
-        middle = f.read(32)
-        f.seek(jpg.offset_data + jpg.size // 2)
-        f.write(bytes(b ^ 0xFF for b in middle))
+    with open(tar, "r+b") as f:  # an end-of-image marker mid-scan: libjpeg warns, PIL decodes it (grey-filled)
+        f.seek(jpg.offset_data)
+        data = f.read(jpg.size)
+        scan = data.index(b"\xff\xda")
+        f.seek(jpg.offset_data + (scan + jpg.size) // 2)
+        f.write(b"\xff\xd9")
     manifest = read_json(out / layout.MANIFEST)  # the ingest of that time hashed what it wrote
     manifest["files"][tar.name] = {"bytes": tar.stat().st_size, "sha256": layout.file_sha256(tar)}
     layout.write_manifest(out, manifest)
