@@ -104,8 +104,10 @@ def csv_text(rows, classes, top_k, run_name):
 
 
 def parse(argv=None):
-    parser = add_options(Parser(prog="python predict.py", description=__doc__.splitlines()[0]), Config)
-    parser.add_argument("photos", nargs="*", metavar="PHOTOS", help="photo files, folders, or .txt lists of paths")
+    parser = add_options(Parser(prog="python predict.py", description="Classify photos with a trained run's model, "
+                                "preprocessed as its test split was, or export the model (docs/predict.md)."), Config)
+    parser.add_argument("photos", nargs="*", metavar="PHOTOS", help="photo files, folders, or .txt lists of paths "
+                        "(default: none; needed unless --export)")
     args = parser.parse_args(argv)
     cfg = replace(config_from(Config, args), photos=tuple(args.photos))
     check_options(cfg)
