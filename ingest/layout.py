@@ -176,8 +176,11 @@ def check_split(data_dir, split, manifest, *, reads=("webdataset",)):
     checked = []
     csv_file = csv_path(data_dir, split)
     check_size(csv_file)
-    with open(csv_file, newline="") as f:
-        rows = sum(1 for _ in csv.reader(f)) - 1  # the header
+    try:
+        with open(csv_file, newline="") as f:
+            rows = sum(1 for _ in csv.reader(f)) - 1  # the header
+    except (UnicodeDecodeError, csv.Error) as err:  # damage that keeps the size: read before its digest is
+        raise damaged(csv_file, f"is not a readable csv ({type(err).__name__})") from None
     if rows != part["count"]:
         raise damaged(csv_file, f"has {rows} rows where the manifest says {part['count']}")
     if "ffcv" in reads:
