@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from cli import UsageError
 from files import write_text
 from ingest import layout
 
@@ -40,7 +41,15 @@ class Report:
         return json.loads((self.out / exp / "summary.json").read_text())
 
     def runs(self):
-        return {p.stem: json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))}
+        """The study's cached runs; one that is not readable JSON is one line naming it and the repair."""
+        runs = {}
+        for path in sorted((self.out / "runs").glob("*.json")):
+            try:
+                runs[path.stem] = json.loads(path.read_text())
+            except (OSError, ValueError):  # JSON errors and undecodable bytes alike
+                raise UsageError(f"{path} is damaged (not readable JSON): delete it and rerun python -m "
+                                 "bench.study with the same options to rebuild it from its run") from None
+        return runs
 
 
 def _accs(summary, key="test_acc"):
