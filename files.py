@@ -9,6 +9,7 @@ photos) are written with `durable=False`: atomic, not flushed. Standard library 
 python3 imports it too (bench/gpu_check.py).
 """
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -68,10 +69,9 @@ def read_json(path):
 def checksum_of(obj):
     """sha256 of a JSON object's canonical form without its own `checksum` field: derived JSON files carry it
     (`seal`) so that a damaged, hand-edited or foreign copy is noticed rather than trusted."""
-    import hashlib
-
-    body = {k: v for k, v in obj.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(_plain(body), sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    body = json.dumps(_plain({k: v for k, v in obj.items() if k != "checksum"}), sort_keys=True, separators=(",", ":"),
+                      default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def seal(obj):

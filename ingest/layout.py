@@ -15,10 +15,11 @@ An ingested folder (default `data/ingested`) holds, for each split in SPLITS:
   `ignored` counts, and `splits.<split>` = {`count`, `per_class` {name: n}, `shards` [{`tar`, `count`}]};
   also `shard_size`, `min_side`, `max_pixels` and `pipeline` (what else decided the bytes);
   `checksum`: sha256 of the manifest's canonical JSON without it (`files.checksum_of`; absent in manifests of
-  a fastpix before it, which load unchecked); `formats`: `["webdataset", "ffcv"]`, or `["webdataset"]` when FFCV could not be imported at ingest (then
-  there is no `.beton`); `files`: {name relative to the folder: {`bytes`, `sha256`}} of every data file ingest
-  wrote (betons, tars, idx files, the csvs and quarantine.csv; not the manifest itself), what
-  `python ingest/build.py --verify` and the loaders' start-up check compare against.
+  a fastpix before it, which load unchecked); `formats`: `["webdataset", "ffcv"]`, or `["webdataset"]` when
+  FFCV could not be imported at ingest (then there is no `.beton`); `files`: {name relative to the folder:
+  {`bytes`, `sha256`}} of every data file ingest wrote (betons, tars, idx files, the csvs and quarantine.csv;
+  not the manifest itself), what `python ingest/build.py --verify` and the loaders' start-up check compare
+  against.
 - The stored JPEGs are baseline (nvJPEG's hardware decoder takes no other), RGB, upright (no EXIF), with
   the shorter side = `store_size` unless the photo was smaller (never upscaled).
 - Hidden entries (`.cache/`, `.ingest-journal.json`, temp files `.<name>.tmp<pid>`) belong to ingest; other tools

@@ -1,7 +1,8 @@
 """`python ingest/build.py --verify [--out DIR]`: re-read every data file of an ingested folder and name each
 problem in one line: checksums and sizes against the manifest, every tar member, each index against its tar,
-every stored JPEG decoded as FFCV decodes it (ingest/jpeg.py; and its size and label against the csv), and the .beton's records against the
-tars' bytes. It only reads; a plain rerun of the ingest rewrites what it reports.
+every stored JPEG decoded as FFCV decodes it (ingest/jpeg.py; and its size and label against the csv), and
+the .beton's records against the tars' bytes. It reads only (build.py notes what it names in the journal),
+and a plain rerun of the ingest rewrites what it reports.
 
 The stored JPEGs have no hash of their own: the csv's sha256 is of the source photo (it finds duplicates),
 so each image is checked by its shard's checksum, by decoding it, and by the beton holding the same bytes.
