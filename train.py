@@ -42,6 +42,7 @@ from report.metrics import classification_metrics  # noqa: E402
 from report.plots import plot_lr_find  # noqa: E402
 from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
 from training.device import AMP_MODES, all_ranks, gather_to_rank0, resolve_amp, start_distributed  # noqa: E402
+from training.elastic import continue_after_restart, run_name  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.labels import merge_classes  # noqa: E402
 from training.lr_find import find_lr  # noqa: E402
@@ -166,8 +167,11 @@ def train(cfg):
     if cfg.resume:
         cfg = config_from_resume(cfg)
     check(cfg)
+    cfg.name = run_name(cfg)
     rank, world, device = start_distributed(cfg.device)
     try:
+        cfg = continue_after_restart(cfg, rank, world, device)
+        check(cfg)
         run = Run(cfg, rank, world, device)
         with StopFlag() as stop:
             while run.epoch < cfg.epochs and run.stopped is None:
@@ -188,8 +192,6 @@ class Run:
         self.writer = rank == 0
         self.amp = resolve_amp(cfg.amp, device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        if not cfg.name:
-            cfg.name = f"{cfg.net}-{cfg.loader}-{time.strftime('%Y%m%d-%H%M%S')}"
         # Only rank 0 checks the folder: it may already have created it by the time another rank looks.
         self.dir = new_run_dir(cfg) if self.writer and not cfg.resume else Path(cfg.runs_dir) / cfg.name
         if device.type == "cuda":

@@ -1,0 +1,153 @@
+"""Beyond one node, on one machine, gloo on the CPU (docs/multinode.md):
+
+1. Two torchrun "nodes" (`--nnodes 2`, c10d rendezvous on 127.0.0.1) train one run: identical weights on both
+   ranks, the per-step losses of a one-node `--nproc-per-node 2` run with the same global batch, and only global
+   rank 0 writes (each node runs in its own folder with a relative --runs-dir: one of them stays empty).
+2. Elastic restarts: under `torchrun --max-restarts 1`, rank 1 killed with -9 mid-epoch is restarted by torchrun
+   and the run continues from its last checkpoint by itself, to the uninterrupted run's losses and weights.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import train
+from report.runlog import read_metrics
+from tests.test_train_ddp import RANK_DUMP
+
+REPO = Path(train.__file__).resolve().parent
+LOSS_BOUND = 1e-6  # two nodes vs one: the same sums in the same order on one machine, so in practice 0
+OPTIONS = ["--net", "resnet18", "--loader", "resident", "--res", "32", "--batch-size", "8", "--epochs", "2",
+           "--lr", "0.05", "--workers", "1", "--amp", "off", "--device", "cpu", "--bootstrap", "20",
+           "--log-every", "1"]
+
+
+def launch(launcher, script, prefix, *args, cwd):
+    """Start `python -m torch.distributed.run LAUNCHER script prefix args` in `cwd`, in a session of its own so
+    that `stop` ends its workers too; the caller ends it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get(
+        "PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, str(script), str(prefix),
+                             *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def stop(child):
+    """End a launch and every worker it started (kill -9 of its session)."""
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+
+
+def finished(child, timeout=600):
+    """(stdout, stderr) of a launch that must succeed; it is killed if it overstays."""
+    try:
+        out, err = child.communicate(timeout=timeout)
+    finally:
+        stop(child)
+    assert child.returncode == 0, err[-3000:]
+    return out, err
+
+
+def step_losses(run_dir):
+    return [s["loss"] for s in read_metrics(run_dir)[0]]
+
+
+def weights(prefix, rank):
+    return torch.load(f"{prefix}{rank}.pt", weights_only=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_node(ingested, tmp_path_factory):
+    """The reference: one node, 2 processes, 2 epochs; (run folder, rank dump prefix, script)."""
+    tmp = tmp_path_factory.mktemp("one-node")
+    script = tmp / "rank_dump.py"
+    script.write_text(RANK_DUMP)
+    child = launch(["--standalone", "--nproc-per-node", "2"], script, tmp / "one-rank", *OPTIONS, "--data",
+                   ingested, "--runs-dir", tmp, "--name", "one", cwd=tmp)
+    finished(child)
+    return tmp / "one", tmp / "one-rank", script
+
+
+def test_two_nodes_train_one_run_like_one_node_with_two_processes(one_node, ingested, tmp_path):
+    one_dir, one_prefix, script = one_node
+    steps_per_epoch = len(step_losses(one_dir)) // 2
+    max_steps = steps_per_epoch + 2  # into the second epoch: its shuffle and an end-of-epoch checkpoint seen
+    port, nodes = free_port(), [tmp_path / f"node{i}" for i in (0, 1)]
+    children = []
+    try:
+        for i, node in enumerate(nodes):
+            node.mkdir()
+            children.append(launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend",
+                                    "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"],
+                                   script, tmp_path / "two-rank", *OPTIONS, "--data", ingested, "--runs-dir",
+                                   "runs", "--name", "two", "--max-steps", max_steps, cwd=node))
+        for child in children:
+            finished(child)
+    finally:
+        for child in children:
+            stop(child)
+
+    rank0, rank1 = weights(tmp_path / "two-rank", 0), weights(tmp_path / "two-rank", 1)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the nodes' weights differ"
+    written = [node for node in nodes if (node / "runs").exists()]
+    assert len(written) == 1 and sorted(p.name for p in (written[0] / "runs").iterdir()) == ["two"], \
+        "only global rank 0 writes the run folder"
+    config = json.loads((written[0] / "runs" / "two" / "config.json").read_text())
+    assert config["world"] == 2 and config["process_group"] == "gloo"
+    two, one = step_losses(written[0] / "runs" / "two"), step_losses(one_dir)[:max_steps]
+    assert len(two) == max_steps
+    assert max(abs(a - b) for a, b in zip(two, one)) <= LOSS_BOUND, (two, one)
+
+
+def rank_process(launcher, rank, timeout=120):
+    """The worker process of `rank` that torchrun `launcher` started (found by its environment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no rank {rank} process appeared in {timeout} s")
+
+
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(one_node, ingested, tmp_path):
+    one_dir, one_prefix, script = one_node
+    steps_per_epoch = len(step_losses(one_dir)) // 2
+    child = launch(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"], script, tmp_path / "elastic-rank",
+                   *OPTIONS, "--data", ingested, "--runs-dir", tmp_path, "--name", "elastic", cwd=tmp_path)
+    try:
+        victim = rank_process(child, 1)
+        metrics = tmp_path / "elastic" / "metrics.jsonl"
+        while child.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >
+                                            steps_per_epoch + 2):  # one epoch record, then into the second epoch
+            time.sleep(0.02)
+        assert child.poll() is None, "the run ended before a rank was killed"
+        victim.send_signal(signal.SIGKILL)
+        _, err = finished(child)
+    finally:
+        stop(child)
+
+    assert "torchrun restart 1: continuing" in err, err[-3000:]
+    assert step_losses(tmp_path / "elastic") == step_losses(one_dir)
+    for rank in (0, 1):
+        a, b = weights(one_prefix, rank), weights(tmp_path / "elastic-rank", rank)
+        assert all(torch.equal(a[k], b[k]) for k in a)
