@@ -73,7 +73,9 @@ class Config:
     Defaults follow the 500px study."""
     net: str = option("flat", "model", choices=nets.NETS)
     loader: str = option("dali", "data loader backend", choices=BACKENDS)
-    data: str = option(str(layout.DEFAULT_OUT), "ingested dataset folder (python ingest/build.py)")
+    data: str = option(str(layout.DEFAULT_OUT), "ingested dataset folder (python ingest/build.py), or its URL "
+                       "(s3://, gs://, https://, file://: fetched into --cache-dir first)")
+    cache_dir: str = option("", "node-local cache of --data URLs (default ~/.cache/fastpix)")
     res: int = option(224, "square input side in pixels")
     augment: str = option("rrc", "train transform: rrc (RandomResizedCrop + flip), flip (the test transform + flip) "
                           "or none (the test transform: the study's resize + center crop)", choices=AUGMENTS)
@@ -197,7 +199,8 @@ class Run:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
-                                rank=rank, world=world, workers=cfg.workers, augment=cfg.augment)  # test: ignored
+                                rank=rank, world=world, workers=cfg.workers, augment=cfg.augment,  # test: ignored
+                                cache_dir=cfg.cache_dir or None)
         self.train_loader = make_loader(cfg.loader, cfg.data, "train", **self.loader_args)
         self.test_loader = make_loader(cfg.loader, cfg.data, "test", **self.loader_args)
         manifest = self.train_loader.block.manifest  # the one the loaders checked the data against

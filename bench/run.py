@@ -22,6 +22,7 @@ from bench.results import (claim, environment, fmt, fmt_ci, machine_label, markd
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
+from ingest.remote import local_folder
 from loaders import BACKENDS
 
 BASELINE = "folder"
@@ -30,7 +31,9 @@ BASELINE = "folder"
 @dataclass
 class BenchConfig:
     """Every option of a bench, each declared once with its flag (`cli.option`)."""
-    data: Path = option(DEFAULT_OUT, "ingested dataset (python ingest/build.py)")
+    data: str = option(str(DEFAULT_OUT), "ingested dataset (python ingest/build.py), or its URL (s3://, gs://, "
+                       "https://, file://: fetched into --cache-dir once, then every cell reads the cache)")
+    cache_dir: str = option("", "node-local cache of --data URLs (default ~/.cache/fastpix)")
     loaders: tuple = option(tuple(BACKENDS), "comma-separated backends (default: all); the baseline is always "
                             "added", parse=names)
     nets: tuple = option(("flat",), "comma-separated nets", parse=names)
@@ -165,6 +168,7 @@ def write_outputs(cfg, rows, out_dir, env):
 
 def bench(cfg, progress=True):
     """Run the matrix and write every output; returns (results folder, rows)."""
+    cfg = replace(cfg, data=str(local_folder(cfg.data, cfg.cache_dir or None)))  # a URL: fetched once, here
     read_manifest(cfg.data)  # a one-line UsageError before anything starts when the data is not ingested
     out_dir = claim(cfg.out, "bench") if cfg.out else new_results_dir("bench")
     env = environment()

@@ -328,11 +328,18 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verify", action="store_true",
                    help="only re-read every file of --out and name what is damaged (exit 1 if anything is)")
+    p.add_argument("--publish", metavar="URL", help="only upload the ingested dataset in --out to URL (s3://, gs://, "
+                   "file://), its manifest last; train from it with --data URL")
     args = p.parse_args(argv)
     cfg = config_from(IngestConfig, args)
     started = time.perf_counter()
     if args.verify:
         return _verify(cfg.out, cfg.workers or len(os.sched_getaffinity(0)), started)
+    if args.publish:
+        from ingest.remote import publish
+        count = publish(cfg.out, args.publish, progress=not args.quiet)
+        print(f"{cfg.out}: {count} files published to {args.publish} in {time.perf_counter() - started:.1f} s")
+        return 0
     if cfg.src is None:
         from ingest import demo
         demo.generate(layout.DEFAULT_SRC, progress=not args.quiet)

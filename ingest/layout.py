@@ -88,9 +88,15 @@ def manifest_problem(path):
     """Why the file at `path` is not a readable manifest (a short phrase), or None if it is one. A manifest
     without a checksum (a fastpix before it wrote one) passes unchecked; ingest adds one on its next run."""
     try:
-        manifest = json.loads(Path(path).read_text())
+        return manifest_bytes_problem(Path(path).read_bytes())
     except OSError as err:
         return f"unreadable: {err.strerror}"
+
+
+def manifest_bytes_problem(data):
+    """Why `data` (a manifest's bytes, from a file or a URL) is not a readable manifest, or None."""
+    try:
+        manifest = json.loads(data)
     except ValueError:  # JSON errors and undecodable bytes alike
         return "not valid JSON"
     if not isinstance(manifest, dict):
@@ -222,10 +228,9 @@ def verify_digests(data_dir, manifest, paths):
     record = saved["files"] if ours and isinstance(saved.get("files"), dict) else {}
     verified = {}
     for path in paths:
-        stat, digest = path.stat(), manifest["files"][path.name]["sha256"]
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, digest]
+        stamp = file_stamp(path, manifest["files"][path.name]["sha256"])
         if record.get(path.name) != stamp:
-            if file_sha256(path) != digest:
+            if file_sha256(path) != stamp[-1]:
                 raise damaged_file(data_dir, manifest, path, "does not match its sha256 in the manifest")
             verified[path.name] = stamp
     if verified:
@@ -234,3 +239,9 @@ def verify_digests(data_dir, manifest, paths):
                        indent=None)
         except OSError:
             pass
+
+
+def file_stamp(path, digest):
+    """What VERIFIED records of a file whose sha256 matched `digest`: any write changes its ctime."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, digest]

@@ -9,13 +9,14 @@ import torch
 
 from cli import UsageError
 from ingest.layout import check_split, read_manifest
+from ingest.remote import local_folder
 from loaders.common import rank_ids, resolve_device
 
 
 @dataclass(frozen=True)
 class Block:
     """This rank's block of a split whose files passed the start-up check: what a backend builds from."""
-    data_dir: object  # as the caller gave it (str or Path), for messages
+    data_dir: object  # as the caller gave it (str or Path), for messages; a URL's cache folder
     split: str
     manifest: dict
     rank: int
@@ -32,10 +33,12 @@ class Block:
         return rank_ids(self.manifest["splits"][self.split]["count"], self.rank, self.world)
 
 
-def prepare(data_dir, split, *, rank, world, device, reads):
+def prepare(data_dir, split, *, rank, world, device, reads, cache_dir=None):
     """The manifest, the start-up check of the files of the formats in `reads` (ingest.layout.check_split),
     this rank's contiguous block (loaders.common.rank_ids) and the device: one line of UsageError for
-    whatever is wrong, before a backend opens anything."""
+    whatever is wrong, before a backend opens anything. A URL is first fetched into the node-local cache
+    (ingest.remote): the backends read a local folder."""
+    data_dir = local_folder(data_dir, cache_dir)
     manifest = read_manifest(data_dir)
     check_split(data_dir, split, manifest, reads=reads)
     block = Block(data_dir, split, manifest, rank, world, resolve_device(device))

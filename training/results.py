@@ -28,7 +28,7 @@ def finish(run):
             y_true, y_pred, confidence = last["y_true"], last["y_pred"], last["confidence"]
             plot_confusion(y_true, y_pred, run.classes, run.dir / "confusion.png")
             write_text(run.dir / "per_class.md", per_class_markdown(y_true, y_pred, run.classes))
-            write_suspects(run.dir / "suspects.csv", run.cfg.data, y_true, y_pred, confidence, run.classes)
+            write_suspects(run.dir / "suspects.csv", run.test_loader.block.data_dir, y_true, y_pred, confidence, run.classes)
         write_pictures(run)
 
 

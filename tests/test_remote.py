@@ -1,0 +1,260 @@
+"""--data URL against real servers on 127.0.0.1, each started and stopped by its test (ingest/remote.py):
+Python's http.server serving a copy of the tiny dataset, and S3 through moto's server with s3fs.
+
+Train from the URL, with the cached files' sha256 those of the manifest; a fetch killed with -9 midway resumes
+to the same bytes, fetching only what it lacked; a file changed on the server is refused by its checksum; one
+process per cache fetches while another waits saying for whom; a cache of another dataset is never used; a
+missing client, a full disk and a read-only --publish target are one line each; `--publish` to s3:// then
+training from it.
+"""
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+import train
+from cli import UsageError
+from files import one_writer, write_json
+from ingest import build, layout, remote
+
+REPO = Path(train.__file__).resolve().parent
+pytestmark = pytest.mark.usefixtures("one_thread")
+TRAIN = dict(net="resnet18", loader="resident", res=32, batch_size=16, epochs=1, lr=0.01, amp="off", workers=1,
+             bootstrap=20, device="cpu")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """http.server on 127.0.0.1 in a thread, serving `folder`; logs the paths asked for. A path in `hold` is sent
+    half, then waits for `release` (a download caught midway)."""
+
+    def __init__(self, folder, hold=()):
+        self.requests, self.hold, self.release = [], set(hold), threading.Event()
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def copyfile(self, source, outputfile):
+                name = self.path.rsplit("/", 1)[-1]  # the file name: the dataset is served as tiny/
+                server.requests.append(name)
+                if name not in server.hold:
+                    return super().copyfile(source, outputfile)
+                data = source.read()
+                outputfile.write(data[:len(data) // 2])
+                outputfile.flush()
+                server.release.wait(60)
+                outputfile.write(data[len(data) // 2:])
+
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed: expected here
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def served(ingested, tmp_path):
+    """A copy of the tiny dataset that a test may change, as the server's folder."""
+    folder = tmp_path / "served" / "tiny"
+    shutil.copytree(ingested, folder, ignore=shutil.ignore_patterns(".*"))
+    return folder
+
+
+def cached_files(cache, manifest):
+    return Path(cache) / manifest["fingerprint"]
+
+
+def test_train_one_epoch_from_an_http_url(served, tmp_path):
+    manifest = layout.read_manifest(served)
+    with Server(served.parent) as server:
+        summary = train.train(train.Config(**TRAIN, data=f"{server.url}/tiny", cache_dir=str(tmp_path / "cache"),
+                                           runs_dir=str(tmp_path / "runs"), name="http"))
+    assert summary["epochs"] == 1
+    folder = cached_files(tmp_path / "cache", manifest)
+    for name, info in manifest["files"].items():
+        assert layout.file_sha256(folder / name) == info["sha256"], name
+    assert (folder / layout.MANIFEST).read_bytes() == (served / layout.MANIFEST).read_bytes()
+    assert sorted(server.requests) == sorted([layout.MANIFEST] * 2 + list(manifest["files"])), \
+        "each file fetched once; the manifest read by the train and by the test loader"
+
+
+def fetch_in_child(url, cache, stderr=subprocess.PIPE):
+    """`ingest.remote.local_folder(url, cache)` in a child process, which prints the folder."""
+    code = "import sys; from ingest.remote import local_folder; print(local_folder(sys.argv[1], sys.argv[2]))"
+    return subprocess.Popen([sys.executable, "-c", code, url, str(cache)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
+
+
+def test_a_fetch_killed_midway_resumes_to_the_same_bytes(served, tmp_path):
+    manifest = layout.read_manifest(served)
+    held = max(manifest["files"], key=lambda n: manifest["files"][n]["bytes"])  # caught in flight
+    folder = cached_files(tmp_path / "cache", manifest)
+    with Server(served.parent, hold=[held]) as server:
+        child = fetch_in_child(f"{server.url}/tiny", tmp_path / "cache")
+        try:
+            others = [folder / n for n in manifest["files"] if n != held]
+            deadline = time.monotonic() + 120
+            while not (all(p.is_file() for p in others) and any(remote.temp_of(p.name) == held
+                                                                 for p in folder.glob(".*"))):
+                assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-2000:]
+                time.sleep(0.02)
+            child.send_signal(signal.SIGKILL)
+            child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+        assert not (folder / held).exists() and not (folder / layout.MANIFEST).exists()
+        server.release.set()
+        server.requests.clear()
+        assert remote.local_folder(f"{server.url}/tiny", tmp_path / "cache", progress=False) == folder
+        assert sorted(server.requests) == sorted([layout.MANIFEST, held]), "only the file in flight is fetched again"
+    assert not [p for p in folder.iterdir() if remote.temp_of(p.name)], "the killed fetch's temp file is gone"
+    for name in manifest["files"]:
+        assert (folder / name).read_bytes() == (served / name).read_bytes(), name
+
+
+def test_a_file_changed_on_the_server_is_refused_by_its_checksum(served, tmp_path):
+    manifest = layout.read_manifest(served)
+    tar = served / manifest["splits"]["train"]["shards"][0]["tar"]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    tar.write_bytes(bytes(data))
+    with Server(served.parent) as server:
+        with pytest.raises(UsageError, match=f"{tar.name} does not match its sha256"):
+            train.train(train.Config(**TRAIN, data=f"{server.url}/tiny", cache_dir=str(tmp_path / "cache"),
+                                     runs_dir=str(tmp_path / "runs"), name="changed"))
+    folder = cached_files(tmp_path / "cache", manifest)
+    assert not (folder / tar.name).exists() and not (folder / layout.MANIFEST).exists()
+    assert not (tmp_path / "runs" / "changed").exists(), "nothing was trained"
+
+
+def test_one_process_fetches_while_another_waits_saying_for_whom(served, tmp_path):
+    manifest = layout.read_manifest(served)
+    folder, log = cached_files(tmp_path / "cache", manifest), tmp_path / "child.err"
+    with Server(served.parent) as server, open(log, "w") as err:
+        child = None
+        try:
+            with one_writer(folder):  # this test is the process that fetches
+                child = fetch_in_child(f"{server.url}/tiny", tmp_path / "cache", stderr=err)
+                deadline = time.monotonic() + 120
+                while "waiting" not in log.read_text():
+                    assert child.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                    time.sleep(0.05)
+                assert server.requests == [layout.MANIFEST], "it fetched while another process held the cache"
+            out, _ = child.communicate(timeout=120)
+        finally:
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.communicate()
+    assert child.returncode == 0, log.read_text()[-2000:]
+    said = log.read_text()
+    assert f"{server.url}/tiny: another process fetches it into the cache; waiting" in said
+    assert f"held by pid {os.getpid()}" in said
+    assert Path(out.strip()) == folder
+    assert sorted(server.requests) == sorted([layout.MANIFEST, *manifest["files"]]), "each file fetched once"
+
+
+def test_a_cache_of_another_dataset_is_never_used(served, tmp_path):
+    manifest = layout.read_manifest(served)
+    folder = cached_files(tmp_path / "cache", manifest)
+    write_json(folder / remote.CACHE_MARKER, {"fingerprint": "0" * 64, "url": "elsewhere"})
+    with Server(served.parent) as server:
+        with pytest.raises(UsageError, match="holds the files of dataset 000000000000, not"):
+            remote.local_folder(f"{server.url}/tiny", tmp_path / "cache", progress=False)
+        assert server.requests == [layout.MANIFEST]
+
+
+def test_a_full_disk_is_one_line_with_the_space_needed(served, tmp_path, monkeypatch):
+    manifest = layout.read_manifest(served)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    monkeypatch.setattr(remote.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    with Server(served.parent) as server:
+        with pytest.raises(UsageError, match=rf"needs {total / 1e6:,.1f} MB more .* 0\.0 MB is free"):
+            remote.local_folder(f"{server.url}/tiny", tmp_path / "cache", progress=False)
+
+
+def run_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_a_missing_client_or_a_read_only_target_is_one_line(ingested, tmp_path):
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed here: no missing client to see")
+    except ImportError:
+        pass
+    done = run_cli("train.py", "--data", "gs://bucket/tiny", "--runs-dir", tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: gs://bucket/tiny: gs:// needs the gcsfs package: pip install gcsfs"]
+    done = run_cli("ingest/build.py", "--out", ingested, "--publish", "https://127.0.0.1:9/tiny")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "https:// is read-only here" in done.stderr
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1, with credentials and the endpoint in the environment s3fs reads."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                           AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}").items():
+        monkeypatch.setenv(key, value)
+    import fsspec
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bucket")
+    try:
+        yield port
+    finally:
+        server.stop()
+
+
+def test_publish_to_s3_then_train_from_it(ingested, s3, tmp_path):
+    assert build.main(["--out", str(ingested), "--publish", "s3://bucket/tiny", "--quiet"]) == 0
+    manifest = layout.read_manifest(ingested)
+    fs, root = remote.filesystem("s3://bucket/tiny")
+    listed = {Path(p).name for p in fs.ls(root, refresh=True)}
+    assert listed == {layout.MANIFEST, *manifest["files"]}
+    summary = train.train(train.Config(**TRAIN, data="s3://bucket/tiny", cache_dir=str(tmp_path / "cache"),
+                                       runs_dir=str(tmp_path / "runs"), name="s3"))
+    assert summary["epochs"] == 1
+    folder = cached_files(tmp_path / "cache", manifest)
+    for name, info in manifest["files"].items():
+        assert layout.file_sha256(folder / name) == info["sha256"], name
