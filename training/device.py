@@ -31,8 +31,21 @@ def start_distributed(device_option):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                **restart_store())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def restart_store():
+    """Under torchrun's agent store, the process group's store with its keys under this restart's own prefix.
+    torch 2.14 reuses the agent's store across restarts without one, so a restarted group read its dead
+    predecessors' addresses and gloo failed to connect (seen here); torch up to 2.3 added this very prefix."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"/fastpix/attempt_{attempt}", store), rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def all_ranks(world, device, value, op):
