@@ -162,8 +162,9 @@ class Normalizer:
         n, rest = shape[0], tuple(shape[1:])
         if self._buffers and (len(self._buffers[0]) < n or self._buffers[0].shape[1:] != rest):
             self._buffers = []
-        if len(self._buffers) < self.ring:
-            self._buffers.append(torch.empty(shape, memory_format=torch.channels_last))
+        if len(self._buffers) < self.ring:  # all as long as the first: a short last batch must not set the size
+            length = len(self._buffers[0]) if self._buffers else n
+            self._buffers.append(torch.empty((length, *rest), memory_format=torch.channels_last))
         out = self._buffers[self._turn % len(self._buffers)]
         self._turn += 1
         return out[:n]

@@ -51,3 +51,14 @@ def test_help_shows_each_default_once():
     text = " ".join(parser.format_help().split())
     assert "a size (default: 7)" in text
     assert "a folder (default results/<time>)" in text and "(default: None)" not in text
+
+
+def test_normalizer_ring_never_hands_a_short_buffer_a_full_batch():
+    """Issue 19 item 3: full, short, full, short, ... (a split of two batches, epoch after epoch)."""
+    normalize = Normalizer("cpu", ring=3)
+    full = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    for _ in range(4):
+        for images in (full, full[:3]):
+            out = normalize(images)
+            assert out.shape == images.shape
+            torch.testing.assert_close(out, Normalizer("cpu")(images.clone()))
