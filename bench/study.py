@@ -37,6 +37,7 @@ from cli import Parser, UsageError, add_options, check_options, config_from, nam
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
+from training.labels import merge_spec
 
 EXPERIMENTS = ("nets", "strides", "kernels", "regularization", "optimizers", "transfer", "merge")
 
@@ -299,7 +300,7 @@ def exp_merge(study):
     if not pairs:
         return write_experiment(study, "merge", title, [], "Skipped: flat confuses no pair of classes.")
     a, b, count = pairs[0]
-    spec = f"{classes[a]}+{classes[b]}"
+    spec = merge_spec([classes[a], classes[b]])
     merged = run(study, f"flat-merge-{classes[a]}-{classes[b]}", net="flat", merge=(spec,))
     after = lambda y: np.where(y == b, a, y)  # noqa: E731
     post = classification_metrics(after(saved["y_true"]), after(saved["y_pred"]), len(classes),
