@@ -123,7 +123,7 @@ class Config:
                            "lr_find.json with the suggested LR in the run folder; --lr auto implies it")
     find_lr_steps: int = option(200, "steps of the LR range test's exponential sweep", minimum=1)
     merge: tuple = option((), "train classes A and B as one class named A+B (repeatable; labels remapped on the "
-                          "device)", metavar="A+B", repeat=True)
+                          "device; write a '+' inside a class name as '\\+')", metavar="A+B", repeat=True)
 
 
 def check(cfg):
