@@ -20,6 +20,8 @@ from cli import UsageError
 from ingest import layout
 from ingest.jpeg import decode_size
 
+RESIDENT_COPIES = "resident-*.pt"  # loaders.resident_cache.PATTERN, without importing torch when there are none
+
 
 def verify(out, workers=1):
     """[problem lines] of the ingested folder `out` (empty = no damage found), and the bytes read."""
@@ -41,6 +43,9 @@ def verify(out, workers=1):
     if "ffcv" in manifest.get("formats", ["ffcv"]):  # in this process: importing FFCV costs ~10 s of numba
         problems += [p for split in layout.SPLITS for p in _check_beton(
             out, split, manifest["splits"][split]["count"], tables[split], jpegs[split])]
+    if any(out.glob(RESIDENT_COPIES)):  # derived by the resident loader: checked by its own content hash
+        from loaders import resident_cache
+        problems += resident_cache.problems(out)
     return problems, sum(f["bytes"] for f in manifest["files"].values())
 
 

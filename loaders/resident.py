@@ -42,9 +42,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from cli import UsageError
-from files import atomic_path
 from ingest.layout import MANIFEST, SPLITS
 from ingest.shards import ShardIndex, csv_columns
+from loaders import resident_cache
 from loaders.base import Loader
 from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, random_flips, rank_ids, resized_crop,
                             sample_crops, test_resize)
@@ -68,9 +68,10 @@ def build(block, *, batch_size, res, seed, workers, augment, with_ids=False, cac
     held_key = (str(data_dir.resolve()), block.split, block.rank, block.world, str(device))
     squares = block.train and augment != "rrc"  # the train crops are cut once, see the module docstring
     check_memory(block, layout, batch_size, res, memory_limit, held_key, squares)
-    path = data_dir / f"resident-{block.split}-{size}px-{positions.start}-{positions.stop}.pt"
+    path = resident_cache.path_for(data_dir, block.split, size, positions)
     key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}:{CACHE_LAYOUT}"
-    images = load_cache(path, key) if cache else None
+    saved = resident_cache.read(path, key) if cache else None
+    images = saved["images"] if saved else None
     from_cache = images is not None
     if images is None:
         images = decode_split(samples, positions, layout, fit, device, workers)
@@ -173,30 +174,15 @@ def check_memory(block, layout, batch_size, res, limit, held_key, squares=False)
                          "use a smaller --res, more ranks, or a streaming loader (--loader dali or ffcv)")
 
 
-def load_cache(path, key):
-    """The cached images if `path` holds them for this manifest and size, else None (stale or unreadable)."""
-    if not path.is_file():
-        return None
-    try:  # mmap: no second copy in memory on the CPU
-        cached = torch.load(path, mmap=True, weights_only=True)
-        return cached["images"] if cached["key"] == key else None
-    except Exception:  # a truncated or foreign file is a miss like a stale one: decode and overwrite it
-        return None
-
-
 def save_cache(path, key, images):
-    """Write the cache atomically; a read-only data folder, or too little host memory for the copy of GPU
-    images that torch.save needs, costs the next run a decode, not this run."""
+    """Write the disk copy (loaders.resident_cache) unless host memory cannot hold the copy of GPU images that
+    torch.save needs: then the next run decodes again."""
     host = torch.device("cpu")
     if images.device != host and images.numel() > MEMORY_SHARE * free_memory(host):
         warnings.warn(f"resident cache not written (host memory cannot hold a {images.numel() / 1e6:,.0f} MB copy "
                       "of the images); the next run decodes again")
         return
-    try:
-        with atomic_path(path) as tmp:
-            torch.save({"key": key, "images": images.cpu()}, tmp)
-    except OSError as err:
-        warnings.warn(f"resident cache not written ({err}); the next run decodes again")
+    resident_cache.write(path, key, {"images": images})
 
 
 class FitShorter:

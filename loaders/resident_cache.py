@@ -1,0 +1,86 @@
+"""The resident loader's disk copy of a decoded split (`resident-<split>-<S>px-<first>-<stop>.pt` in the dataset
+folder), so that a later run can skip the decode.
+
+A derived file, so it is checked before use, never trusted: it holds the sha256 of its tensors' bytes (its
+content) and the key of what it was derived from (the sha256 of the manifest, which holds every shard's sha256,
+the store size, the res and the store's format version). A content mismatch (damage) or a key mismatch (another
+ingest, another format) is said in one line and the split is decoded again; `python ingest/build.py --verify`
+names a damaged copy too (`problems`). The content check reads the whole file once, which the first epoch
+would do anyway (the file is memory-mapped, not copied).
+"""
+import hashlib
+import warnings
+
+import torch
+from tqdm import tqdm
+
+from files import atomic_path
+
+PATTERN = "resident-*.pt"
+HASH_CHUNK = 1 << 26  # bytes hashed per step: progress shows, and no step holds the GIL long
+
+
+def path_for(data_dir, split, size, positions):
+    return data_dir / f"resident-{split}-{size}px-{positions.start}-{positions.stop}.pt"
+
+
+def content_digest(tensors, desc=None):
+    """Hex sha256 of the bytes of a {name: tensor} dict, in name order (names and shapes included)."""
+    digest = hashlib.sha256()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if desc else True) as progress:
+        for name in sorted(tensors):
+            tensor = tensors[name].contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            data = tensor.view(-1).view(torch.uint8).numpy()
+            for start in range(0, len(data), HASH_CHUNK):
+                digest.update(data[start:start + HASH_CHUNK])
+                progress.update(min(HASH_CHUNK, len(data) - start))
+    return digest.hexdigest()
+
+
+def open_copy(path):
+    """(tensors, key, problem): the copy's tensors (memory-mapped) and the key it was made for, or a problem
+    phrase where the file is unreadable or its content does not match its own hash."""
+    try:
+        saved = torch.load(path, mmap=True, weights_only=True)
+        if "sha256" not in saved:  # an older fastpix's copy: stale, not damaged
+            return None, None, None
+        tensors, key, digest = saved["tensors"], saved["key"], saved["sha256"]
+    except Exception as err:  # a truncated or foreign file: whatever torch.load or the lookups raise
+        return None, None, f"unreadable ({type(err).__name__})"
+    if content_digest(tensors, desc=f"resident: checking {path.name}") != digest:
+        return None, key, "its pixels changed since it was written (sha256 differs)"
+    return tensors, key, None
+
+
+def read(path, key):
+    """The tensors saved at `path` for `key`, checked; None (said in one line unless there is no file) when
+    there is nothing usable to read."""
+    if not path.is_file():
+        return None
+    tensors, saved_key, problem = open_copy(path)
+    if problem:
+        warnings.warn(f"resident: {path} is damaged, {problem}: decoding the split again", stacklevel=2)
+        return None
+    if saved_key != key:
+        warnings.warn(f"resident: {path} was made from other data or settings: decoding the split again",
+                      stacklevel=2)
+        return None
+    return tensors
+
+
+def write(path, key, tensors):
+    """Write the copy atomically, with its content hash; a failure costs the next run a decode, not this run."""
+    tensors = {name: t.cpu() for name, t in tensors.items()}
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"key": key, "sha256": content_digest(tensors), "tensors": tensors}, tmp)
+    except OSError as err:
+        warnings.warn(f"resident cache not written ({err}); the next run decodes again")
+
+
+def problems(data_dir):
+    """--verify's lines for the copies in `data_dir` that are damaged (stale ones are not damage)."""
+    return [f"{path.name}: {problem}: the resident loader rebuilds it"
+            for path in sorted(data_dir.glob(PATTERN)) for _, _, problem in [open_copy(path)] if problem]
