@@ -10,7 +10,7 @@ import torch
 from cli import UsageError
 from ingest.layout import check_split, read_manifest
 from ingest.remote import local_folder
-from loaders.common import rank_ids, resolve_device
+from loaders.common import manifest_digest, rank_ids, resolve_device
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Block:
     rank: int
     world: int
     device: torch.device
+    manifest_sha256: str = None  # of the manifest read (loaders.common.manifest_digest): was the data replaced?
 
     @property
     def train(self):
@@ -39,9 +40,10 @@ def prepare(data_dir, split, *, rank, world, device, reads, cache_dir=None):
     whatever is wrong, before a backend opens anything. A URL is first fetched into the node-local cache
     (ingest.remote): the backends read a local folder."""
     data_dir = local_folder(data_dir, cache_dir)
+    started_with = manifest_digest(data_dir)
     manifest = read_manifest(data_dir)
     check_split(data_dir, split, manifest, reads=reads)
-    block = Block(data_dir, split, manifest, rank, world, resolve_device(device))
+    block = Block(data_dir, split, manifest, rank, world, resolve_device(device), started_with)
     if not block.positions:
         raise UsageError(f"rank {rank} of {world} gets no {split} samples: use fewer ranks")
     return block

@@ -33,9 +33,11 @@ Over 300 lines: the contract above and the pieces that keep every backend to it 
 blocks, normalisation) sit together, so a backend imports them from the one place that defines them.
 """
 import contextlib
+import hashlib
 import math
 import multiprocessing
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from cli import UsageError
+from ingest.layout import MANIFEST
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # on the 0-255 scale the decoders produce
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -108,8 +111,21 @@ class SampleError(UsageError):
         super().__init__(message.rstrip().splitlines()[-1].rpartition("SampleError: ")[2])
 
 
-def undecodable(data_dir, split, sample, where):
-    """The SampleError of `split`'s sample id `sample`, whose bytes are in `where` (a shard or the beton)."""
+def manifest_digest(data_dir):
+    """sha256 of the dataset's manifest bytes, None while there is none (an ingest under way removes it): what
+    a loader started with tells data replaced under it (ingested again) from damaged data."""
+    try:
+        return hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def undecodable(data_dir, split, sample, where, started_with=None):
+    """The SampleError of `split`'s sample id `sample`, whose bytes are in `where` (a shard or the beton);
+    `started_with`: the manifest_digest the loader started with, to say so when the data was replaced."""
+    if started_with is not None and manifest_digest(data_dir) != started_with:
+        return SampleError(f"the data in {data_dir} was replaced while this run read it ({split} sample {sample} "
+                           f"of {where} changed; ingested again?): restart the run to read the new data")
     return SampleError(f"{split} sample {sample} in {where} does not decode: run python ingest/build.py --verify "
                        f"--out {data_dir} to see what is damaged, then rerun the ingest to repair it")
 
@@ -273,6 +289,16 @@ def resized_crop(image, box, flip, res):
     crop = image[None, :, top:top + height, left:left + width]
     crop = (crop.flip(-1) if flip else crop).contiguous(memory_format=torch.channels_last)
     return v2.functional.resize(crop, [res, res], antialias=True)[0]
+
+
+def padded_canvas(photos):
+    """uint8 3 x H x W photos of several sizes -> one float N x 3 x Hmax x Wmax canvas, each photo at its top
+    left (zero padding, which batched_resized_crop's clamped coordinates never read)."""
+    height, width = max(p.shape[1] for p in photos), max(p.shape[2] for p in photos)
+    canvas = torch.zeros(len(photos), 3, height, width, device=photos[0].device)
+    for k, photo in enumerate(photos):
+        canvas[k, :, :photo.shape[1], :photo.shape[2]] = photo
+    return canvas
 
 
 def batched_resized_crop(canvas, boxes, flips, res, *, offsets, transposed=None, grid=None):

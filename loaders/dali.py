@@ -15,14 +15,18 @@ On a GPU `hw_decoder_load` sends HW_DECODER_LOAD of the JPEGs to the hardware JP
 and the rest to nvJPEG's CUDA decoder with CPU Huffman decoding; with few CPU threads per GPU the hardware
 engines are the larger share (DALI's own default is 0.65 for its classic decoder, 0.9 for nvImageCodec).
 """
+import collections
+
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from ingest.shards import ShardIndex
 from loaders.base import Loader
-from loaders.common import IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, test_resize
+from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, SampleError,
+                            test_resize, undecodable)
 
 HW_DECODER_LOAD = 0.9  # share of JPEGs for the GPU's hardware decoder (see the module docstring)
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
@@ -65,7 +69,7 @@ class DaliLoader(Loader):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
         self.samples, self.res, self.threads, self.augment = samples, res, threads, augment
         self.sampler = EpochSampler(block.positions, seed, shuffle=self.train)
-        self._feed, self._iterator, self._finished = iter(()), None, False
+        self._feed, self._iterator, self._finished, self._fed = iter(()), None, False, collections.deque()
 
     def set_res(self, res):
         """res is part of the pipeline's graph: the next pass builds one anew, only when res changes."""
@@ -86,13 +90,15 @@ class DaliLoader(Loader):
         return positions, (*crops, (rng.random(len(positions)) < 0.5).astype(np.int32))
 
     def _batches(self):
-        """What external_source feeds, one tuple per batch: jpegs, labels, ids[, anchors, sizes][, flips]."""
+        """What external_source feeds, one tuple per batch: jpegs, labels[, ids][, anchors, sizes][, flips]; each
+        batch's positions are kept in `_fed` until DALI hands it over (to name a sample that fails to decode)."""
         positions, draws = self.plan()
         for start in range(0, len(positions), self.batch_size):
             part = slice(start, start + self.batch_size)
             batch = positions[part]
-            yield (self.samples.views(batch), self.samples.labels[batch], self.samples.ids[batch],
-                   *(d[part] for d in draws))
+            self._fed.append(batch)
+            ids = (self.samples.ids[batch],) if self.with_ids else ()  # an unused output is a DALI warning
+            yield (self.samples.views(batch), self.samples.labels[batch], *ids, *(d[part] for d in draws))
 
     def _next_batch(self):
         return next(self._feed)  # StopIteration ends DALI's epoch
@@ -106,9 +112,10 @@ class DaliLoader(Loader):
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
                       seed=self.seed, prefetch_queue_depth=2)
         def graph():
-            types_ = [types.UINT8, types.INT64, types.INT64] + [types.INT32] * self.DRAWS[self.augment]
-            jpegs, labels, ids, *draws = fn.external_source(self._next_batch, num_outputs=len(types_),
-                                                            batch=True, dtype=types_)
+            types_ = [types.UINT8, types.INT64] + [types.INT64] * self.with_ids + [types.INT32] * self.DRAWS[self.augment]
+            jpegs, labels, *draws = fn.external_source(self._next_batch, num_outputs=len(types_), batch=True,
+                                                       dtype=types_)
+            ids = draws.pop(0) if self.with_ids else None
             mirror = draws[-1] if draws else 0
             if self.augment == "rrc":
                 anchors, sizes, _ = draws
@@ -133,14 +140,43 @@ class DaliLoader(Loader):
         # The source is set to this epoch before DALI asks it for anything (a reset prefetches at once). A pass
         # left early (a break) leaves batches in flight that DALI cannot drop: the next pass builds anew.
         self._feed = self._batches()
+        self._fed.clear()
         if self._iterator is not None and self._finished:
             self._iterator.reset()
         else:
             self._iterator = None  # let the previous pipeline's threads go before new ones start
             self._iterator = self._pipeline()
         self._finished = False
-        for (batch,) in self._iterator:
+        for (batch,) in self.handed_over():
             images = batch["images"].permute(0, 3, 1, 2)
             labels = batch["labels"].view(-1)
             yield self.batch(images, labels, batch["ids"].view(-1).cpu() if self.with_ids else None)
         self._finished = True
+
+    def handed_over(self):
+        """DALI's batches, in feed order; a decode error (DALI's multi-line RuntimeError, raised for a batch it
+        prefetched) becomes the one-line SampleError of the first fed sample that does not decode."""
+        batches = iter(self._iterator)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:
+                self._iterator, self._finished = None, False  # a failed pipeline is not reused
+                raise self.first_undecodable() from None
+            self._fed.popleft()
+            yield batch
+
+    def first_undecodable(self):
+        """The SampleError of the first sample fed to DALI but not handed back that torchvision cannot decode
+        either; else one line saying DALI failed on one of them."""
+        index = self.samples
+        for position in (int(p) for batch in self._fed for p in batch):
+            try:
+                decode_jpeg(torch.frombuffer(index.read(position), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except (RuntimeError, OSError):
+                return undecodable(self.block.data_dir, self.block.split, int(index.ids[position]), index.tar(position),
+                                   self.block.manifest_sha256)
+        return SampleError(f"DALI could not decode a {self.block.split} sample of {self.block.data_dir} that "
+                           f"torchvision decodes: run python ingest/build.py --verify --out {self.block.data_dir}")

@@ -168,7 +168,8 @@ class FfcvLoader(base.Loader):
             batches = iter(self.loader)
         for images, labels, *ids in batches:
             if self.shared[1]:  # checked before the batch is used; a failure may be in a batch decoded ahead
-                raise undecodable(self.block.data_dir, self.block.split, self.shared[1] - 1, self.beton)
+                raise undecodable(self.block.data_dir, self.block.split, self.shared[1] - 1, self.beton,
+                                  self.block.manifest_sha256)
             # FFCV reuses its output buffers batches_ahead (3) batches later: the Normalizer copies the images
             # out; labels are often kept for metrics and cost nothing to copy.
             yield self.batch(self.normalize(images), labels.clone(), ids[0].clone() if self.with_ids else None)

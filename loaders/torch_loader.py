@@ -28,7 +28,7 @@ from torchvision.transforms import RandomResizedCrop, v2
 from ingest.shards import ShardIndex
 from loaders.base import Loader
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
-                            drawing_from, epoch_seed, random_flips, resized_crop, sample_crops, sample_seed,
+                            drawing_from, epoch_seed, padded_canvas, random_flips, resized_crop, sample_crops, sample_seed,
                             test_resize, undecodable)
 
 
@@ -40,7 +40,7 @@ def build(block, *, batch_size, res, seed, workers, augment, with_ids=False):
     # With a GPU the workers hand over JPEG bytes and the GPU decodes and crops, else the workers do it all.
     on_gpu = block.device.type == "cuda"
     transform = None if on_gpu else PerRes(functools.partial(image_transform, augment), res)
-    samples = ShardSamples(ShardIndex(block.data_dir, block.split), transform)
+    samples = ShardSamples(ShardIndex(block.data_dir, block.split), transform, block.manifest_sha256)
     return TorchLoader(block, samples, augment=augment, batch_size=batch_size, res=res, seed=seed, workers=workers,
                        with_ids=with_ids)
 
@@ -107,8 +107,8 @@ class ShardSamples(Dataset):
     """The samples of a ShardIndex (ingest.shards) as a map-style Dataset: item -> (`transform(JPEG bytes,
     stored height, stored width)`, label, sample id), or the JPEG bytes themselves when transform is None."""
 
-    def __init__(self, index, transform):
-        self.index, self.transform = index, transform
+    def __init__(self, index, transform, started_with=None):
+        self.index, self.transform, self.started_with = index, transform, started_with  # see undecodable
         self.labels, self.ids = torch.from_numpy(index.labels), torch.from_numpy(index.ids)
         self.sizes = np.stack([index.heights, index.widths], 1).tolist()
 
@@ -128,7 +128,7 @@ class ShardSamples(Dataset):
                         data = self.transform(data, *self.sizes[position])
         except (RuntimeError, OSError):  # a shard cut short, or what torchvision's and PIL's JPEG decoders raise
             raise undecodable(self.index.data_dir, self.index.split, int(self.ids[position]),
-                              self.index.tar(position)) from None
+                              self.index.tar(position), self.started_with) from None
         return data, self.labels[position], self.ids[position]
 
 
@@ -199,11 +199,7 @@ class TorchLoader(Loader):
 def crop_on_gpu(decoded, res, generator):
     """A list of decoded uint8 photos (sizes differ) -> float N x 3 x res x res RandomResizedCrop + flip: the
     photos are copied into one zero-padded canvas (one copy each), then one grid_sample crops them all."""
-    sizes = torch.tensor([image.shape[1:] for image in decoded])
-    height, width = sizes.max(0).values.tolist()
-    canvas = torch.zeros(len(decoded), 3, height, width, device=decoded[0].device)
-    for k, image in enumerate(decoded):
-        canvas[k, :, :image.shape[1], :image.shape[2]] = image
-    sizes = sizes.to(canvas.device, non_blocking=True)
+    canvas = padded_canvas(decoded)
+    sizes = torch.tensor([image.shape[1:] for image in decoded]).to(canvas.device, non_blocking=True)
     boxes, flips = sample_crops(sizes[:, 0], sizes[:, 1], generator)
     return batched_resized_crop(canvas, boxes, flips, res, offsets=torch.zeros_like(boxes[:, :2]))

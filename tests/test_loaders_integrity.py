@@ -179,14 +179,15 @@ def test_digests_are_read_once_per_file_version(ingested, tmp_path, monkeypatch)
 def corrupt_jpeg(data, sample, pattern):
     """Overwrite a quarter of test sample `sample`'s JPEG bytes, in its shard and in the beton alike; every file
     keeps its size, so only reading the bytes can tell. "noise" breaks the entropy-coded data so that libjpeg
-    gives up; "zeros" only makes it warn and carry on with a grey smear."""
+    gives up; "zeros" only makes it warn and carry on with a grey smear; "garbage" overwrites all of them
+    (header included: no decoder carries on)."""
     tar = data / "test-00000.tar"
     offset, size = layout.read_index(data / "test-00000.idx")[sample]["jpg"]  # test shards are in id order
     raw = tar.read_bytes()
     jpeg = raw[offset:offset + size]
-    start, stop = size // 3, size // 3 + size // 4
+    start, stop = (0, size) if pattern == "garbage" else (size // 3, size // 3 + size // 4)
     bad = jpeg[:start] + (np.random.default_rng(0).integers(0, 256, stop - start, dtype=np.uint8).tobytes()
-                          if pattern == "noise" else bytes(stop - start))
+                          if pattern in ("noise", "garbage") else bytes(stop - start))
     bad += jpeg[stop:]
     tar.write_bytes(raw[:offset] + bad + raw[offset + size:])
     if has_beton(data):
@@ -210,16 +211,32 @@ def read_all(name, data, split="test", workers=1):
     return sum(len(labels) for _, labels in loader)
 
 
-@pytest.mark.parametrize("name,workers", [("torch", 0), ("torch", 1), ("resident", 1), ("ffcv", 1)])
+@pytest.mark.parametrize("name,workers", [("torch", 0), ("torch", 1), ("resident", 1), ("ffcv", 1), ("dali", 1)])
 def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, ingested, tmp_path):
     require(name)
     data, manifest = dataset_copy(ingested, tmp_path)
-    corrupt_jpeg(data, 3, "noise")
+    corrupt_jpeg(data, 3, "garbage" if name == "dali" else "noise")  # DALI's libjpeg-turbo carries on over noise
     past_the_digest(data, manifest)
     with pytest.raises(UsageError) as err:  # from a DataLoader worker too, where it is re-made from a traceback
         read_all(name, data, workers=workers)
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"test sample 3 in {data / ('test.beton' if name == 'ffcv' else 'test-00000.tar')} does not decode: run python ingest/build.py --verify --out {data}")
+
+
+@pytest.mark.parametrize("name", ["torch", "ffcv", "dali"])  # resident reads the shards only while it is built
+def test_data_ingested_again_under_a_running_loader_is_said_to_be_replaced_not_damaged(name, ingested, tmp_path):
+    """Issue 19 item 16: a loader that meets bytes that no longer decode after the manifest changed under it
+    says the data was replaced (and to restart), not that a shard is damaged."""
+    require(name)
+    data, manifest = dataset_copy(ingested, tmp_path)
+    loader = make_loader(name, data, "test", batch_size=4, res=32, device="cpu", workers=1)
+    corrupt_jpeg(data, 3, "garbage")
+    past_the_digest(data, {**manifest, "note": "ingested again"})
+    with pytest.raises(UsageError) as err:
+        sum(len(labels) for _, labels in loader)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"the data in {data} was replaced while this run read it")
+    assert "restart" in line and "damaged" not in line
 
 
 def test_ffcv_stops_on_a_jpeg_that_libjpeg_only_warns_about(ingested, tmp_path):
