@@ -46,84 +46,95 @@ from ingest.layout import MANIFEST, SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders import resident_cache
 from loaders.base import Loader
-from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, random_flips, rank_ids, resized_crop,
-                            sample_crops, test_resize)
+from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, padded_canvas, random_flips, rank_ids,
+                            resized_crop, sample_crops, test_resize)
 from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
 DECODE_BATCH = 64
-CACHE_LAYOUT = "whole-photo-v1"  # part of the cache key: caches of the older central-square layout are stale
+CACHE_LAYOUT = "ragged-v2"  # part of the disk copy's key: copies of older store layouts are stale
 _HELD = weakref.WeakValueDictionary()  # (dataset, split, rank, world, device) -> images of live loaders
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
 
 
 def build(block, *, batch_size, res, seed, workers, augment, with_ids=False, cache=True, memory_limit=None):
     """A resident loader for this rank's block of samples; `memory_limit` (bytes) replaces the measured free
-    memory (to check the guard), `cache=False` neither reads nor writes the disk cache."""
+    memory (to check the guard), `cache=False` neither reads nor writes the disk copy."""
     data_dir, positions, device = Path(block.data_dir), block.positions, block.device
     size = test_resize(res)
     fit = FitShorter(size)
-    samples = ShardSamples(ShardIndex(block.data_dir, block.split), None if device.type == "cuda" else fit)
-    layout = Layout.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size, res)
+    samples = ShardSamples(ShardIndex(block.data_dir, block.split), None if device.type == "cuda" else fit,
+                           block.manifest_sha256)
+    store = Store.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size)
     held_key = (str(data_dir.resolve()), block.split, block.rank, block.world, str(device))
     squares = block.train and augment != "rrc"  # the train crops are cut once, see the module docstring
-    check_memory(block, layout, batch_size, res, memory_limit, held_key, squares)
+    check_memory(block, store, batch_size, res, memory_limit, held_key, squares)
     path = resident_cache.path_for(data_dir, block.split, size, positions)
-    key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{res}:{CACHE_LAYOUT}"
+    key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{CACHE_LAYOUT}"
     saved = resident_cache.read(path, key) if cache else None
-    images = saved["images"] if saved else None
-    from_cache = images is not None
-    if images is None:
-        images = decode_split(samples, positions, layout, fit, device, workers)
+    if saved is not None and torch.equal(saved["sizes"], store.sizes):
+        store.pixels = saved["pixels"].to(device)
+    else:
+        decode_split(samples, positions, store.allocate(device), fit, workers)
         if cache:
-            save_cache(path, key, images)
-    images = images.to(device)
-    _HELD[held_key] = images
-    loader = ResidentLoader(block, images, layout, samples.labels[positions.start:positions.stop].to(device),
+            save_cache(path, key, store)
+    _HELD[held_key] = store.pixels
+    loader = ResidentLoader(block, store, samples.labels[positions.start:positions.stop].to(device),
                             samples.ids[positions.start:positions.stop], augment=augment, batch_size=batch_size,
                             res=res, seed=seed, with_ids=with_ids)
-    loader.from_cache = from_cache
+    loader.from_cache = saved is not None
     return loader
 
 
-class Layout:
-    """Where each photo lies in the padded canvas: photo sizes after the resize (height, width), whether it
-    is stored transposed, and its canvas column offset (rows start at 0)."""
+class Store:
+    """The decoded photos, ragged: one flat uint8 buffer `pixels` holding photo k's H x W x 3 values (HWC, as the
+    decoders write them) from offsets[k], its (H, W) in sizes[k]. No padding: the buffer is exactly the sum of
+    H x W x 3 of the photos."""
 
-    def __init__(self, sizes, size, res):
-        self.sizes, self.size, self.res = sizes, size, res
-        self.transposed = sizes[:, 0] > sizes[:, 1]
-        self.long = sizes.max(1).values
-        # every photo's test crop (torchvision's center_crop rounding) lands on columns [column, column + res)
-        starts = torch.round((self.long - res) / 2.0).long()
-        self.column = int(starts.max()) if len(starts) else 0
-        self.offsets = torch.stack([torch.zeros_like(starts), self.column - starts], 1)
-        self.width = int((self.offsets[:, 1] + self.long).max()) if len(starts) else size
+    def __init__(self, sizes, pixels=None):
+        self.sizes = sizes.long()
+        counts = self.sizes[:, 0] * self.sizes[:, 1] * 3
+        self.offsets = torch.cumsum(counts, 0) - counts
+        self.nbytes = int(counts.sum())
+        self._spans = list(zip(self.offsets.tolist(), self.sizes.tolist()))  # python ints: no tensor ops per photo
+        self.pixels = pixels
 
     @classmethod
-    def plan(cls, stored, size, res):
-        """The layout for stored (height, width) sizes resized to shorter side `size`, as v2's resize rounds."""
+    def plan(cls, stored, size):
+        """The store for stored (height, width) sizes resized to shorter side `size`, as v2's resize rounds."""
         short, long = stored.min(1).values, stored.max(1).values
         long = torch.where(short == size, long, (size * long.double() / short).long())  # int(), as torchvision
         portrait = stored[:, 0] > stored[:, 1]
-        sizes = torch.stack([torch.where(portrait, long, size), torch.where(portrait, size, long)], 1)
-        return cls(sizes, size, res)
+        return cls(torch.stack([torch.where(portrait, long, size), torch.where(portrait, size, long)], 1))
 
-    def nbytes(self):
-        return len(self.sizes) * 3 * self.size * self.width
+    def allocate(self, device):
+        self.pixels = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        return self
 
-    def store(self, canvas, k, photo):
-        """Write photo k (uint8 3 x H x W at its resized size) into its place in `canvas`."""
-        if tuple(photo.shape[1:]) != tuple(self.sizes[k].tolist()):
-            raise ValueError(f"photo {k} is {tuple(photo.shape[1:])}, its layout says {tuple(self.sizes[k].tolist())}")
-        left, long = int(self.offsets[k, 1]), int(self.long[k])
-        canvas[k, :, :, left:left + long] = photo.transpose(1, 2) if self.transposed[k] else photo
+    def hwc(self, k):
+        """Photo k as an H x W x 3 view of the buffer."""
+        offset, (height, width) = self._spans[k]
+        return self.pixels[offset:offset + height * width * 3].view(height, width, 3)
 
-    def photo(self, canvas, k):
-        """Photo k as a uint8 3 x H x W view of `canvas`."""
-        left, long = int(self.offsets[k, 1]), int(self.long[k])
-        image = canvas[k, :, :, left:left + long]
-        return image.transpose(1, 2) if self.transposed[k] else image
+    def photo(self, k):
+        """Photo k as a uint8 3 x H x W view (HWC in memory, as a decoded image)."""
+        return self.hwc(k).permute(2, 0, 1)
+
+    def put(self, k, photo):
+        """Write photo k (uint8 3 x H x W at its resized size) into its place."""
+        if tuple(photo.shape[1:]) != tuple(self._spans[k][1]):
+            raise ValueError(f"photo {k} is {tuple(photo.shape[1:])}, the store says {tuple(self._spans[k][1])}")
+        self.photo(k).copy_(photo)
+
+    def center_crops(self, ks, res):
+        """The res x res centre crops (torchvision's rounding) of photos `ks`, as one uint8 N x 3 x res x res
+        batch (channels_last: HWC crops stacked as they lie)."""
+        crops = []
+        for k in ks:
+            image = self.hwc(k)
+            top, left = int(round((image.shape[0] - res) / 2.0)), int(round((image.shape[1] - res) / 2.0))
+            crops.append(image[top:top + res, left:left + res])
+        return torch.stack(crops).permute(0, 3, 1, 2)
 
 
 def stored_sizes(data_dir, split, ids):
@@ -136,22 +147,24 @@ def free_memory(device):
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
-def working_bytes(layout, batch_size, res, device):
+def working_bytes(store, batch_size, res, device):
     """Per-batch buffers of ResidentLoader: on the CPU the uint8 crops and the Normalizer's ring of 3 float
-    outputs; on a GPU also the gathered batch (uint8 + float copy), the grid (2 floats per output pixel) and
-    grid_sample's output (3)."""
+    outputs; on a GPU also the batch's float canvas of its photos (at most the largest photo each), the grid
+    (2 floats per output pixel) and grid_sample's output (3)."""
     out = batch_size * res * res * (3 + 3 * 3 * 4)
-    if device.type == "cuda":
-        out += batch_size * (3 * layout.size * layout.width * 5 + res * res * 4 * (2 + 3))
+    if device.type == "cuda" and len(store.sizes):
+        out += batch_size * (3 * int(store.sizes[:, 0].max()) * int(store.sizes[:, 1].max()) * 4
+                             + res * res * 4 * (2 + 3))
     return out
 
 
-def check_memory(block, layout, batch_size, res, limit, held_key, squares=False):
+def check_memory(block, store, batch_size, res, limit, held_key, squares=False):
     """UsageError unless this split and the other (a run holds both) fit in MEMORY_SHARE of free memory,
     counting the other split's images as free when a live loader already holds them; `squares`: this split
-    also keeps its res x res crops (augment flip or none)."""
+    also keeps its res x res crops (augment flip or none). The error says which res would fit."""
     device = block.device
-    need = layout.nbytes() + working_bytes(layout, batch_size, res, device) + squares * len(layout.sizes) * 3 * res**2
+    images = store.nbytes + squares * len(store.sizes) * 3 * res**2
+    need = images + working_bytes(store, batch_size, res, device)
     other = next(s for s in SPLITS if s != block.split)
     other_key = held_key[:1] + (other,) + held_key[2:]
     held = _HELD.get(other_key)
@@ -163,26 +176,33 @@ def check_memory(block, layout, batch_size, res, limit, held_key, squares=False)
         if len(ids):
             # its block's ids stand in for its shard positions (the same where shards are in id order, as
             # test shards are, or with one rank): indexing the other split's shards here would cost seconds
-            other_layout = Layout.plan(stored_sizes(block.data_dir, other, torch.arange(ids.start, ids.stop)),
-                                       layout.size, res)
-            need += other_layout.nbytes() + working_bytes(other_layout, batch_size, res, device)
+            other_store = Store.plan(stored_sizes(block.data_dir, other, torch.arange(ids.start, ids.stop)),
+                                     test_resize(res))
+            images += other_store.nbytes
+            need += other_store.nbytes + working_bytes(other_store, batch_size, res, device)
     free = (free_memory(device) if limit is None else limit) + (held or 0)
     if need + (held or 0) > MEMORY_SHARE * free:
         where = "GPU" if device.type == "cuda" else "host"
+        # the photos' bytes grow with the square of the store's shorter side, test_resize(res)
+        room = max(MEMORY_SHARE * free - (need - images) - (held or 0), 0)
+        fits = int(test_resize(res) * (room / images) ** 0.5) if images else 0
+        fit_res = next((r for r in range(res - 1, 7, -1) if test_resize(r) <= fits), None)
+        hint = f"--res {fit_res} or lower (a store size of {test_resize(fit_res)} px) would fit, or use " \
+            if fit_res else "use "
         raise UsageError(f"the resident loader needs {(need + (held or 0)) / 1e6:,.0f} MB for the train and test "
-                         f"images at shorter side {layout.size} px but {where} memory has {free / 1e6:,.0f} MB free: "
-                         "use a smaller --res, more ranks, or a streaming loader (--loader dali or ffcv)")
+                         f"images at a store size (shorter side) of {test_resize(res)} px but {where} memory has "
+                         f"{free / 1e6:,.0f} MB free: {hint}more ranks, or a streaming loader (--loader dali or ffcv)")
 
 
-def save_cache(path, key, images):
-    """Write the disk copy (loaders.resident_cache) unless host memory cannot hold the copy of GPU images that
+def save_cache(path, key, store):
+    """Write the disk copy (loaders.resident_cache) unless host memory cannot hold the copy of GPU pixels that
     torch.save needs: then the next run decodes again."""
     host = torch.device("cpu")
-    if images.device != host and images.numel() > MEMORY_SHARE * free_memory(host):
-        warnings.warn(f"resident cache not written (host memory cannot hold a {images.numel() / 1e6:,.0f} MB copy "
+    if store.pixels.device != host and store.nbytes > MEMORY_SHARE * free_memory(host):
+        warnings.warn(f"resident cache not written (host memory cannot hold a {store.nbytes / 1e6:,.0f} MB copy "
                       "of the images); the next run decodes again")
         return
-    resident_cache.write(path, key, {"images": images})
+    resident_cache.write(path, key, {"pixels": store.pixels, "sizes": store.sizes})
 
 
 class FitShorter:
@@ -200,18 +220,15 @@ def collate_list(batch):
     return list(images), labels, ids
 
 
-def decode_split(samples, positions, layout, fit, device, workers):
-    """The photos at `positions`, resized by `fit` and placed as `layout` says, as one uint8 N x 3 x S x W
-    canvas (channels_last, the layout of decoded images) on `device`.
+def decode_split(samples, positions, store, fit, workers):
+    """Decode the photos at `positions`, resized by `fit`, into `store` (allocated on its device).
 
     On a GPU, nvJPEG decodes each batch in one call; on the CPU, DataLoader workers decode (libjpeg-turbo): the
     samples' transform is `fit` there."""
+    device = store.pixels.device
     on_gpu = device.type == "cuda"
-    batches = DataLoader(Subset(samples, positions), batch_size=DECODE_BATCH,
-                         num_workers=workers,
+    batches = DataLoader(Subset(samples, positions), batch_size=DECODE_BATCH, num_workers=workers,
                          collate_fn=collate_bytes if on_gpu else collate_list)
-    canvas = torch.empty(len(positions), 3, layout.size, layout.width, dtype=torch.uint8, device=device,
-                         memory_format=torch.channels_last).zero_()  # padding: never read, but cached
     done = 0
     with tqdm(total=len(positions), desc=f"resident: decoding {samples.index.split}", unit="img",
               disable=None) as progress:
@@ -220,84 +237,67 @@ def decode_split(samples, positions, layout, fit, device, workers):
                 data = [fit(image) for image in decode_jpegs_on_gpu(data, device)]
             for k, image in enumerate(data, done):
                 try:
-                    layout.store(canvas, k, image)
+                    store.put(k, image)
                 except ValueError as err:
                     raise UsageError(f"{samples.index.tar(positions[k])}: a stored image's size differs "
                                      f"from its csv row ({err}): ingest again with python ingest/build.py") from None
             done += len(data)
             progress.update(len(data))
-    return canvas
 
 
 class ResidentLoader(Loader):
-    """Batches cut from the decoded store (`images`, laid out as `layout` says), on the store's device."""
+    """Batches cut from the decoded `store` (loaders.resident.Store), on the store's device."""
 
-    def __init__(self, block, images, layout, labels, ids, *, batch_size, res, seed, with_ids, augment="rrc",
-                 threads=None):
+    def __init__(self, block, store, labels, ids, *, batch_size, res, seed, with_ids, augment="rrc", threads=None):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
-        self.images, self.layout, self.labels, self.ids, self.res = images, layout, labels, ids, res
-        self.augment, self._squares = augment, None
+        self.store, self.labels, self.ids, self.res, self.store_res = store, labels, ids, res, res
+        self.augment, self._squares, self._work = augment, None, None
         self.from_cache = False
-        self.normalize = Normalizer(images.device)
-        self.on_gpu = images.device.type == "cuda"
+        device = store.pixels.device
+        self.normalize = Normalizer(device)
+        self.on_gpu = device.type == "cuda"
         self.threads = threads or torch.get_num_threads()
         self.pool = None if self.on_gpu else ThreadPoolExecutor(self.threads)
-        self._work, self._photos = None, None
-        self._sizes = layout.sizes.to(images.device)
-        self._offsets, self._transposed = layout.offsets.to(images.device), layout.transposed.to(images.device)
+        self._sizes = store.sizes.to(device)
 
     def set_res(self, res):
         """Later batches at res x res from the same decoded store: train crops are resized to res anyway;
-        test batches are the crops of the res the store was laid out for, resized to res (the field of view of
+        test batches are the crops of the res the store was made for, resized to res (the field of view of
         the other backends' test path at res)."""
         if res != self.res:
             self.res, self._work, self._squares = res, None, None  # the reused buffers and crops are res x res
 
-    def _buffers(self, n):
-        """Reused from batch to batch (fresh ones are page-faulted in every batch on the CPU, which cost as
-        much as the crops, measured): the uint8 crops on the CPU; the gathered batch, its float copy and the
-        sampling grid on a GPU."""
+    def _buffer(self, n):
+        """The uint8 crops, reused from batch to batch (fresh ones are page-faulted in every batch on the CPU,
+        which cost as much as the crops, measured)."""
         if self._work is None:
-            device, n = self.images.device, min(self.batch_size, self.num_samples)
-            if self.on_gpu and self.augment == "rrc":
-                self._work = (torch.empty(n, *self.images.shape[1:], dtype=torch.uint8, device=device,
-                                          memory_format=torch.channels_last),
-                              torch.empty(n, *self.images.shape[1:], device=device, memory_format=torch.channels_last),
-                              torch.empty(n, self.res, self.res, 2, device=device))
-            else:
-                self._work = torch.empty(n, 3, self.res, self.res, dtype=torch.uint8, device=device,
-                                         memory_format=torch.channels_last)
-        return self._work
+            self._work = torch.empty(min(self.batch_size, self.num_samples), 3, self.res, self.res,
+                                     dtype=torch.uint8, device=self.store.pixels.device,
+                                     memory_format=torch.channels_last)
+        return self._work[:n]
 
     def _crop_on_cpu(self, index, boxes, flips):
         """Each crop resized on its own, the batch split across the thread pool (torch releases the GIL)."""
-        out = self._buffers(len(index))[:len(index)]
-        if self._photos is None:  # views of the store, one per photo, made once
-            self._photos = [self.layout.photo(self.images, k) for k in range(self.num_samples)]
+        out = self._buffer(len(index))
         jobs = list(zip(range(len(index)), index.tolist(), boxes.tolist(), flips.tolist()))
 
         def crop(part):
             for slot, k, box, flip in part:
-                out[slot] = resized_crop(self._photos[k], box, flip, self.res)
+                out[slot] = resized_crop(self.store.photo(k), box, flip, self.res)
 
         for done in [self.pool.submit(crop, jobs[i::self.threads]) for i in range(self.threads)]:
             done.result()
         return out
 
     def _crop_on_gpu(self, index, boxes, flips):
-        gathered, floats, grid = self._buffers(len(index))
-        images = torch.index_select(self.images, 0, index, out=gathered[:len(index)])
-        return batched_resized_crop(floats[:len(index)].copy_(images), boxes, flips, self.res,
-                                    offsets=self._offsets[index], transposed=self._transposed[index], grid=grid)
+        """The batch's photos in one float canvas (each at its top left), then one grid_sample."""
+        canvas = padded_canvas([self.store.photo(k) for k in index.tolist()])
+        return batched_resized_crop(canvas, boxes, flips, self.res, offsets=torch.zeros_like(boxes[:, :2]))
 
-    def _center_crops(self, index):
-        """The test crops: one slice of the canvas, transposed photos turned back (resized after a set_res)."""
-        row, column, res = int(round((self.layout.size - self.layout.res) / 2.0)), self.layout.column, self.layout.res
-        crops = self.images[index, :, row:row + res, column:column + res]
-        transposed = self._transposed[index]
-        crops = torch.where(transposed[:, None, None, None], crops.transpose(2, 3), crops) if transposed.any() \
-            else crops
-        if self.res != res:
+    def _center_crops(self, ks):
+        """The test crops of photos `ks`, at the res the store was made for (resized after a set_res)."""
+        crops = self.store.center_crops(ks, self.store_res)
+        if self.res != self.store_res:
             crops = F.interpolate(crops.float(), size=(self.res, self.res), mode="bilinear", antialias=True)
         return crops
 
@@ -306,17 +306,16 @@ class ResidentLoader(Loader):
         flipped."""
         if self._squares is None:
             self._squares = torch.empty(self.num_samples, 3, self.res, self.res, dtype=torch.uint8,
-                                        device=self.images.device, memory_format=torch.channels_last)
+                                        device=self.store.pixels.device, memory_format=torch.channels_last)
             for start in range(0, self.num_samples, DECODE_BATCH):  # a float copy of a part at a time
-                part = slice(start, start + DECODE_BATCH)
+                part = range(start, min(start + DECODE_BATCH, self.num_samples))
                 crops = self._center_crops(part)
-                self._squares[part] = crops.round().clamp(0, 255) if crops.is_floating_point() else crops
-        out = self._buffers(len(index))[:len(index)]
-        images = torch.index_select(self._squares, 0, index, out=out)
+                self._squares[start:part.stop] = crops.round().clamp(0, 255) if crops.is_floating_point() else crops
+        images = torch.index_select(self._squares, 0, index, out=self._buffer(len(index)))
         return random_flips(images, generator) if self.augment == "flip" else images
 
     def __iter__(self):
-        device, n = self.images.device, self.num_samples
+        device, n = self.store.pixels.device, self.num_samples
         if self.train:
             generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=generator, device=device)
@@ -331,6 +330,6 @@ class ResidentLoader(Loader):
                 images = (self._crop_on_gpu if self.on_gpu else self._crop_on_cpu)(index, boxes, flips)
             else:
                 index = slice(start, start + self.batch_size)
-                images = self._center_crops(index)
+                images = self._center_crops(range(n)[index])
             ids = self.ids[index.cpu() if self.train else index] if self.with_ids else None
             yield self.batch(self.normalize(images), self.labels[index], ids)

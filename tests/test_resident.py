@@ -8,6 +8,7 @@ the cache is what is tested, so the shared `ingested` fixture stays as it was.
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,14 +84,11 @@ def crops_by_path(path, photos, res):
     if path == "torch-gpu-batched":  # the torch backend's GPU path, on CPU tensors here
         images = torch_loader.crop_on_gpu(photos, res, torch.Generator().manual_seed(0))
         return Normalizer("cpu")(images), torch.arange(len(photos))
-    sizes = torch.tensor([photo.shape[1:] for photo in photos])
-    layout = resident.Layout(sizes, int(sizes.min()), res)
-    canvas = torch.empty(len(photos), 3, layout.size, layout.width, dtype=torch.uint8,
-                         memory_format=torch.channels_last).zero_()
+    store = resident.Store(torch.tensor([photo.shape[1:] for photo in photos])).allocate("cpu")
     for k, photo in enumerate(photos):
-        layout.store(canvas, k, photo)
+        store.put(k, photo)
     block = Block("ramps", "train", {"splits": {"train": {"count": len(photos)}}}, 0, 1, torch.device("cpu"))
-    ramps = resident.ResidentLoader(block, canvas, layout, torch.zeros(len(photos), dtype=torch.long),
+    ramps = resident.ResidentLoader(block, store, torch.zeros(len(photos), dtype=torch.long),
                                     torch.arange(len(photos)), batch_size=256, res=res, seed=0, with_ids=True)
     ramps.on_gpu = path == "resident-gpu-batched"  # the GPU path's grid_sample, on CPU tensors here
     images, _, ids = epoch(ramps, 0)
@@ -155,8 +153,8 @@ def split_need(data_dir, split, res, batch_size):
     """Bytes the guard counts for one split: its images plus its batch buffers."""
     manifest = layout.read_manifest(data_dir)
     ids = torch.arange(manifest["splits"][split]["count"])
-    plan = resident.Layout.plan(resident.stored_sizes(data_dir, split, ids), common.test_resize(res), res)
-    return plan.nbytes(), plan.nbytes() + resident.working_bytes(plan, batch_size, res, torch.device("cpu"))
+    store = resident.Store.plan(resident.stored_sizes(data_dir, split, ids), common.test_resize(res))
+    return store.nbytes, store.nbytes + resident.working_bytes(store, batch_size, res, torch.device("cpu"))
 
 
 def test_memory_guard_budgets_train_and_test_together(ingested, monkeypatch):
@@ -192,7 +190,7 @@ def test_disk_cache_is_reused_then_invalidated_by_a_new_manifest(ingested, tmp_p
     decode = resident.decode_split
     monkeypatch.setattr(resident, "decode_split", lambda *a, **k: pytest.fail("decoded despite the cache"))
     second = loader(data, "test", cache=True)
-    assert second.from_cache and torch.equal(second.images, first.images)
+    assert second.from_cache and torch.equal(second.store.pixels, first.store.pixels)
     assert torch.equal(epoch(second, 0)[0], epoch(first, 0)[0])
 
     manifest = layout.read_manifest(data)
@@ -207,21 +205,57 @@ def test_disk_cache_is_reused_then_invalidated_by_a_new_manifest(ingested, tmp_p
     assert not loader(data, "test", cache=True).from_cache
 
 
-def test_store_holds_whole_photos_resized_like_pil(ingested):
+def test_store_holds_whole_photos_resized_like_pil_in_no_more_memory_than_their_pixels(ingested):
     """Each stored photo is the whole stored JPEG, shorter side resized to S (PIL's antialiased bilinear, within
-    a level or so), portrait ones too: nothing of the field of view is cut."""
+    a level or so), portrait ones too: nothing of the field of view is cut. The store is ragged: its one buffer
+    is exactly the sum of H x W x 3 of the photos (issue 20 item 4), no padding to the widest."""
     resident_loader = loader(ingested, "train", res=32)
-    size, plan, samples = common.test_resize(32), resident_loader.layout, ShardIndex(ingested, "train")
-    assert resident_loader.images.dtype == torch.uint8
-    assert resident_loader.images.is_contiguous(memory_format=torch.channels_last)
-    assert plan.transposed.any() and not plan.transposed.all()  # the fixture has photos both ways up
+    size, store, samples = common.test_resize(32), resident_loader.store, ShardIndex(ingested, "train")
+    assert store.pixels.dtype == torch.uint8 and store.pixels.dim() == 1
+    assert store.pixels.numel() == sum(h * w * 3 for h, w in store.sizes.tolist())
+    portrait = store.sizes[:, 0] > store.sizes[:, 1]
+    assert portrait.any() and not portrait.all()  # the fixture has photos both ways up
     for k in range(resident_loader.num_samples):
         pil = Image.open(io.BytesIO(samples.read(k))).convert("RGB")
         reference = T.PILToTensor()(T.Resize(size)(pil))
-        photo = plan.photo(resident_loader.images, k)
+        photo = store.photo(k)
         assert photo.shape == reference.shape
         diff = (photo.int() - reference.int()).abs()
         assert diff.float().mean() < 0.1 and diff.max() <= 3, (k, diff.float().mean(), diff.max())
+
+
+PADDED = "1cf3333"  # the last commit of the padded store: N x 3 x S x W, portrait photos transposed
+
+
+def padded_resident():
+    """loaders/resident.py as it was at PADDED, imported from git as the reference of the ragged store."""
+    import importlib.util
+    import subprocess
+    import sys
+    try:
+        code = subprocess.run(["git", "show", f"{PADDED}:loaders/resident.py"], capture_output=True, check=True,
+                              cwd=Path(__file__).parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"git cannot show commit {PADDED} here (a copy without the project's history)")
+    spec = importlib.util.spec_from_loader("padded_resident", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("padded_resident", module)
+    exec(compile(code, "padded_resident.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("split,augment", [("train", "rrc"), ("train", "flip"), ("train", "none"), ("test", "none")])
+def test_the_ragged_store_gives_exactly_the_padded_stores_crops(split, augment, ingested):
+    """Issue 20 item 4: the same seed gives the very same batches, sample id by sample id, from the ragged
+    store as from the padded one it replaced, for every augment, over two epochs."""
+    from loaders.base import prepare
+    old = padded_resident()
+    block = prepare(ingested, split, rank=0, world=1, device="cpu", reads=resident.READS)
+    padded = old.build(block, batch_size=16, res=32, seed=3, workers=0, augment=augment, with_ids=True, cache=False)
+    ragged = loader(ingested, split, augment=augment, seed=3)
+    for number in (0, 1):
+        for before, now in zip(epoch(padded, number), epoch(ragged, number)):
+            assert torch.equal(before, now)
 
 
 def test_without_augmentation_the_crops_are_cut_once_per_res_and_epochs_only_gather(ingested, monkeypatch):
@@ -272,5 +306,5 @@ def test_a_damaged_disk_cache_is_noticed_said_in_one_line_and_rebuilt(ingested, 
         again = loader(data, "train", cache=True)
     assert [str(w.message) for w in said if "resident" in str(w.message)] == [f"resident: {cached} is damaged, its pixels changed since it was "
                                               "written (sha256 differs): decoding the split again"]
-    assert not again.from_cache and torch.equal(again.images, fresh.images)
+    assert not again.from_cache and torch.equal(again.store.pixels, fresh.store.pixels)
     assert loader(data, "train", cache=True).from_cache and verify(data)[0] == []
