@@ -1,27 +1,25 @@
-"""`resident` backend: decode the split once into one uint8 tensor, so every later epoch runs at memory speed.
-(Over 300 lines: the store's layout, its memory guard, its disk cache and the crops cut from it read as one.)
+"""`resident` backend: decode the split once into memory, so every later epoch runs at memory speed.
+(Over 300 lines: the store, its memory guard, its disk copy and the crops cut from it read as one.)
 
 Every photo is stored whole, resized so that its shorter side is S = test_resize(res) (256 for res 224), as
 the test path's resize does: its central res x res is then exactly the other backends' test crop, and train
-RandomResizedCrop sees the photo's whole field of view, as the streaming backends do. Portrait photos are
-stored transposed, so every stored image is S rows by its long side L, and the store is one padded canvas
-N x 3 x S x W (W ~ the longest L), each photo placed so that its test crop falls on the same columns: the test
-path is then one slice. Memory: 29k photos at res 224 take ~5.7 GB x (W / S), 1.8x for photos up to 16:9; it
-depends on res, not on the store size, so the guard suggests a smaller --res. The guard budgets the train and
-test splits together (a run holds both), before any decoding: too big is one clear error, never an
-out-of-memory crash halfway.
+RandomResizedCrop sees the photo's whole field of view, as the streaming backends do. The store is ragged
+(Store): one flat uint8 buffer, each photo's H x W x 3 pixels at its offset, no padding, so memory is the sum
+of H x W x 3 (the seed's 25,199 train + 2,800 test photos at S = 256: 7.9 GB, where a canvas padded to the
+widest photo took 9.8 GB). The guard budgets the train and test splits together (a run holds both), before
+any decoding: too big is one clear error naming the --res that would fit, never an out-of-memory crash.
 
-The tensor lives on the GPU when the device is one, in host memory otherwise, and is cached on disk next to
-the shards (`resident-<split>-<S>px-<first>-<stop>.pt`, atomic, keyed by a hash of the manifest, S and res)
-so the next run skips decoding; on the CPU the cache is memory-mapped rather than copied.
+The buffer lives on the GPU when the device is one, in host memory otherwise. A checked copy is kept on disk
+next to the shards (loaders.resident_cache: one per split and S, replacing our older ones, never where it
+would leave the disk short), so the next run skips decoding; on the CPU it is memory-mapped, not copied.
 
 Train batches: a permutation drawn from (seed, epoch), then RandomResizedCrop + flip with torchvision's
 box distribution over each whole photo (loaders.common.sample_crops, drawn per batch from the same
 generator). On the CPU each crop is one antialiased v2 resize of a view of the store, spread over a thread
-pool (torch releases the GIL): ~3.5x the batched grid_sample over the float canvas there (2 threads,
-interleaved in one process on shared cores). On a GPU one grid_sample crops the whole batch
-(loaders.common.batched_resized_crop): no per-sample work, bilinear without antialiasing (a box is at most
-~1.5x the output side at this store size).
+pool (torch releases the GIL): ~3.5x the batched grid_sample over a float canvas there (2 threads,
+interleaved in one process on shared cores). On a GPU the batch's photos are copied into one float canvas and
+one grid_sample crops them all (loaders.common.batched_resized_crop): no per-sample kernels, bilinear without
+antialiasing (a box is at most ~1.5x the output side at this store size).
 
 With augment flip or none the train batches are the test crops (+ random flips): every photo's crop at the
 current res is cut from the store once, as one uint8 N x 3 x res x res tensor (again after a set_res to
@@ -65,10 +63,11 @@ def build(block, *, batch_size, res, seed, workers, augment, with_ids=False, cac
     fit = FitShorter(size)
     samples = ShardSamples(ShardIndex(block.data_dir, block.split), None if device.type == "cuda" else fit,
                            block.manifest_sha256)
-    store = Store.plan(torch.tensor(samples.sizes[positions.start:positions.stop]), size)
+    stored = torch.tensor(samples.sizes[positions.start:positions.stop])
+    store = Store.plan(stored, size)
     held_key = (str(data_dir.resolve()), block.split, block.rank, block.world, str(device))
     squares = block.train and augment != "rrc"  # the train crops are cut once, see the module docstring
-    check_memory(block, store, batch_size, res, memory_limit, held_key, squares)
+    check_memory(block, stored, batch_size, res, memory_limit, held_key, squares)
     path = resident_cache.path_for(data_dir, block.split, size, positions)
     key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{CACHE_LAYOUT}"
     saved = resident_cache.read(path, key) if cache else None
@@ -158,39 +157,36 @@ def working_bytes(store, batch_size, res, device):
     return out
 
 
-def check_memory(block, store, batch_size, res, limit, held_key, squares=False):
+def check_memory(block, stored, batch_size, res, limit, held_key, squares=False):
     """UsageError unless this split and the other (a run holds both) fit in MEMORY_SHARE of free memory,
-    counting the other split's images as free when a live loader already holds them; `squares`: this split
-    also keeps its res x res crops (augment flip or none). The error says which res would fit."""
+    counting the other split's images as free when a live loader already holds them; `stored`: this split's
+    stored (height, width) sizes; `squares`: this split also keeps its res x res crops (augment flip or none).
+    The error names the largest --res that would fit."""
     device = block.device
-    images = store.nbytes + squares * len(store.sizes) * 3 * res**2
-    need = images + working_bytes(store, batch_size, res, device)
     other = next(s for s in SPLITS if s != block.split)
-    other_key = held_key[:1] + (other,) + held_key[2:]
-    held = _HELD.get(other_key)
-    if held is not None:
-        held = held.numel()
-    else:
-        count = block.manifest["splits"].get(other, {}).get("count", 0)
-        ids = rank_ids(count, block.rank, block.world)
+    held = _HELD.get(held_key[:1] + (other,) + held_key[2:])
+    held = 0 if held is None else held.numel()
+    other_stored = None
+    if not held:
+        ids = rank_ids(block.manifest["splits"].get(other, {}).get("count", 0), block.rank, block.world)
         if len(ids):
             # its block's ids stand in for its shard positions (the same where shards are in id order, as
             # test shards are, or with one rank): indexing the other split's shards here would cost seconds
-            other_store = Store.plan(stored_sizes(block.data_dir, other, torch.arange(ids.start, ids.stop)),
-                                     test_resize(res))
-            images += other_store.nbytes
-            need += other_store.nbytes + working_bytes(other_store, batch_size, res, device)
-    free = (free_memory(device) if limit is None else limit) + (held or 0)
-    if need + (held or 0) > MEMORY_SHARE * free:
+            other_stored = stored_sizes(block.data_dir, other, torch.arange(ids.start, ids.stop))
+
+    def need(res):
+        stores = [Store.plan(s, test_resize(res)) for s in (stored, other_stored) if s is not None]
+        return sum(s.nbytes + working_bytes(s, batch_size, res, device) for s in stores) + held + \
+            squares * len(stored) * 3 * res**2
+
+    free = (free_memory(device) if limit is None else limit) + held
+    if need(res) > MEMORY_SHARE * free:
         where = "GPU" if device.type == "cuda" else "host"
-        # the photos' bytes grow with the square of the store's shorter side, test_resize(res)
-        room = max(MEMORY_SHARE * free - (need - images) - (held or 0), 0)
-        fits = int(test_resize(res) * (room / images) ** 0.5) if images else 0
-        fit_res = next((r for r in range(res - 1, 7, -1) if test_resize(r) <= fits), None)
-        hint = f"--res {fit_res} or lower (a store size of {test_resize(fit_res)} px) would fit, or use " \
-            if fit_res else "use "
-        raise UsageError(f"the resident loader needs {(need + (held or 0)) / 1e6:,.0f} MB for the train and test "
-                         f"images at a store size (shorter side) of {test_resize(res)} px but {where} memory has "
+        fits = next((r for r in range(res - 1, 7, -1) if need(r) <= MEMORY_SHARE * free), None)
+        hint = f"--res {fits} or lower (a store size of {test_resize(fits)} px) would fit, or use " if fits else \
+            "use a smaller --res, "
+        raise UsageError(f"the resident loader needs {need(res) / 1e6:,.0f} MB for the train and test images at a "
+                         f"store size (shorter side) of {test_resize(res)} px but {where} memory has "
                          f"{free / 1e6:,.0f} MB free: {hint}more ranks, or a streaming loader (--loader dali or ffcv)")
 
 

@@ -9,6 +9,7 @@ names a damaged copy too (`problems`). The content check reads the whole file on
 would do anyway (the file is memory-mapped, not copied).
 """
 import hashlib
+import shutil
 import warnings
 
 import torch
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from files import atomic_path
 
 PATTERN = "resident-*.pt"
+KEEP_FREE_BYTES, KEEP_FREE_SHARE = 2e9, 0.1  # a copy is not written where it would leave less free on the disk
 HASH_CHUNK = 1 << 26  # bytes hashed per step: progress shows, and no step holds the GIL long
 
 
@@ -71,8 +73,21 @@ def read(path, key):
 
 
 def write(path, key, tensors):
-    """Write the copy atomically, with its content hash; a failure costs the next run a decode, not this run."""
+    """Write the copy atomically, with its content hash, in place of our copies of the same split and rank
+    block at other store sizes (one copy each, never a pile); not at all where it would leave the disk with
+    less than KEEP_FREE. A failure costs the next run a decode, not this run."""
     tensors = {name: t.cpu() for name, t in tensors.items()}
+    _, split, size, first, stop = path.stem.split("-")
+    for older in path.parent.glob(f"resident-{split}-*-{first}-{stop}.pt"):
+        if older != path:
+            older.unlink(missing_ok=True)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    disk = shutil.disk_usage(path.parent)
+    keep = max(KEEP_FREE_BYTES, KEEP_FREE_SHARE * disk.total)
+    if disk.free + (path.stat().st_size if path.exists() else 0) - nbytes < keep:
+        warnings.warn(f"resident cache not written: its {nbytes / 1e9:.1f} GB would leave less than "
+                      f"{keep / 1e9:.1f} GB free on the disk of {path.parent}; the next run decodes again")
+        return
     try:
         with atomic_path(path) as tmp:
             torch.save({"key": key, "sha256": content_digest(tensors), "tensors": tensors}, tmp)

@@ -149,6 +149,17 @@ def test_memory_guard_refuses_before_decoding(ingested, monkeypatch):
         loader(ingested, "train", res=224, memory_limit=100_000)
 
 
+def test_memory_guard_names_a_res_that_fits(ingested):
+    """Issue 20 item 4: where the splits do not fit, the error says what they need and which --res (store
+    size) would fit, and that --res does fit under the same memory."""
+    limit = (split_need(ingested, "train", 56, 16)[1] + split_need(ingested, "test", 56, 16)[1]) / resident.MEMORY_SHARE
+    with pytest.raises(UsageError) as err:
+        loader(ingested, "train", res=112, memory_limit=limit)
+    fit = int(str(err.value).split("--res ")[1].split()[0])
+    assert 28 <= fit < 112 and f"store size of {common.test_resize(fit)} px" in str(err.value)
+    assert loader(ingested, "train", res=fit, memory_limit=limit).num_samples == 65
+
+
 def split_need(data_dir, split, res, batch_size):
     """Bytes the guard counts for one split: its images plus its batch buffers."""
     manifest = layout.read_manifest(data_dir)
@@ -177,8 +188,9 @@ def test_cache_is_skipped_when_host_memory_cannot_hold_the_copy(tmp_path, monkey
     instead of swapping or dying (a meta tensor stands in for GPU images here)."""
     monkeypatch.setattr(resident, "free_memory", lambda device: 10_000_000)
     with pytest.warns(UserWarning, match="host memory cannot hold"):
-        resident.save_cache(tmp_path / "cache.pt", "key", torch.empty(3, 256, 256, 256, dtype=torch.uint8,
-                                                                       device="meta"))
+        store = resident.Store(torch.tensor([[256, 256]] * 256))
+        store.pixels = torch.empty(store.nbytes, dtype=torch.uint8, device="meta")
+        resident.save_cache(tmp_path / "cache.pt", "key", store)
     assert not list(tmp_path.iterdir())
 
 
@@ -199,10 +211,10 @@ def test_disk_cache_is_reused_then_invalidated_by_a_new_manifest(ingested, tmp_p
     monkeypatch.setattr(resident, "decode_split", decode)
     assert not loader(data, "test", cache=True).from_cache  # stale: decoded again and rewritten
     assert loader(data, "test", cache=True).from_cache
-    assert loader(data, "test", res=24, cache=True).from_cache is False  # another size, another file
-    (cached,) = data.glob(f"resident-test-{common.test_resize(32)}px-*.pt")
+    assert loader(data, "test", res=24, cache=True).from_cache is False  # another size: it replaces the copy
+    (cached,) = data.glob("resident-test-*.pt")
     cached.write_bytes(cached.read_bytes()[:1000])  # a run killed mid-copy, say
-    assert not loader(data, "test", cache=True).from_cache
+    assert not loader(data, "test", res=24, cache=True).from_cache
 
 
 def test_store_holds_whole_photos_resized_like_pil_in_no_more_memory_than_their_pixels(ingested):
@@ -272,7 +284,7 @@ def test_without_augmentation_the_crops_are_cut_once_per_res_and_epochs_only_gat
     squares = none._squares
     assert squares.dtype == torch.uint8 and squares.shape == (none.num_samples, 3, 32, 32)
     by_id = dict(zip(ids.tolist(), images))
-    test_crops = none.normalize(none._center_crops(slice(None)))  # the test path's crops, of the train photos
+    test_crops = none.normalize(none._center_crops(range(none.num_samples)))  # the test path's crops, of the train photos
     assert all(torch.equal(by_id[int(i)], crop) for i, crop in zip(none.ids, test_crops))
 
     with monkeypatch.context() as m:
@@ -308,3 +320,22 @@ def test_a_damaged_disk_cache_is_noticed_said_in_one_line_and_rebuilt(ingested, 
                                               "written (sha256 differs): decoding the split again"]
     assert not again.from_cache and torch.equal(again.store.pixels, fresh.store.pixels)
     assert loader(data, "train", cache=True).from_cache and verify(data)[0] == []
+
+
+def test_the_disk_copy_replaces_our_older_ones_and_never_fills_the_disk(ingested, tmp_path, monkeypatch):
+    """Issue 20 item 4: one copy per split and rank block (another store size replaces it; another rank's copy
+    is left alone), and none where it would leave the disk with less than KEEP_FREE."""
+    from loaders import resident_cache
+    data = tmp_path / "data"
+    shutil.copytree(ingested, data, ignore=shutil.ignore_patterns("resident-*"))
+    other_rank = data / "resident-test-37px-0-3.pt"  # rank 0 of 2's block: not ours to replace
+    other_rank.write_text("rank 0 of 2")
+    loader(data, "test", res=32, cache=True)
+    loader(data, "test", res=24, cache=True)
+    assert sorted(p.name for p in data.glob("resident-test-*.pt")) == sorted([
+        other_rank.name, resident_cache.path_for(data, "test", common.test_resize(24), range(0, 6)).name])
+    free = shutil.disk_usage(data).free
+    monkeypatch.setattr(resident_cache, "KEEP_FREE_BYTES", free)  # any copy would go below it
+    with pytest.warns(UserWarning, match="resident cache not written: its .* GB would leave less than"):
+        loader(data, "train", res=32, cache=True)
+    assert not list(data.glob("resident-train-*.pt"))
