@@ -112,7 +112,8 @@ class DaliLoader(Loader):
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
                       seed=self.seed, prefetch_queue_depth=2)
         def graph():
-            types_ = [types.UINT8, types.INT64] + [types.INT64] * self.with_ids + [types.INT32] * self.DRAWS[self.augment]
+            types_ = [types.UINT8, types.INT64] + [types.INT64] * self.with_ids \
+                + [types.INT32] * self.DRAWS[self.augment]
             jpegs, labels, *draws = fn.external_source(self._next_batch, num_outputs=len(types_), batch=True,
                                                        dtype=types_)
             ids = draws.pop(0) if self.with_ids else None
