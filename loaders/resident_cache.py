@@ -9,6 +9,7 @@ names a damaged copy too (`problems`). The content check reads the whole file on
 would do anyway (the file is memory-mapped, not copied).
 """
 import hashlib
+import re
 import shutil
 import warnings
 
@@ -77,8 +78,8 @@ def write(path, key, tensors):
     block at other store sizes (one copy each, never a pile); not at all where it would leave the disk with
     less than KEEP_FREE. A failure costs the next run a decode, not this run."""
     tensors = {name: t.cpu() for name, t in tensors.items()}
-    _, split, size, first, stop = path.stem.split("-")
-    for older in path.parent.glob(f"resident-{split}-*-{first}-{stop}.pt"):
+    ours = re.fullmatch(r"resident-(\w+)-\d+px-(\d+)-(\d+)\.pt", path.name)
+    for older in path.parent.glob("resident-{}-*px-{}-{}.pt".format(*ours.groups())) if ours else ():
         if older != path:
             older.unlink(missing_ok=True)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
