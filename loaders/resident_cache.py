@@ -3,10 +3,14 @@ folder), so that a later run can skip the decode.
 
 A derived file, so it is checked before use, never trusted: it holds the sha256 of its tensors' bytes (its
 content) and the key of what it was derived from (the sha256 of the manifest, which holds every shard's sha256,
-the store size, the res and the store's format version). A content mismatch (damage) or a key mismatch (another
-ingest, another format) is said in one line and the split is decoded again; `python ingest/build.py --verify`
-names a damaged copy too (`problems`). The content check reads the whole file once, which the first epoch
-would do anyway (the file is memory-mapped, not copied).
+the store size and the store's format version). A content mismatch (damage) or a key mismatch (another ingest,
+another format) is said in one line and the split is decoded again; `python ingest/build.py --verify` names a
+damaged copy too (`problems`). The content check reads the whole file once, which the first epoch would do
+anyway (the file is memory-mapped, not copied).
+
+Worth keeping, measured on this 2-core machine (load 11-16): the seed-scale demo's train store (25,199 photos
+at S = 256) is 7.15 GB; a checked read costs ~2.1 s per GB (~15 s, file in the page cache), its decode 165 s of
+CPU (551 s wall under that load); writing costs ~6 s per GB (hash, save, fsync).
 """
 import hashlib
 import re
