@@ -83,17 +83,17 @@ def write(path, key, tensors):
     less than KEEP_FREE. A failure costs the next run a decode, not this run."""
     tensors = {name: t.cpu() for name, t in tensors.items()}
     ours = re.fullmatch(r"resident-(\w+)-\d+px-(\d+)-(\d+)\.pt", path.name)
-    for older in path.parent.glob("resident-{}-*px-{}-{}.pt".format(*ours.groups())) if ours else ():
-        if older != path:
-            older.unlink(missing_ok=True)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    disk = shutil.disk_usage(path.parent)
-    keep = max(KEEP_FREE_BYTES, KEEP_FREE_SHARE * disk.total)
-    if disk.free + (path.stat().st_size if path.exists() else 0) - nbytes < keep:
-        warnings.warn(f"resident cache not written: its {nbytes / 1e9:.1f} GB would leave less than "
-                      f"{keep / 1e9:.1f} GB free on the disk of {path.parent}; the next run decodes again")
-        return
-    try:
+    try:  # a read-only dataset folder: nothing pruned, nothing written, this run goes on
+        for older in path.parent.glob("resident-{}-*px-{}-{}.pt".format(*ours.groups())) if ours else ():
+            if older != path:
+                older.unlink(missing_ok=True)
+        disk = shutil.disk_usage(path.parent)
+        keep = max(KEEP_FREE_BYTES, KEEP_FREE_SHARE * disk.total)
+        if disk.free + (path.stat().st_size if path.exists() else 0) - nbytes < keep:
+            warnings.warn(f"resident cache not written: its {nbytes / 1e9:.1f} GB would leave less than "
+                          f"{keep / 1e9:.1f} GB free on the disk of {path.parent}; the next run decodes again")
+            return
         with atomic_path(path) as tmp:
             torch.save({"key": key, "sha256": content_digest(tensors), "tensors": tensors}, tmp)
     except OSError as err:

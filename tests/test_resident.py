@@ -339,3 +339,18 @@ def test_the_disk_copy_replaces_our_older_ones_and_never_fills_the_disk(ingested
     with pytest.warns(UserWarning, match="resident cache not written: its .* GB would leave less than"):
         loader(data, "train", res=32, cache=True)
     assert not list(data.glob("resident-train-*.pt"))
+
+
+def test_a_read_only_dataset_folder_with_an_older_copy_costs_a_warning_not_the_run(ingested, tmp_path, monkeypatch):
+    """Pruning our older copy fails in a read-only folder (faked: this suite may run as root): the loader warns
+    that the copy was not written and goes on."""
+    data = tmp_path / "data"
+    shutil.copytree(ingested, data, ignore=shutil.ignore_patterns("resident-*"))
+    loader(data, "test", res=32, cache=True)
+
+    def read_only(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.warns(UserWarning, match="resident cache not written \\(.*Permission denied"):
+        assert loader(data, "test", res=24, cache=True).num_samples == 6
