@@ -10,6 +10,7 @@ Bad input is a line that says what to fix, exit code 2: commands raise `UsageErr
 raise normally.
 """
 import argparse
+import math
 import sys
 import types
 import typing
@@ -56,15 +57,17 @@ def run(main, argv=None):
 
 # ----------------------------------------------------------------------------------------------- Options
 
-def option(default, help, *, choices=None, minimum=None, parse=None, metavar=None, repeat=False):
+def option(default, help, *, choices=None, minimum=None, maximum=None, parse=None, metavar=None,
+           repeat=False):
     """A config field that is also a command-line option, e.g. `net: str = option("flat", "model", choices=NETS)`.
 
     The flag is --<field name with dashes>; the value is read as the field's type
     (`X | None` reads as X), or by `parse` where the type cannot say how (lists, words like "auto"). A bool
-    is a switch: --x when it defaults to False, --x / --no-x when it defaults to True. `choices` and `minimum`
-    (None always passes) are checked by `check_options`; repeat: the flag may be given again, each value
+    is a switch: --x when it defaults to False, --x / --no-x when it defaults to True. `choices`, `minimum` and
+    `maximum` (None always passes) are checked by `check_options`, as is every float being finite; repeat: the flag may be given again, each value
     (text, or read by `parse`) appended to a tuple (the default must be a tuple)."""
-    spec = dict(help=help, choices=choices, minimum=minimum, parse=parse, metavar=metavar, repeat=repeat)
+    spec = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, parse=parse, metavar=metavar,
+                repeat=repeat)
     return field(default=default, metadata={"option": spec})
 
 
@@ -114,15 +117,28 @@ def config_from(cls, args):
     return cls(**values)
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit: a larger or negative one fails deep inside a run
+
+
+def seed_option(help):
+    """A --seed: an integer numpy and torch both accept."""
+    return option(0, help, minimum=0, maximum=SEED_MAX)
+
+
 def check_options(cfg):
-    """The one check of every option's declared choices and minimum, as one UsageError line."""
+    """The one check of every option's declared choices and limits, and of every float being finite (nan and
+    inf pass every comparison or overflow later, far from the flag), as one UsageError line."""
     for f, spec in options(type(cfg)):
         value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag(f.name)} must be a finite number, got {value}")
         if spec["choices"] is not None and value not in spec["choices"]:
             raise UsageError(f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of "
                              f"{', '.join(spec['choices'])}")
         if spec["minimum"] is not None and value is not None and value < spec["minimum"]:
             raise UsageError(f"{flag(f.name)} must be >= {spec['minimum']}, got {value}")
+        if spec["maximum"] is not None and value is not None and value > spec["maximum"]:
+            raise UsageError(f"{flag(f.name)} must be <= {spec['maximum']}, got {value}")
 
 
 def ints(text):

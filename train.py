@@ -34,25 +34,28 @@ from tqdm import tqdm  # noqa: E402
 
 import nets  # noqa: E402
 from files import atomic_path, write_json  # noqa: E402
-from cli import Parser, UsageError, add_options, check_options, config_from, ints, names, option, run  # noqa: E402
+from cli import (Parser, UsageError, add_options, check_options, config_from, ints, names, option, run,  # noqa: E402
+                 seed_option)
 from ingest import layout  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import AUGMENTS  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
 from report.plots import plot_lr_find  # noqa: E402
 from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
-from training.device import AMP_MODES, all_ranks, gather_to_rank0, resolve_amp, start_distributed  # noqa: E402
+from training.device import (AMP_MODES, DEVICES, all_ranks, gather_to_rank0, resolve_amp,  # noqa: E402
+                             start_distributed)
 from training.elastic import continue_after_restart, run_name  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.labels import merge_classes  # noqa: E402
-from training.lr_find import find_lr  # noqa: E402
+from training.lr_find import MIN_SWEEP, find_lr  # noqa: E402
 from training.recipe import (FAST_DEFAULT, LABEL_SMOOTHING, OPTIMIZERS, RECIPES,  # noqa: E402
                              check_recipe, lr_factor, make_ema, make_optimizer, onecycle_factor, train_res)
 from training.results import finish, summarize  # noqa: E402
 from training.resume import PER_PROCESS, EpochProgress, StopFlag, seed_everything  # noqa: E402
-from training.runfolder import (CHECKPOINT, RUN_MARKER, check_same_data, config_from_resume,  # noqa: E402
-                                drop_torn_line, load_weights, new_run_dir, own_temp_files, read_checkpoint,
-                                save_checkpoint, tensor_bytes, writing)
+from training.runfolder import (CHECKPOINT, RUN_MARKER, check_ours, check_same_data,  # noqa: E402
+                                check_same_run, config_from_resume, drop_torn_line, held, last_line,
+                                load_weights, new_run_dir, own_temp_files, read_checkpoint, save_checkpoint,
+                                tensor_bytes, writing)
 
 
 def lr_value(text):
@@ -90,10 +93,10 @@ class Config:
     warmup: float = option(1.0, "epochs of linear LR warm-up before the cosine decay to 0")
     amp: str = option("auto", "autocast: bf16, fp16 (GPU, with a scaler), off, or auto (see training/device.py)",
                       choices=AMP_MODES)
-    device: str = option("auto", "auto, cpu or cuda")
+    device: str = option("auto", "auto (cuda when present), cpu or cuda", choices=DEVICES)
     compile: bool = option(False, "torch.compile the model (slow start, faster steps on a GPU)")
     channels_last: bool = option(True, "NHWC convolutions, the layout the loaders produce")
-    seed: int = option(0, "seed of weights, loader order and augmentation")
+    seed: int = seed_option("seed of weights, loader order and augmentation")
     name: str = option("", "run folder under --runs-dir (default <net>-<loader>-<time>)")
     runs_dir: str = option("runs", "where run folders go")
     init_from: str = option("", "a checkpoint (or state dict) to take the starting weights from")
@@ -121,15 +124,19 @@ class Config:
                                   f"{','.join(FAST_DEFAULT)})", parse=names)
     find_lr: bool = option(False, "LR range test first, on a copy (the run is unchanged): lr_find.png and "
                            "lr_find.json with the suggested LR in the run folder; --lr auto implies it")
-    find_lr_steps: int = option(200, "steps of the LR range test's exponential sweep", minimum=1)
+    find_lr_steps: int = option(200, f"steps of the LR range test's exponential sweep (at least {MIN_SWEEP}: "
+                                "fewer cannot show where the loss falls)", minimum=MIN_SWEEP)
     merge: tuple = option((), "train classes A and B as one class named A+B (repeatable; labels remapped on the "
                           "device; write a '+' inside a class name as '\\+')", metavar="A+B", repeat=True)
 
 
 def check(cfg):
-    """Every impossible option as one UsageError line, before anything expensive starts."""
+    """Every impossible option as one UsageError line, before anything expensive starts; and the config settled
+    as config.json records it (the recipe's pieces resolved, --data absolute so that a resume from another
+    directory finds it), so that a caller's copy (the study's cache key) compares equal with the saved one."""
     check_options(cfg)
     check_recipe(cfg)
+    cfg.data = os.path.abspath(cfg.data)
     if min(train_res(cfg, 0), cfg.res) < 8:
         raise UsageError(f"--res must be >= 8 at every epoch, got {cfg.res} (lowest {train_res(cfg, 0)})")
     if cfg.lr != "auto" and not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:
@@ -148,8 +155,11 @@ def check(cfg):
 # ----------------------------------------------------------------------------------------------- Setup
 
 def make_model(cfg, num_classes, device):
+    """The net; a resumed transfer run takes its pretrained layers from its own checkpoint, which holds every
+    weight, so it resumes after the --pretrained file has moved."""
+    pretrained = (Path(cfg.resume) / CHECKPOINT if cfg.resume else cfg.pretrained) if cfg.pretrained else None
     model = nets.build(cfg.net, num_classes, strides=cfg.strides, kernels=cfg.kernels, dropout=cfg.dropout,
-                       batchnorm=cfg.batchnorm, pretrained=cfg.pretrained or None, freeze=cfg.freeze)
+                       batchnorm=cfg.batchnorm, pretrained=pretrained, freeze=cfg.freeze)
     smallest = min(cfg.res, train_res(cfg, 0))
     try:  # one tiny forward now turns "this input is too small for these strides" into one clear line
         with torch.no_grad():
@@ -165,24 +175,37 @@ def make_model(cfg, num_classes, device):
 # ----------------------------------------------------------------------------------------------- Training
 
 def train(cfg):
-    """Run training as configured; returns the summary dict (see `summarize`; rank 0's view under DDP)."""
+    """Run training as configured; returns the summary dict (see `summarize`; rank 0's view under DDP). The run
+    folder is held by this run (rank 0) from before its first read to after its last write."""
+    writer = int(os.environ.get("RANK", "0")) == 0
     if cfg.resume:
-        cfg = config_from_resume(cfg)
-    check(cfg)
-    cfg.name = run_name(cfg)
-    rank, world, device = start_distributed(cfg.device)
-    try:
-        cfg = continue_after_restart(cfg, rank, world, device)
+        if not Path(cfg.resume).is_dir():
+            raise UsageError(f"--resume {cfg.resume}: no config.json there, so no run to continue")
+        folder = Path(cfg.resume)
+    else:
         check(cfg)
-        run = Run(cfg, rank, world, device)
-        with StopFlag() as stop:
-            while run.epoch < cfg.epochs and run.stopped is None:
-                run.train_epoch(stop)
-        finish(run)
-        return summarize(run)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cfg.name = run_name(cfg)
+        folder = Path(cfg.runs_dir) / cfg.name
+        check_ours(folder)  # before holding it: the holder's note goes into folders of ours only
+    with held(folder, writer):
+        if cfg.resume:
+            cfg = config_from_resume(cfg)
+            check(cfg)
+        rank, world, device = start_distributed(cfg.device)
+        try:
+            cfg = continue_after_restart(cfg, rank, world, device)
+            check(cfg)
+            if writer and not cfg.resume:
+                new_run_dir(folder)
+            run = Run(cfg, rank, world, device)
+            with StopFlag() as stop:
+                while run.epoch < cfg.epochs and run.stopped is None:
+                    run.train_epoch(stop)
+            finish(run)
+            return summarize(run)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 class Run:
@@ -194,8 +217,7 @@ class Run:
         self.writer = rank == 0
         self.amp = resolve_amp(cfg.amp, device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        # Only rank 0 checks the folder: it may already have created it by the time another rank looks.
-        self.dir = new_run_dir(cfg) if self.writer and not cfg.resume else Path(cfg.runs_dir) / cfg.name
+        self.dir = Path(cfg.runs_dir) / cfg.name  # checked (and held) by train()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
@@ -292,15 +314,21 @@ class Run:
         if not isinstance(ckpt, dict) or not {"model", "optimizer", "rng", "global_step"} <= ckpt.keys():
             raise UsageError(f"--resume {self.dir}: {CHECKPOINT} is not a fastpix training checkpoint")
         check_same_data("--resume", self.dir, ckpt, manifest, self.cfg)
+        check_same_run(self.dir, self.cfg, ckpt.get("config") or {})
         if len(ckpt["rng"]) != self.world:
             raise UsageError(f"{self.dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not "
                              f"{self.world}")
-        self.model.load_state_dict(ckpt["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+            raise UsageError(f"--resume {self.dir}: {CHECKPOINT} does not fit the run's config.json "
+                             f"({last_line(err)}): config.json was edited or {CHECKPOINT} is another run's; put "
+                             "back the run's own file") from None
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.progress.load_state_dict({"step_in_epoch": ckpt["step_in_epoch"],
                                        **{key: ckpt[key][self.rank] for key in PER_PROCESS}})

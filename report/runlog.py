@@ -1,15 +1,41 @@
-"""A run's metrics.jsonl: one JSON record per line, kind "step" (every logged step) or "epoch"."""
+"""A run's metrics.jsonl: one JSON record per line, kind "step" (every logged step) or "epoch"; read whole or
+refused in one line naming the damage, never half-used."""
 import json
 from pathlib import Path
 
+from cli import UsageError
 from files import write_text
 
 METRICS = "metrics.jsonl"
+FIX = "put back the run's own file, or delete the damaged lines (the curves then miss them)"
+
+
+def read_records(run_dir):
+    """Every record of a run's metrics.jsonl, in order; a missing file or a line that is not a record is one
+    line (a torn last line, which a kill leaves, is cut by --resume first: runfolder.drop_torn_line)."""
+    path = Path(run_dir) / METRICS
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing: put back the run's own file") from None
+    except ValueError:  # not UTF-8
+        raise UsageError(f"{path} is damaged (not text): {FIX}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line else {"kind": "blank"}
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("kind") not in ("step", "epoch", "blank"):
+            raise UsageError(f"{path} is damaged at line {number} (not a metrics record): {FIX}")
+        if line:
+            records.append(record)
+    return records
 
 
 def read_metrics(run_dir):
     """(step records, epoch records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (Path(run_dir) / METRICS).read_text().splitlines() if line]
+    records = read_records(run_dir)
     return [r for r in records if r["kind"] == "step"], [r for r in records if r["kind"] == "epoch"]
 
 
@@ -20,7 +46,6 @@ def append_jsonl(path, records):
 
 def trim_metrics(run_dir, step, epoch):
     """Drop what was logged after the checkpoint we resume from, so the curves continue without overlap."""
-    path = Path(run_dir) / METRICS
-    keep = [line for line in path.read_text().splitlines() if line and (
-        (r := json.loads(line))["kind"] == "step" and r["step"] < step or r["kind"] == "epoch" and r["epoch"] < epoch)]
-    write_text(path, "".join(line + "\n" for line in keep))
+    keep = [r for r in read_records(run_dir)
+            if r["kind"] == "step" and r["step"] < step or r["kind"] == "epoch" and r["epoch"] < epoch]
+    write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in keep))

@@ -162,6 +162,15 @@ def test_auto_amp_on_the_cpu_follows_native_bf16_and_fp16_needs_a_gpu():
     (["--workers", "-1"], "--workers must be >= 0, got -1"),
     (["--augment", "crop"], "unknown augment 'crop': choose one of rrc, flip, none"),
     (["--data", "/nonexistent-data", "--loader", "resident"], "is not an ingested dataset"),
+    (["--warmup", "nan"], "--warmup must be a finite number, got nan"),  # issue 19: tracebacks before
+    (["--warmup", "inf"], "--warmup must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),  # trained, then "lower --lr"
+    (["--momentum", "-inf"], "--momentum must be a finite number, got -inf"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "99999999999"], "--seed must be <= 4294967295, got 99999999999"),
+    (["--device", "foo"], "unknown device 'foo': choose one of auto, cpu, cuda"),
+    (["--find-lr-steps", "1"], "--find-lr-steps must be >= 5, got 1"),  # it trained at 1e-8, silently
+    (["--recipe", "fast", "--pieces", ""], "--recipe fast with no --pieces is the study recipe"),
 ])
 def test_bad_arguments_are_one_usage_error_line(argv, message, tmp_path):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):

@@ -112,13 +112,19 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(ingested, tmp_
     (run_dir / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")  # what kill -9 mid-write leaves
     (run_dir / "notes.txt").write_text("the user's")
     (run_dir / ".last.pt.tmp-backup").write_text("not a name fastpix writes")
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(UsageError, match=r"holds .last.pt.tmp-backup, notes.txt, which train.py did not write "
+                                         r"there: nothing was deleted"):  # restarting would delete beside them
+        train.train(train.Config(resume=str(run_dir), max_steps=1))
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    (run_dir / "notes.txt").unlink()
+    (run_dir / ".last.pt.tmp-backup").unlink()
 
     resumed = train.train(train.Config(resume=str(run_dir), max_steps=1))  # --resume starts it from step 0
     assert resumed["stopped"] == "max_steps" and (run_dir / "last.pt").is_file()
     steps, _ = read_metrics(run_dir)
     assert [s["step"] for s in steps] == [0]  # the dead attempt's steps are gone, not duplicated
-    assert sorted(p.name for p in run_dir.iterdir() if "tmp" in p.name or p.suffix == ".txt") == [
-        ".last.pt.tmp-backup", "notes.txt"]
+    assert not [p.name for p in run_dir.iterdir() if "tmp" in p.name]  # the killed write's temp file too
 
     with monkeypatch.context() as m:
         m.setattr(train, "save_checkpoint", killed)
@@ -215,3 +221,130 @@ def test_resume_restores_only_this_processs_gpu_rng_state(monkeypatch):
     current[0] = 0
     set_rng_state(saved)
     assert gpus == {0: torch.tensor([11], dtype=torch.uint8)}
+
+
+# ----------------------------------------------------------------------------------------------- issue 19
+
+def fake_run_folder(path, marker, config=None, **files):
+    """A folder that looks like a run to a glance: a marker, maybe a config.json, any other files."""
+    path.mkdir(parents=True)
+    (path / ".fastpix-run").write_text(marker)
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    for name, data in files.items():
+        (path / name.replace("_", ".")).write_bytes(data)
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.mark.parametrize("marker", ["", "{\"finished\": fal", "[]", "\0" * 20])
+def test_an_empty_or_damaged_marker_is_one_line_and_nothing_is_touched(ingested, tmp_path, marker):
+    run_dir = tmp_path / "runs" / "x"
+    before = fake_run_folder(run_dir, marker, {"config": {"net": "resnet18"}})
+    with pytest.raises(UsageError, match=r"x/.fastpix-run is damaged .* nothing there was changed"):
+        train.train(tiny(ingested, tmp_path / "runs", "x"))
+    with pytest.raises(UsageError, match=r"x/.fastpix-run is damaged"):
+        train.train(train.Config(resume=str(run_dir)))
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_hand_written_marker_never_lets_train_overwrite_the_users_files(ingested, tmp_path):
+    """A restart deletes only what a run writes before its first checkpoint, and only from a train.py config."""
+    runs = tmp_path / "runs"
+    mine = fake_run_folder(runs / "plots", '{"finished": false}', {"title": "my plots"}, loss_png=b"\x89PNG mine")
+    with pytest.raises(UsageError, match=r"plots holds loss.png, which train.py did not write there: nothing was "
+                                         r"deleted; move it out of .*plots or pick another --name"):
+        train.train(tiny(ingested, runs, "plots"))
+    assert sorted(p.name for p in (runs / "plots").iterdir()) == mine
+    assert (runs / "plots" / "loss.png").read_bytes() == b"\x89PNG mine"
+    fake_run_folder(runs / "cfg", '{"finished": false}', {"title": "my settings"})
+    with pytest.raises(UsageError, match=r"cfg/config.json is damaged or not train.py's .* nothing was deleted"):
+        train.train(tiny(ingested, runs, "cfg"))
+    assert json.loads((runs / "cfg" / "config.json").read_text()) == {"title": "my settings"}
+
+
+def test_resume_refuses_a_config_json_that_does_not_match_its_checkpoint(stopped, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    edited = {**saved, "config": {**saved["config"], "optimizer": "adam"}}
+    (run_dir / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(UsageError, match=r"config.json does not match last.pt \(optimizer is 'adam' in config.json, "
+                                         r"'sgd' in last.pt\): config.json was edited or last.pt is another run's"):
+        train.train(train.Config(resume=str(run_dir)))
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    state = runfolder.read_checkpoint("--resume", stopped / "last.pt")  # another run's, of another head
+    state.pop("config")
+    state["model"]["fc.weight"] = torch.zeros(3, 512)
+    runfolder.save_checkpoint(run_dir / "last.pt", **state)
+    with pytest.raises(UsageError, match=r"last.pt does not fit the run's config.json \(.*fc.weight"):
+        train.train(train.Config(resume=str(run_dir)))
+
+
+def test_a_checkpoint_with_flipped_weight_bytes_is_refused_by_its_digest(stopped, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped, run_dir)
+    weight = torch.load(stopped / "last.pt", weights_only=True)["model"]["fc.weight"].numpy().tobytes()
+    data = bytearray((stopped / "last.pt").read_bytes())
+    at = data.find(weight[:256])
+    assert at > 0
+    data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])  # same size; torch.load still reads it
+    (run_dir / "last.pt").write_bytes(bytes(data))
+    torch.load(run_dir / "last.pt", weights_only=True)
+    with pytest.raises(UsageError, match="last.pt is damaged: its content no longer matches the digest"):
+        train.train(train.Config(resume=str(run_dir)))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: text.replace("\n", "\nnot json\n", 1), "is damaged at line 2 \\(not a metrics record\\)"),
+    (lambda text: "\0" * len(text), "is damaged at line 1"),
+    (None, "metrics.jsonl is missing"),
+])
+def test_a_damaged_metrics_log_stops_resume_in_one_line(stopped, tmp_path, damage, message):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if damage is None:
+        metrics.unlink()
+    else:
+        metrics.write_text(damage(metrics.read_text()))
+    with pytest.raises(UsageError, match=message):
+        train.train(train.Config(resume=str(run_dir)))
+
+
+def test_resume_needs_only_the_run_folder_and_the_data(ingested, stopped, tmp_path, monkeypatch):
+    """--pretrained moved away, a relative --data from another directory, the data moved (--data, by fingerprint)."""
+    weights = tmp_path / "imported.pt"
+    shutil.copy(stopped / "last.pt", weights)
+    run = train.train(tiny(ingested, tmp_path / "runs", "transfer", pretrained=str(weights), max_steps=1))
+    weights.rename(tmp_path / "moved.pt")
+    resumed = train.train(train.Config(resume=run["run_dir"], max_steps=2))
+    assert resumed["stopped"] == "max_steps"
+
+    monkeypatch.chdir(ingested.parent)
+    run_dir = Path(train.train(tiny(ingested.name, tmp_path / "runs", "relative", max_steps=1))["run_dir"])
+    monkeypatch.chdir(tmp_path)
+    assert train.train(train.Config(resume=str(run_dir), max_steps=2))["stopped"] == "max_steps"
+
+    saved = json.loads((run_dir / "config.json").read_text())  # as a run recorded before --data was absolute
+    (run_dir / "config.json").write_text(json.dumps({**saved, "config": {**saved["config"], "data": "gone"}}))
+    with pytest.raises(UsageError, match=f"its dataset gone \\(relative to {tmp_path}\\) is not there: pass --data"):
+        train.train(train.Config(resume=str(run_dir), max_steps=3))
+    moved = copy_data(ingested, tmp_path)
+    resumed = train.train(train.Config(resume=str(run_dir), data=str(moved), max_steps=3))
+    assert resumed["stopped"] == "max_steps"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["config"]["data"] == str(moved)
+
+
+def test_a_run_folder_has_one_writer(stopped, ingested, tmp_path):
+    """Held by another process (here: this one, through another descriptor), a run folder is refused at once,
+    for a new run of that name and for --resume, with nothing written."""
+    from files import Busy, one_writer
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with one_writer(run_dir):
+        with pytest.raises(Busy, match=f"copy is being written by pid {os.getpid()}"):
+            train.train(train.Config(resume=str(run_dir), max_steps=2))
+        with pytest.raises(Busy, match="copy is being written by pid"):
+            train.train(tiny(ingested, tmp_path, "copy"))
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

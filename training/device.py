@@ -16,6 +16,7 @@ from cli import UsageError
 from loaders.common import resolve_device
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # what --amp accepts; resolve_amp says what each becomes
+DEVICES = ("auto", "cpu", "cuda")  # what --device accepts; under torchrun each rank takes its LOCAL_RANK's GPU
 
 
 def start_distributed(device_option):

@@ -1,6 +1,7 @@
 """Smith's LR range test (--find-lr, --lr auto), run on copies so that the run itself stays bit-identical."""
 import copy
 import math
+import sys
 
 import numpy as np
 import torch
@@ -10,6 +11,8 @@ from loaders import make_loader
 from training.device import all_ranks
 from training.recipe import make_optimizer
 from training.resume import rng_state, set_rng_state
+
+MIN_SWEEP = 5  # --find-lr-steps: fewer points cannot show a falling loss (1 step "suggests" the start LR / 10)
 
 
 def find_lr(run, start=1e-7, end=10.0, beta=0.98):
@@ -52,7 +55,12 @@ def find_lr(run, start=1e-7, end=10.0, beta=0.98):
     set_rng_state(saved)
     lrs, smooth = lrs[:len(losses)].tolist(), lr_sweep_smoothed(losses, beta)
     finite = [i for i, v in enumerate(smooth) if math.isfinite(v)]
-    suggested = lrs[min(finite, key=smooth.__getitem__)] / 10 if finite else start
+    lowest = min(finite, key=smooth.__getitem__) if finite else 0
+    suggested = lrs[lowest] / 10 if finite else start
+    if lowest == 0 and run.writer:  # the loss never fell below its first step's: the suggestion is the floor
+        print(f"LR range test: over {len(losses)} steps the loss never fell below its first step's, so its "
+              f"suggestion ({suggested:.1g}) is the sweep's floor, not a measured LR: raise --find-lr-steps, or "
+              "give --lr", file=sys.stderr)
     suggested = all_ranks(run.world, run.device, suggested if run.writer else 0.0, "sum")
     return {"suggested_lr": suggested, "rule": "lowest smoothed loss / 10", "lr": lrs, "loss": losses,
             "smoothed": smooth}

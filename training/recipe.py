@@ -40,6 +40,9 @@ def check_recipe(cfg):
         cfg.pieces = ()
         return
     cfg.pieces = FAST_DEFAULT if cfg.pieces is None else tuple(cfg.pieces)
+    if not cfg.pieces:  # it would train the study recipe while config.json says fast
+        raise UsageError("--recipe fast with no --pieces is the study recipe: name the pieces to use, drop --pieces "
+                         "for the fast default, or use --recipe study")
     unknown = [p for p in cfg.pieces if p not in RECIPE_PIECES]
     if unknown:
         raise UsageError(f"unknown recipe piece {unknown[0]!r}: choose among {', '.join(RECIPE_PIECES)}")

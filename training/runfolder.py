@@ -4,6 +4,7 @@ as one line that says what was kept, and the checks that resumed or transferred 
 were trained on."""
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
-from files import atomic_path, temp_of
+from files import WRITER_NOTE, atomic_path, one_writer, temp_of
+from ingest.layout import MANIFEST
 
 CHECKPOINT = "last.pt"
 RUN_MARKER = ".fastpix-run"  # {"finished": bool}: train.py made this folder, the only kind it writes into
@@ -24,36 +26,107 @@ RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "test_predictions.npz",
              RUN_MARKER)  # everything a run writes (marker last); nothing else there is touched
 
 
-def new_run_dir(cfg):
-    """The folder of a new run: missing, empty, or a restartable run; a folder train.py did not make is
-    never written into."""
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not (run_dir / RUN_MARKER).is_file():
-            raise UsageError(f"{run_dir} is not empty and was not made by train.py: pick another --name or --runs-dir")
-        if not restartable(run_dir):
-            raise UsageError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
-        print(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", file=sys.stderr)
-        remove_run(run_dir)
-    elif run_dir.exists() and not run_dir.is_dir():
+RESTART_FILES = ("config.json", "metrics.jsonl", "test_predictions.npz", "lr_find.json", "lr_find.png",
+                 RUN_MARKER)  # what a run writes before its first checkpoint: all a restart may delete
+RESUMED_ANEW = ("resume", "init_from", "max_steps", "allow_other_data", "name", "runs_dir", "data")  # the options
+# a --resume sets itself (config_from_resume); every other one must be the run's own, in config.json and last.pt
+
+
+@contextlib.contextmanager
+def held(run_dir, writer):
+    """The run folder held by its one writer (rank 0 under DDP) for as long as the run writes it: a second
+    train.py on it (the same --name, or --resume while the run goes on) is refused with files.Busy, one line
+    naming this process. A folder made only to be held is removed again when the run wrote nothing there."""
+    run_dir = Path(run_dir)
+    if not writer:
+        yield
+        return
+    made = not run_dir.exists()
+    try:
+        with one_writer(run_dir):
+            yield
+    finally:
+        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def check_ours(run_dir):
+    """A folder train.py may hold and write: missing, empty, or made by train.py (the marker); refused in one
+    line otherwise. Reads only: called before holding a folder, so that the holder's note is never written
+    into someone else's."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file: pick another --name or --runs-dir")
-    return run_dir
+    if run_dir.is_dir() and listing(run_dir) and not (run_dir / RUN_MARKER).is_file():
+        raise UsageError(f"{run_dir} is not empty and was not made by train.py: pick another --name or --runs-dir")
+
+
+def check_new_run_dir(run_dir):
+    """Whether the folder of a new run must be cleared first (True: a restartable run); refuses a folder
+    train.py did not make, a run worth keeping, and a restartable run holding files it never writes."""
+    check_ours(run_dir)
+    if not Path(run_dir).is_dir() or not listing(run_dir):
+        return False
+    if not restartable(run_dir):
+        raise UsageError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+    check_only_ours(run_dir, RESTART_FILES, "pick another --name")
+    return True
+
+
+def new_run_dir(run_dir):
+    """Clear the folder of a new run when it holds a restartable run (call it holding the folder)."""
+    if check_new_run_dir(run_dir):
+        print(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", file=sys.stderr)
+        remove_run(run_dir, RESTART_FILES)
+
+
+def listing(run_dir):
+    """The names in a run folder, less the note of whoever holds it."""
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name != WRITER_NOTE)
+
+
+def read_marker(run_dir):
+    """The marker's {"finished": bool}; an empty or damaged one is one line: with it, whether train.py made the
+    folder cannot be told, so nothing there is deleted or overwritten."""
+    path = Path(run_dir) / RUN_MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        marker = err
+    if not isinstance(marker, dict) or not isinstance(marker.get("finished"), bool):
+        raise UsageError(f"{path} is damaged (train.py writes {{\"finished\": false}} there), so it cannot tell "
+                         f"whether train.py made {run_dir}: nothing there was changed; move the folder away, or "
+                         "rewrite the marker if it is a run of yours")
+    return marker
 
 
 def restartable(run_dir):
     """A run train.py made that died before its first checkpoint: nothing in it is worth keeping, so it starts
     again from step 0, under the same --name or by --resume. (A finished run whose checkpoint was deleted, as
     the bench does, is not restartable: its metrics and plots are results.)"""
-    marker = run_dir / RUN_MARKER
-    return marker.is_file() and not (run_dir / CHECKPOINT).exists() and not json.loads(marker.read_text())["finished"]
+    return not (Path(run_dir) / CHECKPOINT).exists() and not read_marker(run_dir)["finished"]
 
 
-def remove_run(run_dir):
-    """Delete a run train.py made: its own files only, then the folder if nothing else is left in it. For
-    callers (bench, the study) that replace a run of theirs with a new one of the same name."""
+def check_only_ours(run_dir, names, fix):
+    """Before deleting a run: the folder holds only `names` of train.py's (and their temp files), and its
+    config.json is train.py's, else one line and nothing is deleted. A marker alone proves little: anyone can
+    write {"finished": false} beside their own config.json and plots."""
+    foreign = [n for n in listing(run_dir) if n not in names and temp_of(n) not in RUN_FILES]
+    if foreign:
+        raise UsageError(f"{run_dir} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
+                         f"train.py did not write there: nothing was deleted; move it out of {run_dir} or {fix}")
+    if (Path(run_dir) / "config.json").is_file():
+        read_run_config(run_dir, f"nothing was deleted; move it out of {run_dir} or {fix}")
+
+
+def remove_run(run_dir, names=RUN_FILES):
+    """Delete a run train.py made: its own files only, then the folder if nothing else is left in it; refused,
+    with nothing deleted, when the folder holds anything else. For callers (bench, the study) that replace a
+    run of theirs with a new one of the same name."""
     run_dir = Path(run_dir)
     if not (run_dir / RUN_MARKER).is_file():
         raise UsageError(f"{run_dir} was not made by train.py: move it away, it will not be deleted")
+    check_only_ours(run_dir, names, "rerun with another --out")
     for path in own_temp_files(run_dir):
         path.unlink()
     for name in RUN_FILES:  # the marker last: a crash midway leaves a folder that is still a run of ours
@@ -67,20 +140,53 @@ def own_temp_files(run_dir):
     return [p for p in Path(run_dir).iterdir() if temp_of(p.name) in RUN_FILES]
 
 
+def read_run_config(run_dir, fix):
+    """config.json of a run: {"config": {...}, ...} as train.py wrote it, or one line naming it and `fix`."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        saved = err
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise UsageError(f"{path} is damaged or not train.py's (no \"config\" object in it): {fix}")
+    return saved
+
+
 def config_from_resume(cfg):
-    """The interrupted run's own config (so its schedule continues), with this call's max_steps and
-    allow_other_data. A run that died before its first checkpoint starts again from step 0."""
+    """The interrupted run's own config (so its schedule continues), with this call's max_steps,
+    allow_other_data and --data (when given: the same dataset elsewhere, checked by fingerprint). A run that died
+    before its first checkpoint starts again from step 0."""
     run_dir = Path(cfg.resume)
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"--resume {run_dir}: no config.json there, so no run to continue")
     if not (run_dir / CHECKPOINT).is_file() and not restartable(run_dir):
         raise UsageError(f"--resume {run_dir}: no {CHECKPOINT} there to continue from")
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    saved = read_run_config(run_dir, "put back the run's own config.json (its settings are needed to continue)")
+    saved = saved["config"]
+    default_data = next(f.default for f in fields(cfg) if f.name == "data")
+    data = cfg.data if cfg.data != default_data else saved.get("data", default_data)
+    if not (Path(data) / MANIFEST).is_file():
+        where = "" if Path(data).is_absolute() else f" (relative to {Path.cwd()})"
+        raise UsageError(f"--resume {run_dir}: its dataset {data}{where} is not there: pass --data where that "
+                         "dataset is now (its fingerprint is checked)")
     # The weights come from the checkpoint now, not from where the run first started.
     saved.update(resume=str(run_dir) if (run_dir / CHECKPOINT).is_file() else "", init_from="",
                  max_steps=cfg.max_steps, allow_other_data=cfg.allow_other_data, name=run_dir.name,
-                 runs_dir=str(run_dir.parent))
+                 runs_dir=str(run_dir.parent), data=str(data))
     return type(cfg)(**{f.name: saved[f.name] for f in fields(cfg) if f.name in saved})
+
+
+def check_same_run(run_dir, cfg, saved):
+    """--resume: the config (config.json's, settled) is the one the checkpoint was trained with, else one line:
+    an edited config.json or another run's last.pt would otherwise fail deep inside load_state_dict, or worse,
+    continue with settings the weights never saw."""
+    theirs = json.loads(json.dumps(saved, default=str))
+    ours = json.loads(json.dumps({f.name: getattr(cfg, f.name) for f in fields(cfg)}, default=str))
+    for key in ours.keys() & theirs.keys() - set(RESUMED_ANEW):
+        if ours[key] != theirs[key]:
+            raise UsageError(f"--resume {run_dir}: config.json does not match {CHECKPOINT} ({key} is {ours[key]!r} "
+                             f"in config.json, {theirs[key]!r} in {CHECKPOINT}): config.json was edited or "
+                             f"{CHECKPOINT} is another run's; put back the run's own file")
 
 
 class KeepsWriteError:
@@ -101,8 +207,32 @@ class KeepsWriteError:
         self.file.flush()
 
 
+def state_digest(obj, h=None):
+    """sha256 over a (nested) state's values, tensors by their bytes: what a checkpoint records of itself, so that
+    bytes flipped inside a tensor (which torch.load reads without complaint) are noticed. ~1 s per GB here."""
+    h = hashlib.sha256() if h is None else h
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor {t.dtype} {tuple(obj.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            h.update(f"{key!r}:".encode())
+            state_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            state_digest(value, h)
+    else:
+        h.update(f"{obj!r};".encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, **state):
-    """Atomically; a failed write raises its own OSError (ENOSPC on a full disk)."""
+    """Atomically, with the digest of its own content (state_digest); a failed write raises its own OSError
+    (ENOSPC on a full disk)."""
+    state["sha256"] = state_digest(state)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         out = KeepsWriteError(f)
         try:
@@ -127,12 +257,20 @@ def tensor_bytes(obj):
 
 
 def read_checkpoint(flag, path):
-    """A checkpoint's contents, or one line saying it cannot be read (truncated, not a checkpoint at all)."""
+    """A checkpoint's contents, or one line saying it cannot be read (truncated, not a checkpoint at all) or that
+    its content no longer matches the digest it was saved with (checkpoints from before digests load as they
+    are)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the same user mistake
         raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(err).__name__}): it is damaged or "
                          "not a fastpix checkpoint") from None
+    if isinstance(state, dict) and "sha256" in state:
+        saved = state.pop("sha256")
+        if saved != state_digest(state):
+            raise UsageError(f"{flag} {path} is damaged: its content no longer matches the digest it was saved "
+                             "with; put back an intact copy, or start the run again")
+    return state
 
 
 def load_weights(model, path, state):
@@ -141,8 +279,12 @@ def load_weights(model, path, state):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[-1].strip()[:160]
-        raise UsageError(f"--init-from {path} does not fit this net and class count: {first}") from None
+        raise UsageError(f"--init-from {path} does not fit this net and class count: {last_line(err)}") from None
+
+
+def last_line(err):
+    """The line of a load_state_dict error that names the mismatch (its first only says which module)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[-1].strip()[:160]
 
 
 def check_same_data(flag, source, saved, manifest, cfg):
@@ -166,10 +308,13 @@ def check_same_data(flag, source, saved, manifest, cfg):
 
 def drop_torn_line(path):
     """A metrics line cut short by a kill or a full disk ends the file without its newline: cut it off, so that
-    a resume reads only whole records."""
+    a resume reads only whole records. Only the start of a record is cut; any other tail (zeros a power cut left,
+    say) stays for report.runlog to refuse by name."""
+    if not path.is_file():
+        return
     data = path.read_bytes()
     whole = data.rfind(b"\n") + 1
-    if whole < len(data):
+    if whole < len(data) and data[whole:whole + 1] == b"{" and b"\0" not in data[whole:]:
         with open(path, "r+b") as f:
             f.truncate(whole)
 
