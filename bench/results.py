@@ -1,6 +1,7 @@
 """One results folder per bench or study run: the figures together with the exact config and versions that
 produced them, written atomically (files.py) so that a killed run never leaves a half-written table behind.
 """
+import contextlib
 import csv
 import io
 import os
@@ -11,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cli import UsageError
-from files import write_json, write_text
+from files import WRITER_NOTE, one_writer, write_json, write_text
 
 RESULTS_ROOT = Path("results")
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "scikit-learn", "pillow", "webdataset")
@@ -33,14 +34,31 @@ def claim(folder, kind):
     """`folder` as a results folder of `kind` ("bench", "study"): created with the marker .fastpix-<kind>
     when missing or empty, reused when it holds that marker, refused (one line) when it holds anything else,
     so that results never mix with, or replace, files this tool did not write."""
-    folder, marker = Path(folder), f".fastpix-{kind}"
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder} is a file: pick another --out")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
-        raise UsageError(f"--out {folder} is not empty and was not made by the {kind}: pick another --out")
+    folder, marker = check_claim(folder, kind)
     if not (folder / marker).is_file():
         write_text(folder / marker, "")
     return folder
+
+
+def check_claim(folder, kind):
+    """claim's refusals, reading only; returns (folder, marker name)."""
+    folder, marker = Path(folder), f".fastpix-{kind}"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file: pick another --out")
+    if folder.is_dir() and any(p.name != WRITER_NOTE for p in folder.iterdir()) and not (folder / marker).is_file():
+        raise UsageError(f"--out {folder} is not empty and was not made by the {kind}: pick another --out")
+    return folder, marker
+
+
+@contextlib.contextmanager
+def held(folder, kind):
+    """`folder` claimed for `kind` and held by this process as its one writer (files.one_writer) for the block:
+    a second bench or study into the same --out is refused in one line (files.Busy) instead of interleaving
+    its runs and tables with ours. Checked before holding, so that a folder that is not ours is refused
+    without the holder's note ever being written into it."""
+    check_claim(folder, kind)
+    with one_writer(folder):
+        yield claim(folder, kind)
 
 
 def environment():

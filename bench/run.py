@@ -17,13 +17,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import train_config
-from bench.results import (claim, environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir,
+from bench.results import (environment, fmt, fmt_ci, held, machine_label, markdown_table, new_results_dir,
                            write_config, write_csv)
-from cli import Parser, UsageError, add_options, check_options, config_from, names, option
+from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from ingest.remote import local_folder
 from loaders import BACKENDS
+from training.device import DEVICES
 
 BASELINE = "folder"
 
@@ -42,11 +43,11 @@ class BenchConfig:
                              "epoch)", minimum=1)
     res: int = option(128, "training resolution (the study trained at 224; 128 keeps a CPU bench in minutes)",
                       minimum=8)
-    device: str = option("auto", "auto, cpu or cuda")
+    device: str = option("auto", "auto, cpu or cuda", choices=DEVICES)
     amp: str = option("auto", "auto, bf16, fp16 or off")
     workers: int | None = option(None, "loader workers (default: the backend's; 0: in the training process)",
                                  minimum=0)
-    seed: int = option(0, "seed of every cell")
+    seed: int = seed_option("seed of every cell")
     loader_epochs: int = option(2, "loader-only epochs measured after a warm-up", minimum=1)
     out: Path | None = option(None, "results folder (default results/bench-<time>)")
 
@@ -166,15 +167,26 @@ def write_outputs(cfg, rows, out_dir, env):
     return table
 
 
+def check_cell_runs(cfg, out_dir):
+    """A rerun replaces each cell's run of the earlier bench: refused up front, with nothing deleted, when one of
+    them holds a file train.py did not write (the user's notes), rather than deleting the run, then failing."""
+    from training.runfolder import RUN_FILES, check_only_ours
+    for net, loader in ((n, l) for n in cfg.nets for l in cfg.loaders):
+        run_dir = Path(out_dir) / "runs" / f"{net}-{loader}"
+        if run_dir.is_dir():
+            check_only_ours(run_dir, RUN_FILES, "rerun with another --out")
+
+
 def bench(cfg, progress=True):
-    """Run the matrix and write every output; returns (results folder, rows)."""
+    """Run the matrix and write every output, holding the results folder; returns (results folder, rows)."""
     cfg = replace(cfg, data=str(local_folder(cfg.data, cfg.cache_dir or None)))  # a URL: fetched once, here
     read_manifest(cfg.data)  # a one-line UsageError before anything starts when the data is not ingested
-    out_dir = claim(cfg.out, "bench") if cfg.out else new_results_dir("bench")
-    env = environment()
-    write_config(out_dir, cfg)
-    rows = run_matrix(cfg, out_dir, progress)
-    print(write_outputs(cfg, rows, out_dir, env))
+    with held(cfg.out or new_results_dir("bench"), "bench") as out_dir:
+        check_cell_runs(cfg, out_dir)
+        env = environment()
+        write_config(out_dir, cfg)
+        rows = run_matrix(cfg, out_dir, progress)
+        print(write_outputs(cfg, rows, out_dir, env))
     print(f"bench: results in {out_dir}")
     return out_dir, rows
 
@@ -206,8 +218,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--cell"]:
         return cell_main(argv[1:])
-    bench(config_from_args(parse_args(argv)))
-    return 0
+    _, rows = bench(config_from_args(parse_args(argv)))
+    failed = [r["cell"] for r in rows if r.get("error")]
+    if failed:  # each is a row with its reason; the exit code says so too
+        print(f"bench: {len(failed)} of {len(rows)} cells failed ({', '.join(failed)}): see the error column",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -32,12 +32,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import train_config
-from bench.results import claim, environment, fmt, fmt_ci, machine_label, markdown_table, write_config
-from cli import Parser, UsageError, add_options, check_options, config_from, names, option
+from bench.results import environment, fmt, fmt_ci, held, machine_label, markdown_table, write_config
+from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
+from training.device import DEVICES
 from training.labels import merge_spec
+from training.lr_find import MIN_SWEEP
 
 EXPERIMENTS = ("nets", "strides", "kernels", "regularization", "optimizers", "transfer", "merge")
 
@@ -65,10 +67,10 @@ class StudyConfig:
     res: int = option(112, "training resolution (the study used 224; 112 keeps the whole study under an hour on "
                       "2 CPU cores)")
     lr: float = option(0.01, "SGD peak learning rate (the optimizers experiment finds its own: --lr auto)")
-    find_lr_steps: int = option(200, "steps of each optimizer's LR range test")
-    device: str = option("auto", "auto, cpu or cuda")
+    find_lr_steps: int = option(200, "steps of each optimizer's LR range test", minimum=MIN_SWEEP)
+    device: str = option("auto", "auto, cpu or cuda", choices=DEVICES)
     amp: str = option("auto", "auto, bf16, fp16 or off")
-    seed: int = option(0, "seed of every run")
+    seed: int = seed_option("seed of every run")
     workers: int | None = option(None, "loader workers (default: the backend's)")
     nets: tuple = ("alexnet", "flat", "narrow")
     strides: tuple = option(((2, 1, 1), (4, 1, 1), (6, 1, 1)), "stride settings of flat to compare (around "
@@ -102,12 +104,17 @@ def run(study, name, **overrides):
     runs_dir = Path(study.out) / "train"
     cfg = train_config(study, exclude=NOT_EVERY_RUN, name=name, runs_dir=str(runs_dir),
                        **{"augment": "none", **overrides})  # the study's own pipeline, unless a run says otherwise
-    cache = Path(study.out) / "runs" / f"{name}.json"
+    train.check(cfg)  # settled as train.py records it, so that the key compares what is trained with what was
     wanted = {"config": _plain_config(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
-    if cache.is_file() and {k: read_json(cache).get(k) for k in wanted} == wanted:
-        return read_json(cache)
+    cache = Path(study.out) / "runs" / f"{name}.json"
+    cached = read_cache(cache, digest(wanted))
+    if cached is not None:
+        return cached
     run_dir = runs_dir / name
-    saved = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    try:
+        saved = read_json(run_dir / "config.json")
+    except (OSError, ValueError):
+        saved = {}
     if (run_dir / train.CHECKPOINT).is_file() and {k: saved.get(k) for k in wanted} == wanted:
         summary = train.train(replace(cfg, resume=str(run_dir)))  # interrupted earlier: continue it exactly
     else:
@@ -115,18 +122,37 @@ def run(study, name, **overrides):
             remove_run(run_dir)
         summary = train.train(cfg)
     steps, epochs = read_metrics(summary["run_dir"])
-    result = {**wanted, "summary": summary,
+    result = {**wanted, "key": digest(wanted), "summary": summary,
               "loss": {"step": [s["step"] for s in steps], "loss": [s["loss"] for s in steps]},
               "epochs": [{k: e[k] for k in ("epoch", "train_acc", "test_acc", "test_acc_ci", "images_per_sec")}
                          for e in epochs]}
-    write_json(cache, result)
+    write_json(cache, {**result, "sha256": digest(result)})
     return result
 
 
-def _plain_config(cfg):
-    """The config as it reads back from JSON (tuples as lists), so cached and new compare equal."""
+def digest(obj):
+    """sha256 of a JSON value, independent of key order: the cache's key (of the settled config and the data's
+    fingerprint) and its checksum (of its own content)."""
+    import hashlib
     import json
-    return json.loads(json.dumps(asdict(cfg), default=str))
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_cache(path, key):
+    """A cached run's result when it is intact (its checksum matches its content) and derived from `key`; None
+    when missing or stale. A damaged entry (or one from before entries had checksums) is said in one line and
+    rebuilt from its run folder, never trusted."""
+    if not path.is_file():
+        return None
+    try:
+        entry = read_json(path)
+    except (OSError, ValueError):
+        entry = None
+    if not isinstance(entry, dict) or entry.get("sha256") != digest({k: v for k, v in entry.items()
+                                                                      if k != "sha256"}):
+        tqdm.write(f"study: {path} is damaged (its checksum does not match): rebuilding it from its run")
+        return None
+    return entry if entry.get("key") == key else None
 
 
 def row(setting, result):
@@ -329,25 +355,43 @@ RUNNERS = {"nets": exp_nets, "strides": exp_strides, "kernels": exp_kernels, "re
 
 
 def study_main(study, which):
-    """Run the chosen experiments and write <out>/summary.md (every table, labelled with the machine)."""
-    read_manifest(study.data)
+    """Run the chosen experiments and write <out>/summary.md (every table, labelled with the machine), holding
+    --out as its one writer."""
+    fingerprint = read_manifest(study.data)["fingerprint"]
     if study.pretrained and not Path(study.pretrained).is_file():
         raise UsageError(f"--pretrained {study.pretrained} is not a file")
     env = environment()
-    claim(study.out, "study")
-    write_config(Path(study.out), study, experiments=which)
-    start = time.perf_counter()
-    tables = [RUNNERS[exp](study) for exp in which]
-    done = [e for e in EXPERIMENTS if (Path(study.out) / e / "table.md").is_file()]
-    header = (f"## Study results ({machine_label(env)}; {study.epochs} epochs, res {study.res}, batch "
-              f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
-    write_text(Path(study.out) / "summary.md",
-                 header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
-    from report.study import write_report
-    write_report(study, env, machine_label(env), done)
+    with held(study.out, "study"):
+        check_one_dataset(study, fingerprint)
+        write_config(Path(study.out), study, experiments=which, data_fingerprint=fingerprint)
+        start = time.perf_counter()
+        tables = [RUNNERS[exp](study) for exp in which]
+        done = [e for e in EXPERIMENTS if (Path(study.out) / e / "table.md").is_file()]
+        header = (f"## Study results ({machine_label(env)}; {study.epochs} epochs, res {study.res}, batch "
+                  f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
+        write_text(Path(study.out) / "summary.md",
+                   header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
+        from report.study import write_report
+        write_report(study, env, machine_label(env), done)
     print("\n".join(tables))
     print(f"study: {', '.join(which)} in {time.perf_counter() - start:.0f} s; tables and plots in {study.out}")
     return 0
+
+
+def check_one_dataset(study, fingerprint):
+    """One study's tables, summary and report compare runs on one dataset: an --out holding a study of other
+    data (by the fingerprint its config.json records, or its cached runs do) is refused in one line."""
+    out = Path(study.out)
+    recorded = []
+    for path in [out / "config.json", *sorted((out / "runs").glob("*.json"))]:
+        try:
+            recorded.append(read_json(path).get("data_fingerprint"))
+        except (OSError, ValueError, AttributeError):
+            pass  # a damaged file says nothing here; a damaged cached run is rebuilt when it is read
+    other = next((f for f in recorded if f and f != fingerprint), None)
+    if other:
+        raise UsageError(f"--out {out} holds a study of dataset {other[:12]}, but {study.data} is dataset "
+                         f"{fingerprint[:12]}: a study compares runs on one dataset; pick another --out")
 
 
 def parse_args(argv):

@@ -97,3 +97,21 @@ def test_the_bench_writes_only_into_its_own_results_folder(ingested, tmp_path):
     for _ in range(2):
         _, rows = bench(replace(cfg, out=out), progress=False)
         assert not rows[0].get("error"), rows[0]
+    # ... but a cell run holding a file train.py did not write is refused up front, with nothing deleted (it was
+    # deleted, then train.py refused the folder, and the bench exited 0 with an error row).
+    run_dir = out / "runs" / "resnet18-folder"
+    (run_dir / "NOTES.md").write_text("the user's")
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"resnet18-folder holds NOTES.md, which train.py did not write there: "
+                                         r"nothing was deleted; move it out of .* or rerun with another --out"):
+        bench(replace(cfg, out=out), progress=False)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_one_bench_per_results_folder(ingested, tmp_path):
+    from files import Busy, one_writer
+    cfg = BenchConfig(data=ingested, loaders=("folder",), nets=("resnet18",), out=tmp_path / "bench")
+    with one_writer(cfg.out):
+        with pytest.raises(Busy, match=r"bench is being written by pid \d+ .*: wait for it to end, or stop it"):
+            bench(cfg, progress=False)
+    assert not list(cfg.out.iterdir())  # nothing written: not even the marker

@@ -109,3 +109,80 @@ def test_the_study_writes_only_into_its_own_folder_and_retrains_on_other_data(in
     again = study_mod.run(cfg, "r18", net="resnet18")
     assert trained == ["r18", "r18"] and again["summary"]["stopped"] is None
     assert again["data_fingerprint"] == "f" * 64 and first["data_fingerprint"] == manifest["fingerprint"]
+
+
+# ----------------------------------------------------------------------------------------------- issue 19
+
+def test_an_interrupted_run_is_continued_and_a_damaged_cache_entry_rebuilt(ingested, tmp_path, monkeypatch):
+    """kill -9 past the first checkpoint, then a rerun continues from last.pt (the cache key compares the
+    settled config: pieces null vs [] once differed, and the run started again); a damaged cached run is
+    rebuilt from its run folder, never read."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import train
+    out = tmp_path / "study"
+    cfg = tiny(ingested, out, res=32, epochs=4)
+    script = (f"from pathlib import Path; from bench import study; study.run(study.StudyConfig(**{{**{vars(cfg)!r}, "
+              f"'data': Path({str(ingested)!r}), 'out': Path({str(out)!r})}}), 'r18', net='resnet18')")
+    run_dir = out / "train" / "r18"
+    child = subprocess.Popen([sys.executable, "-c", script.replace("PosixPath", "Path")],
+                             cwd=os.path.dirname(train.__file__), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while child.poll() is None and not (run_dir / "last.pt").is_file():
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-500:]}"
+    assert not (out / "runs" / "r18.json").exists()
+
+    trained, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda c: trained.append(c.resume) or real(c))
+    result = study_mod.run(cfg, "r18", net="resnet18")
+    assert trained == [str(run_dir)]  # continued, not started again
+    assert result["summary"]["epochs"] == 4 and result["summary"]["stopped"] is None
+    steps = result["loss"]["step"]
+    assert steps == sorted(set(steps)) and steps[0] == 0  # one run's log, continued without overlap
+
+    cache = out / "runs" / "r18.json"
+    text = cache.read_text()
+    cache.write_text(text.replace('"test_acc": 0', '"test_acc": 1', 1))  # flipped, same size, still JSON
+    rebuilt = study_mod.run(cfg, "r18", net="resnet18")  # from the finished run folder: nothing left to train
+    assert trained == [str(run_dir), str(run_dir)]
+    assert rebuilt["summary"]["test_acc"] == result["summary"]["test_acc"]
+    assert json.loads(cache.read_text())["sha256"] == study_mod.digest(
+        {k: v for k, v in json.loads(cache.read_text()).items() if k != "sha256"})
+    for damaged in ("\0" * len(text), text[: len(text) // 2]):
+        cache.write_text(damaged)
+        assert study_mod.run(cfg, "r18", net="resnet18")["summary"]["test_acc"] == result["summary"]["test_acc"]
+
+    (run_dir / "NOTES.md").write_text("the user's")  # a changed config would replace the run: refused instead
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(UsageError, match=r"r18 holds NOTES.md, which train.py did not write there: nothing was "
+                                         r"deleted"):
+        study_mod.run(tiny(ingested, out, res=32, epochs=4, bootstrap=60), "r18", net="resnet18")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_one_study_per_out_and_one_dataset_per_study(ingested, tmp_path):
+    import shutil
+
+    from files import Busy, one_writer
+    out = tmp_path / "study"
+    with one_writer(out):
+        with pytest.raises(Busy, match="study is being written by pid"):
+            study_main(tiny(ingested, out), ("transfer",))
+    assert study_main(tiny(ingested, out), ("transfer",)) == 0  # trains nothing: no --pretrained
+    other = tmp_path / "other"
+    shutil.copytree(ingested, other, ignore=shutil.ignore_patterns("resident-*"))
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "e" * 64}))
+    with pytest.raises(UsageError, match=f"--out {out} holds a study of dataset {manifest['fingerprint'][:12]}, "
+                                         f"but {other} is dataset eeeeeeeeeeee: .* pick another --out"):
+        study_main(tiny(other, out), ("transfer",))
+    assert json.loads((out / "config.json").read_text())["data_fingerprint"] == manifest["fingerprint"]
