@@ -15,6 +15,7 @@ writes. A run writes only into a folder it made (the marker says so) and deletes
 and every checkpoint record the dataset's fingerprint, so --resume and --init-from notice other data.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import nets  # noqa: E402
-from files import atomic_path, write_json  # noqa: E402
+from files import atomic_path, one_writer, write_json  # noqa: E402
 from cli import (Parser, UsageError, add_options, check_options, config_from, ints, names, option, run,  # noqa: E402
                  seed_option)
 from ingest import layout  # noqa: E402
@@ -53,7 +54,7 @@ from training.recipe import (FAST_DEFAULT, LABEL_SMOOTHING, OPTIMIZERS, RECIPES,
 from training.results import finish, summarize  # noqa: E402
 from training.resume import PER_PROCESS, EpochProgress, StopFlag, seed_everything  # noqa: E402
 from training.runfolder import (CHECKPOINT, RUN_MARKER, check_ours, check_same_data,  # noqa: E402
-                                check_same_run, config_from_resume, drop_torn_line, held, last_line,
+                                check_same_run, config_from_resume, drop_torn_line, last_line,
                                 load_weights, new_run_dir, own_temp_files, read_checkpoint, save_checkpoint,
                                 tensor_bytes, writing)
 
@@ -187,7 +188,9 @@ def train(cfg):
         cfg.name = run_name(cfg)
         folder = Path(cfg.runs_dir) / cfg.name
         check_ours(folder)  # before holding it: the holder's note goes into folders of ours only
-    with held(folder, writer):
+    # One writer: a second train.py on this folder (the same --name, --resume while this runs) is refused in one
+    # line naming this process; the kernel drops the hold when the process dies, even by kill -9.
+    with one_writer(folder) if writer else contextlib.nullcontext():
         if cfg.resume:
             cfg = config_from_resume(cfg)
             check(cfg)

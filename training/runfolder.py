@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
-from files import WRITER_NOTE, atomic_path, one_writer, temp_of
+from files import WRITER_NOTE, atomic_path, temp_of
 from ingest.layout import MANIFEST
 
 CHECKPOINT = "last.pt"
@@ -30,24 +30,6 @@ RESTART_FILES = ("config.json", "metrics.jsonl", "test_predictions.npz", "lr_fin
                  RUN_MARKER)  # what a run writes before its first checkpoint: all a restart may delete
 RESUMED_ANEW = ("resume", "init_from", "max_steps", "allow_other_data", "name", "runs_dir", "data")  # the options
 # a --resume sets itself (config_from_resume); every other one must be the run's own, in config.json and last.pt
-
-
-@contextlib.contextmanager
-def held(run_dir, writer):
-    """The run folder held by its one writer (rank 0 under DDP) for as long as the run writes it: a second
-    train.py on it (the same --name, or --resume while the run goes on) is refused with files.Busy, one line
-    naming this process. A folder made only to be held is removed again when the run wrote nothing there."""
-    run_dir = Path(run_dir)
-    if not writer:
-        yield
-        return
-    made = not run_dir.exists()
-    try:
-        with one_writer(run_dir):
-            yield
-    finally:
-        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
 
 
 def check_ours(run_dir):
