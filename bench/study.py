@@ -139,20 +139,32 @@ def digest(obj):
 
 
 def read_cache(path, key):
-    """A cached run's result when it is intact (its checksum matches its content) and derived from `key`; None
-    when missing or stale. A damaged entry (or one from before entries had checksums) is said in one line and
-    rebuilt from its run folder, never trusted."""
-    if not path.is_file():
-        return None
+    """A cached run's result when it is intact and derived from `key`; None when missing or stale, or damaged: that
+    is said in one line, and the caller rebuilds it from its run folder, never trusting it."""
+    entry = read_cached_run(path)
+    if entry is None and Path(path).is_file():
+        tqdm.write(f"study: {path} is damaged (not JSON, or its checksum does not match its content): rebuilding it "
+                   "from its run")
+    return entry if entry is not None and entry.get("key") == key else None
+
+
+def read_cached_run(path):
+    """A cached run whose checksum matches its content, else None (missing, not JSON, damaged, or from before
+    entries had checksums)."""
     try:
         entry = read_json(path)
     except (OSError, ValueError):
-        entry = None
+        return None
     if not isinstance(entry, dict) or entry.get("sha256") != digest({k: v for k, v in entry.items()
                                                                       if k != "sha256"}):
-        tqdm.write(f"study: {path} is damaged (its checksum does not match): rebuilding it from its run")
         return None
-    return entry if entry.get("key") == key else None
+    return entry
+
+
+def _plain_config(cfg):
+    """The config as it reads back from JSON (tuples as lists), so cached and new compare equal."""
+    import json
+    return json.loads(json.dumps(asdict(cfg), default=str))
 
 
 def row(setting, result):

@@ -38,17 +38,22 @@ class Report:
             self.add(f"Not run yet: `python -m bench.study {exp}`.", "")
             return None
         self.add(*path.read_text().splitlines()[2:], "")
-        return json.loads((self.out / exp / "summary.json").read_text())
+        try:
+            return json.loads((self.out / exp / "summary.json").read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{self.out / exp / 'summary.json'} is missing or damaged: rerun python -m bench.study "
+                             f"{exp} --out {self.out} to write it again") from None
 
     def runs(self):
-        """The study's cached runs; one that is not readable JSON is one line naming it and the repair."""
+        """The study's cached runs, each checked against the checksum it carries; a damaged one (or one that is not
+        readable JSON) is one line naming it and the repair."""
+        from bench.study import read_cached_run
         runs = {}
         for path in sorted((self.out / "runs").glob("*.json")):
-            try:
-                runs[path.stem] = json.loads(path.read_text())
-            except (OSError, ValueError):  # JSON errors and undecodable bytes alike
-                raise UsageError(f"{path} is damaged (not readable JSON): delete it and rerun python -m "
-                                 "bench.study with the same options to rebuild it from its run") from None
+            runs[path.stem] = read_cached_run(path)
+            if runs[path.stem] is None:
+                raise UsageError(f"{path} is damaged (not readable JSON, or its checksum does not match its content): "
+                                 "rerun python -m bench.study with the same options to rebuild it from its run")
         return runs
 
 

@@ -178,6 +178,17 @@ def test_one_study_per_out_and_one_dataset_per_study(ingested, tmp_path):
         with pytest.raises(Busy, match="study is being written by pid"):
             study_main(tiny(ingested, out), ("transfer",))
     assert study_main(tiny(ingested, out), ("transfer",)) == 0  # trains nothing: no --pretrained
+    (out / "runs").mkdir(exist_ok=True)
+    (out / "runs" / "flat.json").write_text("\0" * 100)  # a damaged cached run: the report says so and how to fix it
+    with pytest.raises(UsageError, match="flat.json is damaged .*: rerun python -m bench.study with the same options"):
+        study_main(tiny(ingested, out), ("transfer",))
+    (out / "runs" / "flat.json").unlink()
+    assert study_main(tiny(ingested, out), ("transfer",)) == 0
+    (out / "nets").mkdir()
+    (out / "nets" / "table.md").write_text("### 1. Three nets\n\n| setting |\n")
+    (out / "nets" / "summary.json").write_text('{"rows": [')  # another experiment's, torn
+    with pytest.raises(UsageError, match="nets/summary.json is missing or damaged: rerun python -m bench.study nets"):
+        study_main(tiny(ingested, out), ("transfer",))
     other = tmp_path / "other"
     shutil.copytree(ingested, other, ignore=shutil.ignore_patterns("resident-*"))
     manifest = json.loads((other / "manifest.json").read_text())

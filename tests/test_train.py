@@ -165,7 +165,7 @@ def test_auto_amp_on_the_cpu_follows_native_bf16_and_fp16_needs_a_gpu():
     (["--warmup", "nan"], "--warmup must be a finite number, got nan"),  # issue 19: tracebacks before
     (["--warmup", "inf"], "--warmup must be a finite number, got inf"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),  # trained, then "lower --lr"
-    (["--momentum", "-inf"], "--momentum must be a finite number, got -inf"),
+    (["--momentum=-inf"], "--momentum must be a finite number, got -inf"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--seed", "99999999999"], "--seed must be <= 4294967295, got 99999999999"),
     (["--device", "foo"], "unknown device 'foo': choose one of auto, cpu, cuda"),
