@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bench import train_config
 from bench.results import environment, fmt, fmt_ci, held, machine_label, markdown_table, write_config
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
-from files import read_json, write_json, write_text
+from files import checksum_of, read_json, seal, sealed, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
 from training.device import DEVICES
@@ -107,7 +107,7 @@ def run(study, name, **overrides):
     train.check(cfg)  # settled as train.py records it, so that the key compares what is trained with what was
     wanted = {"config": _plain_config(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
     cache = Path(study.out) / "runs" / f"{name}.json"
-    cached = read_cache(cache, digest(wanted))
+    cached = read_cache(cache, checksum_of(wanted))
     if cached is not None:
         return cached
     run_dir = runs_dir / name
@@ -122,20 +122,12 @@ def run(study, name, **overrides):
             remove_run(run_dir)
         summary = train.train(cfg)
     steps, epochs = read_metrics(summary["run_dir"])
-    result = {**wanted, "key": digest(wanted), "summary": summary,
+    result = {**wanted, "key": checksum_of(wanted), "summary": summary,
               "loss": {"step": [s["step"] for s in steps], "loss": [s["loss"] for s in steps]},
               "epochs": [{k: e[k] for k in ("epoch", "train_acc", "test_acc", "test_acc_ci", "images_per_sec")}
                          for e in epochs]}
-    write_json(cache, {**result, "sha256": digest(result)})
+    write_json(cache, seal(result))
     return result
-
-
-def digest(obj):
-    """sha256 of a JSON value, independent of key order: the cache's key (of the settled config and the data's
-    fingerprint) and its checksum (of its own content)."""
-    import hashlib
-    import json
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_cache(path, key):
@@ -155,10 +147,7 @@ def read_cached_run(path):
         entry = read_json(path)
     except (OSError, ValueError):
         return None
-    if not isinstance(entry, dict) or entry.get("sha256") != digest({k: v for k, v in entry.items()
-                                                                      if k != "sha256"}):
-        return None
-    return entry
+    return entry if sealed(entry) else None
 
 
 def _plain_config(cfg):
@@ -403,7 +392,8 @@ def check_one_dataset(study, fingerprint):
     other = next((f for f in recorded if f and f != fingerprint), None)
     if other:
         raise UsageError(f"--out {out} holds a study of dataset {other[:12]}, but {study.data} is dataset "
-                         f"{fingerprint[:12]}: a study compares runs on one dataset; pick another --out")
+                         f"{fingerprint[:12]} (by its manifest.json): a study compares runs on one dataset; pick "
+                         "another --out")
 
 
 def parse_args(argv):

@@ -124,6 +124,7 @@ def test_an_interrupted_run_is_continued_and_a_damaged_cache_entry_rebuilt(inges
     import time
 
     import train
+    from files import sealed
     out = tmp_path / "study"
     cfg = tiny(ingested, out, res=32, epochs=4)
     script = (f"from pathlib import Path; from bench import study; study.run(study.StudyConfig(**{{**{vars(cfg)!r}, "
@@ -155,8 +156,7 @@ def test_an_interrupted_run_is_continued_and_a_damaged_cache_entry_rebuilt(inges
     rebuilt = study_mod.run(cfg, "r18", net="resnet18")  # from the finished run folder: nothing left to train
     assert trained == [str(run_dir), str(run_dir)]
     assert rebuilt["summary"]["test_acc"] == result["summary"]["test_acc"]
-    assert json.loads(cache.read_text())["sha256"] == study_mod.digest(
-        {k: v for k, v in json.loads(cache.read_text()).items() if k != "sha256"})
+    assert sealed(json.loads(cache.read_text()))  # rebuilt with its checksum
     for damaged in ("\0" * len(text), text[: len(text) // 2]):
         cache.write_text(damaged)
         assert study_mod.run(cfg, "r18", net="resnet18")["summary"]["test_acc"] == result["summary"]["test_acc"]
@@ -192,8 +192,9 @@ def test_one_study_per_out_and_one_dataset_per_study(ingested, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(ingested, other, ignore=shutil.ignore_patterns("resident-*"))
     manifest = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "e" * 64}))
+    from ingest import layout
+    layout.write_manifest(other, {**manifest, "fingerprint": "e" * 64})  # re-ingested from other photos
     with pytest.raises(UsageError, match=f"--out {out} holds a study of dataset {manifest['fingerprint'][:12]}, "
-                                         f"but {other} is dataset eeeeeeeeeeee: .* pick another --out"):
+                                         f"but {other} is dataset eeeeeeeeeeee .*: .* pick another --out"):
         study_main(tiny(other, out), ("transfer",))
     assert json.loads((out / "config.json").read_text())["data_fingerprint"] == manifest["fingerprint"]

@@ -51,6 +51,11 @@ def check_new_run_dir(run_dir):
         return False
     if not restartable(run_dir):
         raise UsageError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+    later = [n for n in listing(run_dir) if n in RUN_FILES and n not in RESTART_FILES]
+    if later:  # a run that got further, whose checkpoint is gone (or someone's files under our names)
+        raise UsageError(f"{run_dir} has no {CHECKPOINT} but holds {', '.join(later[:3])}, which a run writes only "
+                         f"after its first checkpoint: nothing was deleted; put its {CHECKPOINT} back to --resume it, "
+                         "or pick another --name")
     check_only_ours(run_dir, RESTART_FILES, "pick another --name")
     return True
 
