@@ -140,10 +140,11 @@ def test_remove_run_deletes_only_what_train_wrote(stopped, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
     (run_dir / "notes.txt").write_text("the user's")
-    runfolder.remove_run(run_dir)
-    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(UsageError, match="holds notes.txt, which train.py did not write there: nothing was deleted"):
+        runfolder.remove_run(run_dir)  # it deleted the run beside them, then train.py refused the folder (issue 19)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
     (run_dir / "notes.txt").unlink()
-    shutil.copytree(stopped, run_dir, dirs_exist_ok=True)
     runfolder.remove_run(run_dir)
     assert not run_dir.exists()
 

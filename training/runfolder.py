@@ -196,7 +196,8 @@ class KeepsWriteError:
 
 def state_digest(obj, h=None):
     """sha256 over a (nested) state's values, tensors by their bytes: what a checkpoint records of itself, so that
-    bytes flipped inside a tensor (which torch.load reads without complaint) are noticed. ~1 s per GB here."""
+    bytes flipped inside a tensor (which torch.load reads without complaint) are noticed. 1.2-1.9 s for
+    flat's 573 MB of weights and momentum here (sha256 at 300-500 MB/s on 2 shared cores), at each save and resume."""
     h = hashlib.sha256() if h is None else h
     if torch.is_tensor(obj):
         t = obj.detach().cpu().contiguous().reshape(-1)
