@@ -55,17 +55,12 @@ REBUILT = ("ingest-cache", "resident-cache", "verified")  # derived files whose 
 # Cells left out of the matrix for now, each with what was seen and whose fix it waits for (issue 19's items):
 # (kind, damage, reader), "*" for any.
 PENDING = {
-    ("checkpoint", "other", "resume"): "another run's last.pt is refused as other data, not as a checkpoint that "
-                                       "does not match config.json (item 15)",
-    ("metrics", "*", "resume"): "a damaged metrics.jsonl is a traceback, or is trimmed and resumed, its steps "
-                                "lost (run-folder files damaged -> one line)",
-    ("config", "flip", "resume"): "traceback (UnicodeDecodeError) (run-folder files damaged -> one line)",
-    ("config", "truncate", "resume"): "traceback (JSONDecodeError) (run-folder files damaged -> one line)",
-    ("config", "zero", "resume"): "traceback (JSONDecodeError) (run-folder files damaged -> one line)",
-    ("config", "other", "resume"): "another run's config.json is refused as other data, without naming it (item 15)",
-    ("study-cache", "flip", "study"): "traceback (UnicodeDecodeError) (item 9)",
-    ("study-cache", "truncate", "study"): "traceback (JSONDecodeError) (item 9)",
-    ("study-cache", "zero", "study"): "traceback (JSONDecodeError) (item 9)",
+    ("manifest", "delete", "resume"): "the run's dataset folder without manifest.json is said to be 'not there' "
+                                      "(pass --data), manifest.json unnamed (resume's message, item 14)",
+    ("metrics", "truncate", "resume"): "a metrics.jsonl cut at a line is trimmed and resumed, the steps it lost "
+                                       "missing from the run (run-folder files checked before use)",
+    ("metrics", "other", "resume"): "another run's metrics.jsonl is resumed silently (run-folder files checked "
+                                    "before use)",
     ("study-cache", "delete", "report"): "the report leaves the run out silently (item 9's check of the cache)",
     ("study-cache", "other", "report"): "the report uses another run's cache silently (item 9's check of the cache)",
 }
