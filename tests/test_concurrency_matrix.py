@@ -95,7 +95,8 @@ def assert_one_run(run_dir, epochs, checkpoint=True):
         return
     config = json.loads((run_dir / "config.json").read_text())
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["config"] == config["config"] and ckpt["global_step"] == steps[-1]
+    assert json.loads(json.dumps(ckpt["config"])) == config["config"]  # tuples read back as lists
+    assert ckpt["global_step"] == len(steps)  # --log-every 1: every step logged
 
 
 # ----------------------------------------------------------------------------------------------- The pairs
@@ -152,9 +153,9 @@ def study_pair(tiny_src, ingested, tmp):
 
 WRITERS = {"ingest": ingest_pair, "train": train_pair, "resume": resume_pair, "bench": bench_pair,
            "study": study_pair}
-# Pairs left out for now: the writer does not hold its folder yet (issue 19, item 7: files.one_writer for a run
-# folder, a bench --out and a study --out), so the first never shows WRITER_NOTE and both would write.
-PENDING = ("train", "resume", "bench", "study")
+# Pairs left out for now: not yet seen green here since the bench and the study hold their --out (issue 19,
+# item 7), for want of time before the deadline.
+PENDING = ("bench", "study")
 pytestmark = pytest.mark.slow
 
 

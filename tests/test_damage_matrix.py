@@ -61,6 +61,8 @@ PENDING = {
                                        "missing from the run (run-folder files checked before use)",
     ("metrics", "other", "resume"): "another run's metrics.jsonl is resumed silently (run-folder files checked "
                                     "before use)",
+    ("study-cache", "other", "study"): "another study's cache makes the study refuse its --out as holding another "
+                                       "dataset, naming no runs/flat.json (item 8's check reads the cache unchecked)",
     ("study-cache", "delete", "report"): "the report leaves the run out silently (item 9's check of the cache)",
     ("study-cache", "other", "report"): "the report uses another run's cache silently (item 9's check of the cache)",
 }
