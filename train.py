@@ -42,7 +42,7 @@ from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import AUGMENTS  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
 from report.plots import plot_lr_find  # noqa: E402
-from report.runlog import append_jsonl, read_metrics, trim_metrics  # noqa: E402
+from report.runlog import append_jsonl, check_resumed_metrics, metrics_digest, read_metrics, trim_metrics  # noqa: E402
 from training.device import (AMP_MODES, DEVICES, all_ranks, gather_to_rank0, resolve_amp,  # noqa: E402
                              start_distributed)
 from training.elastic import continue_after_restart, run_name  # noqa: E402
@@ -340,6 +340,7 @@ class Run:
             drop_torn_line(self.dir / "metrics.jsonl")
             with self.writing("metrics.jsonl"):
                 trim_metrics(self.dir, self.global_step, self.epoch)
+            check_resumed_metrics(self.dir, ckpt.get("metrics_sha256"))
             self.history = read_metrics(self.dir)[1]  # the summary describes the whole run, not this process
 
     def checkpoint(self):
@@ -352,7 +353,8 @@ class Run:
                          step_in_epoch=states[0]["step_in_epoch"], global_step=self.global_step,
                          **{key: [s[key] for s in states] for key in PER_PROCESS},
                          ema=self.ema.state_dict() if self.ema is not None else None, config=asdict(self.cfg),
-                         classes=self.classes, data_fingerprint=self.fingerprint)
+                         classes=self.classes, data_fingerprint=self.fingerprint,
+                         metrics_sha256=metrics_digest(self.dir))
             with self.writing(CHECKPOINT, need=tensor_bytes(state) + 2**20):  # + the zip's headers
                 save_checkpoint(self.dir / CHECKPOINT, **state)
             self.saved_step = self.global_step

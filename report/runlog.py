@@ -1,6 +1,8 @@
 """A run's metrics.jsonl: one JSON record per line, kind "step" (every logged step) or "epoch"; read whole or
 refused in one line naming the damage, never half-used."""
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from cli import UsageError
@@ -49,3 +51,22 @@ def trim_metrics(run_dir, step, epoch):
     keep = [r for r in read_records(run_dir)
             if r["kind"] == "step" and r["step"] < step or r["kind"] == "epoch" and r["epoch"] < epoch]
     write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def metrics_digest(run_dir):
+    """sha256 of metrics.jsonl as it is, flushed to the disk first: each checkpoint records it, so that a resume
+    can tell the run's own log, cut back to that checkpoint, from one that lost steps or is another run's."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # the checkpoint is flushed; the log it vouches for must be on the disk before it
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_resumed_metrics(run_dir, digest):
+    """After trim_metrics, the log must be exactly what it was when the checkpoint was saved (`digest`; None for
+    checkpoints from before it was recorded, which are not checked)."""
+    if digest is not None and metrics_digest(run_dir) != digest:
+        raise UsageError(f"{Path(run_dir) / METRICS} is not the log of the checkpoint it resumes (steps are missing "
+                         "or it is another run's): put back the run's own file; the checkpoint itself is intact")

@@ -57,10 +57,6 @@ REBUILT = ("ingest-cache", "resident-cache", "verified")  # derived files whose 
 PENDING = {
     ("manifest", "delete", "resume"): "the run's dataset folder without manifest.json is said to be 'not there' "
                                       "(pass --data), manifest.json unnamed (resume's message, item 14)",
-    ("metrics", "truncate", "resume"): "a metrics.jsonl cut at a line is trimmed and resumed, the steps it lost "
-                                       "missing from the run (run-folder files checked before use)",
-    ("metrics", "other", "resume"): "another run's metrics.jsonl is resumed silently (run-folder files checked "
-                                    "before use)",
     ("study-cache", "other", "study"): "another study's cache makes the study refuse its --out as holding another "
                                        "dataset, naming no runs/flat.json (item 8's check reads the cache unchecked)",
     ("study-cache", "delete", "report"): "the report leaves the run out silently (item 9's check of the cache)",
