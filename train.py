@@ -38,6 +38,7 @@ from files import atomic_path, one_writer, write_json  # noqa: E402
 from cli import (Parser, UsageError, add_options, check_options, config_from, ints, names, option, run,  # noqa: E402
                  seed_option)
 from ingest import layout  # noqa: E402
+from ingest.remote import is_url  # noqa: E402
 from loaders import BACKENDS, make_loader  # noqa: E402
 from loaders.common import AUGMENTS  # noqa: E402
 from report.metrics import classification_metrics  # noqa: E402
@@ -137,7 +138,7 @@ def check(cfg):
     directory finds it), so that a caller's copy (the study's cache key) compares equal with the saved one."""
     check_options(cfg)
     check_recipe(cfg)
-    cfg.data = os.path.abspath(cfg.data)
+    cfg.data = cfg.data if is_url(cfg.data) else os.path.abspath(cfg.data)
     if min(train_res(cfg, 0), cfg.res) < 8:
         raise UsageError(f"--res must be >= 8 at every epoch, got {cfg.res} (lowest {train_res(cfg, 0)})")
     if cfg.lr != "auto" and not (math.isfinite(cfg.lr) and cfg.lr >= 0) or cfg.weight_decay < 0 or cfg.warmup < 0:

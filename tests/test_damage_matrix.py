@@ -55,8 +55,6 @@ REBUILT = ("ingest-cache", "resident-cache", "verified")  # derived files whose 
 # Cells left out of the matrix for now, each with what was seen and whose fix it waits for (issue 19's items):
 # (kind, damage, reader), "*" for any.
 PENDING = {
-    ("manifest", "delete", "resume"): "the run's dataset folder without manifest.json is said to be 'not there' "
-                                      "(pass --data), manifest.json unnamed (resume's message, item 14)",
     ("study-cache", "other", "study"): "another study's cache makes the study refuse its --out as holding another "
                                        "dataset, naming no runs/flat.json (item 8's check reads the cache unchecked)",
     ("study-cache", "delete", "report"): "the report leaves the run out silently (item 9's check of the cache)",

@@ -159,7 +159,8 @@ def test_a_file_changed_on_the_server_is_refused_by_its_checksum(served, tmp_pat
                                      runs_dir=str(tmp_path / "runs"), name="changed"))
     folder = cached_files(tmp_path / "cache", manifest)
     assert not (folder / tar.name).exists() and not (folder / layout.MANIFEST).exists()
-    assert not (tmp_path / "runs" / "changed").exists(), "nothing was trained"
+    run = tmp_path / "runs" / "changed"  # held (and marked) before the data is fetched; nothing trained in it
+    assert not (run / "last.pt").exists() and not (run / "metrics.jsonl").exists(), sorted(run.iterdir())
 
 
 def test_one_process_fetches_while_another_waits_saying_for_whom(served, tmp_path):

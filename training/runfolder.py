@@ -17,6 +17,7 @@ import torch
 from cli import UsageError
 from files import WRITER_NOTE, atomic_path, temp_of
 from ingest.layout import MANIFEST
+from ingest.remote import is_url
 
 CHECKPOINT = "last.pt"
 RUN_MARKER = ".fastpix-run"  # {"finished": bool}: train.py made this folder, the only kind it writes into
@@ -152,7 +153,12 @@ def config_from_resume(cfg):
     saved = saved["config"]
     default_data = next(f.default for f in fields(cfg) if f.name == "data")
     data = cfg.data if cfg.data != default_data else saved.get("data", default_data)
-    if not (Path(data) / MANIFEST).is_file():
+    if is_url(data):
+        pass  # fetched (and its manifest checked) by the loaders, like a new run's
+    elif Path(data).is_dir() and not (Path(data) / MANIFEST).is_file():
+        raise UsageError(f"--resume {run_dir}: {Path(data) / MANIFEST} is missing: rerun python ingest/build.py "
+                         f"--out {data} to rewrite it, or pass --data where the run's dataset is now")
+    elif not (Path(data) / MANIFEST).is_file():
         where = "" if Path(data).is_absolute() else f" (relative to {Path.cwd()})"
         raise UsageError(f"--resume {run_dir}: its dataset {data}{where} is not there: pass --data where that "
                          "dataset is now (its fingerprint is checked)")
