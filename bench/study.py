@@ -383,17 +383,15 @@ def check_one_dataset(study, fingerprint):
     """One study's tables, summary and report compare runs on one dataset: an --out holding a study of other
     data (by the fingerprint its config.json records, or its cached runs do) is refused in one line."""
     out = Path(study.out)
-    recorded = []
     for path in [out / "config.json", *sorted((out / "runs").glob("*.json"))]:
         try:
-            recorded.append(read_json(path).get("data_fingerprint"))
+            other = read_json(path).get("data_fingerprint")
         except (OSError, ValueError, AttributeError):
-            pass  # a damaged file says nothing here; a damaged cached run is rebuilt when it is read
-    other = next((f for f in recorded if f and f != fingerprint), None)
-    if other:
-        raise UsageError(f"--out {out} holds a study of dataset {other[:12]}, but {study.data} is dataset "
-                         f"{fingerprint[:12]} (by its manifest.json): a study compares runs on one dataset; pick "
-                         "another --out")
+            continue  # a damaged file says nothing here; a damaged cached run is rebuilt when it is read
+        if other and other != fingerprint:
+            raise UsageError(f"--out {out} holds a study of dataset {other[:12]} ({path} says so), but {study.data} "
+                             f"is dataset {fingerprint[:12]} (by its manifest.json): a study compares runs on one "
+                             "dataset; pick another --out")
 
 
 def parse_args(argv):

@@ -44,16 +44,23 @@ class Report:
             raise UsageError(f"{self.out / exp / 'summary.json'} is missing or damaged: rerun python -m bench.study "
                              f"{exp} --out {self.out} to write it again") from None
 
-    def runs(self):
-        """The study's cached runs, each checked against the checksum it carries; a damaged one (or one that is not
-        readable JSON) is one line naming it and the repair."""
+    def runs(self, fingerprint):
+        """The study's cached runs, each checked against the checksum it carries and the study's dataset
+        (`fingerprint`); a damaged, foreign or missing one is one line naming it and the repair."""
         from bench.study import read_cached_run
-        runs = {}
+        rebuild = "rerun python -m bench.study with the same options to rebuild it from its run"
+        runs, data = {}, fingerprint
         for path in sorted((self.out / "runs").glob("*.json")):
             runs[path.stem] = read_cached_run(path)
             if runs[path.stem] is None:
                 raise UsageError(f"{path} is damaged (not readable JSON, or its checksum does not match its content): "
-                                 "rerun python -m bench.study with the same options to rebuild it from its run")
+                                 f"{rebuild}")
+            if runs[path.stem].get("data_fingerprint") != data:
+                raise UsageError(f"{path} is a run on another dataset than this study's: {rebuild}")
+        # Every run trained in this study has its cached result: a missing one would drop out of the tables unsaid.
+        for run_dir in sorted((self.out / "train").glob("*/config.json")):
+            if run_dir.parent.name not in runs:
+                raise UsageError(f"{self.out / 'runs' / (run_dir.parent.name + '.json')} is missing: {rebuild}")
         return runs
 
 
@@ -67,11 +74,11 @@ def write_report(study, env, machine, done):
           f"{study.epochs} epochs per run, res {study.res}, batch {study.batch_size}, loader {study.loader}, "
           f"amp {study.amp}, seed {study.seed}. Experiments run: {', '.join(done) or 'none'}.", "", "Contents:", "")
     r.add(*(f"{i}. {name}" for i, name in enumerate(SECTIONS, 1)), "")
-    runs = r.runs()
+    manifest = layout.read_manifest(study.data)
+    runs = r.runs(manifest["fingerprint"])
     flat_dir = Path("train") / "flat"
 
     r.add("## 1. Data", "")
-    manifest = layout.read_manifest(study.data)
     splits = manifest["splits"]
     r.add("| class | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits))
     for c in manifest["classes"]:

@@ -52,22 +52,8 @@ READERS_OF = {
     "study-cache": ("study", "runs/flat.json", ("study", "report")),
 }
 REBUILT = ("ingest-cache", "resident-cache", "verified")  # derived files whose absence is normal: rebuilt on use
-# Cells left out of the matrix for now, each with what was seen and whose fix it waits for (issue 19's items):
-# (kind, damage, reader), "*" for any.
-PENDING = {
-    ("study-cache", "other", "study"): "another study's cache makes the study refuse its --out as holding another "
-                                       "dataset, naming no runs/flat.json (item 8's check reads the cache unchecked)",
-    ("study-cache", "delete", "report"): "the report leaves the run out silently (item 9's check of the cache)",
-    ("study-cache", "other", "report"): "the report uses another run's cache silently (item 9's check of the cache)",
-}
-
-
-def pending(kind, damage, reader):
-    return any(all(want in ("*", have) for want, have in zip(key, (kind, damage, reader))) for key in PENDING)
-
-
 CELLS = [(kind, damage, reader) for kind, (_, _, readers) in READERS_OF.items() for reader in readers
-         for damage in DAMAGES if not pending(kind, damage, reader)]
+         for damage in DAMAGES]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")]
