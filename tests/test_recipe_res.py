@@ -56,7 +56,7 @@ def test_resident_changes_res_without_decoding_again(ingested, monkeypatch):
                         cache=False)
     test = make_loader("resident", ingested, "test", batch_size=16, res=32, device="cpu", seed=0, workers=0,
                        cache=False)
-    stored = (train.images.data_ptr(), test.images.data_ptr())
+    stored = (train.store.pixels.data_ptr(), test.store.pixels.data_ptr())
 
     def decode_again(*args, **kwargs):
         raise AssertionError("set_res decoded the split again")
@@ -64,4 +64,4 @@ def test_resident_changes_res_without_decoding_again(ingested, monkeypatch):
     monkeypatch.setattr(resident, "decode_split", decode_again)
     assert shapes_per_epoch(train, SCHEDULE) == [{(3, res, res)} for res in SCHEDULE]
     assert shapes_per_epoch(test, SCHEDULE) == [{(3, res, res)} for res in SCHEDULE]
-    assert (train.images.data_ptr(), test.images.data_ptr()) == stored
+    assert (train.store.pixels.data_ptr(), test.store.pixels.data_ptr()) == stored
