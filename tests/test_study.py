@@ -194,7 +194,8 @@ def test_one_study_per_out_and_one_dataset_per_study(ingested, tmp_path):
     manifest = json.loads((other / "manifest.json").read_text())
     from ingest import layout
     layout.write_manifest(other, {**manifest, "fingerprint": "e" * 64})  # re-ingested from other photos
-    with pytest.raises(UsageError, match=f"--out {out} holds a study of dataset {manifest['fingerprint'][:12]}, "
+    with pytest.raises(UsageError, match=f"--out {out} holds a study of dataset {manifest['fingerprint'][:12]} "
+                                         r"\(.*config.json says so\), "
                                          f"but {other} is dataset eeeeeeeeeeee .*: .* pick another --out"):
         study_main(tiny(other, out), ("transfer",))
     assert json.loads((out / "config.json").read_text())["data_fingerprint"] == manifest["fingerprint"]
