@@ -125,20 +125,21 @@ def one_writer(folder, wait=False, say=None, every=5.0):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = describe_writer(folder)
+                note = _read_note(folder)
                 for _ in range(20):  # the holder writes its note right after taking the lock: give it a moment
-                    if holder != "another process":
+                    if note is not None:
                         break
                     time.sleep(0.05)
-                    holder = describe_writer(folder)
+                    note = _read_note(folder)
+                holder, pid = _describe(note), note.get("pid") if note else None
                 if not wait:
                     raise Busy(f"{folder} is being written by {holder}: wait for it to end, or stop it "
-                               f"(kill {_holder_pid(folder) or 'PID'}) and rerun") from None
+                               f"(kill {pid or 'PID'}) and rerun") from None
                 if told is None or time.monotonic() - told >= every:
                     told = time.monotonic()
                     (say or (lambda m: print(m, file=sys.stderr, flush=True)))(
                         f"waiting {time.monotonic() - started:.0f} s for {folder}, held by {holder} "
-                        f"(stop it with kill {_holder_pid(folder) or 'PID'})")
+                        f"(stop it with kill {pid or 'PID'})")
                 time.sleep(0.2)
         note = folder / WRITER_NOTE
         write_text(note, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv) or sys.executable,
@@ -152,20 +153,16 @@ def one_writer(folder, wait=False, say=None, every=5.0):
 
 
 def _read_note(folder):
+    """The holder's note as a dict, or None (none yet, or unreadable)."""
     try:
-        return json.loads((Path(folder) / WRITER_NOTE).read_text())
+        note = json.loads((Path(folder) / WRITER_NOTE).read_text())
     except (OSError, ValueError):
         return None
+    return note if isinstance(note, dict) else None
 
 
-def _holder_pid(folder):
-    note = _read_note(folder)
-    return note.get("pid") if isinstance(note, dict) else None
-
-
-def describe_writer(folder):
+def _describe(note):
     """`pid 42 (python train.py ..., since 2026-12-06 07:00:00)`, or `another process` if it left no note yet."""
-    note = _read_note(folder)
-    if not isinstance(note, dict):
+    if note is None:
         return "another process"
     return f"pid {note.get('pid')} ({str(note.get('command'))[:120]}, since {note.get('since')})"
