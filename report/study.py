@@ -49,7 +49,11 @@ class Report:
         (`fingerprint`); a damaged, foreign or missing one is one line naming it and the repair."""
         from bench.study import read_cached_run
         rebuild = "rerun python -m bench.study with the same options to rebuild it from its run"
-        runs, data = {}, fingerprint
+        try:  # the dataset the study ran on, as it recorded it; else the one it reads now
+            data = json.loads((self.out / "config.json").read_text()).get("data_fingerprint") or fingerprint
+        except (OSError, ValueError, AttributeError):
+            data = fingerprint
+        runs = {}
         for path in sorted((self.out / "runs").glob("*.json")):
             runs[path.stem] = read_cached_run(path)
             if runs[path.stem] is None:
