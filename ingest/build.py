@@ -193,13 +193,17 @@ def validate_all(cfg, candidates, progress=True):
     tasks = [(cfg, rel, label) for rel, label in candidates]
     chunk = max(1, min(16, len(tasks) // (cfg.workers * 8)))
     # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit broken
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        with watch_children("validation"), ProcessPoolExecutor(
-                cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with watch_children("validation"), pool:
             return list(tqdm(pool.map(check, tasks, chunksize=chunk), total=len(tasks), desc="validate",
                              unit="img", disable=not progress))
-    except BrokenProcessPool:  # the pool noticed the death first
-        raise ChildDied(said("validation", "(a worker)", "died")) from None
+    except (BrokenProcessPool, ValueError) as err:
+        # the pool noticed the death first: BrokenProcessPool, or, while it was still starting workers, a
+        # ValueError from spawning with the pipes it had just closed
+        if isinstance(err, BrokenProcessPool) or pool._broken:
+            raise ChildDied(said("validation", "(a worker)", "died")) from None
+        raise
 
 
 def _formats(log):
