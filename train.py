@@ -121,7 +121,7 @@ class Config:
                                    minimum=1)
     bootstrap: int = option(1000, "bootstrap resamples for the 95% intervals of the test metrics", minimum=1)
     recipe: str = option("study", "study (the 500px study's training, unchanged) or fast (the pieces of --pieces, "
-                         "for time to accuracy; see README, Recipe)", choices=RECIPES)
+                         "for time to accuracy; see docs/training.md, Recipes)", choices=RECIPES)
     pieces: tuple | None = option(None, "with --recipe fast, the pieces to use (default: all of "
                                   f"{','.join(FAST_DEFAULT)})", parse=names)
     find_lr: bool = option(False, "LR range test first, on a copy (the run is unchanged): lr_find.png and "

@@ -2,7 +2,7 @@
 works: one JSON report (versions, results, each check ok/failed/skipped + message + seconds) and logs.
 
 GPU code cannot run in CI, so this is the one prepared thing to run when a GPU is lent. The machine is known
-(README, GPU machine): its own `python3` holds a CUDA torch, and it has no DALI, FFCV, webdataset or network.
+(docs/gpu.md): its own `python3` holds a CUDA torch, and it has no DALI, FFCV, webdataset or network.
 So the checks run with that interpreter as it is; what is missing arrives as carried wheels that
 bench/gpu_wheels.py installs with `pip install --target`, put on PYTHONPATH; each check is gated on what
 it needs, and DALI/FFCV checks are SKIPPED with the reason when those do not import.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every fastpix GPU check on the lent GPU machine (one NVIDIA GPU, no network); see README "GPU machine".
+# Run every fastpix GPU check on the lent GPU machine (one NVIDIA GPU, no network); see docs/gpu.md.
 # usage: bench/gpu_check.sh OUTDIR [--python PY] [--wheels DIR] [--data DIR] [--only a,b] [--budget S]
 #                                  [--bundle DIR] [--skip-setup] [--tests] [--cpu-dry-run]
 # Writes OUTDIR/report.json (versions, results, each check ok/failed/skipped + message + seconds) and OUTDIR/logs/.

@@ -116,7 +116,7 @@ def p_import(args):
     """The library imports, or SKIPPED when it is not installed (an installed one that fails is a failure)."""
     err, why = importable(args.module)
     if not_installed(err, args.module):
-        raise Skip(f"{args.module} is not installed ({why}); see README, GPU machine")
+        raise Skip(f"{args.module} is not installed ({why}); see docs/gpu.md")
     assert err is None, f"{args.module} is installed but does not load: {why}"
     return f"{args.module} imports"
 

@@ -102,7 +102,7 @@ def drawing_from(seed):
 
 class SampleError(UsageError):
     """A sample that cannot be read or decoded. The run stops on it, with one line naming the split, the
-    sample id, the file and the repair: a sample is never skipped, nor trained on as noise (see README).
+    sample id, the file and the repair: a sample is never skipped, nor trained on as noise (see docs/loaders.md).
 
     Raised in a DataLoader worker, it reaches the main process re-made from the worker's traceback text:
     the constructor keeps our line of it."""

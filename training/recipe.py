@@ -21,7 +21,7 @@ RECIPE_PIECES = {  # what --recipe fast may switch on; bench.tta turns each off 
               "a model tests best above its train res (Touvron et al., FixRes)",
 }
 # The pieces --recipe fast uses unless --pieces says otherwise: those that paid in bench.tta's ablation on the demo
-# data (README, Results). flip_tta bought no accuracy there and costs an extra forward per test image.
+# data (docs/bench.md, Time to accuracy). flip_tta bought no accuracy there and costs an extra forward per test image.
 FAST_DEFAULT = tuple(p for p in RECIPE_PIECES if p != "flip_tta")
 LABEL_SMOOTHING = 0.1
 ONECYCLE_PEAK = 0.15
