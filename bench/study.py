@@ -10,7 +10,7 @@ augmentation rrc (RandomResizedCrop + flip), each alone.
    Adam and RMSprop for the same number of epochs, each at its own LR range test's suggestion (--lr auto).
 6. transfer: resnet18 from local ImageNet weights (--pretrained PATH), head only vs full fine-tune; skipped
    with a note when no weights are given.  7. merge: the nets experiment's flat run's most confused pair,
-   trained as one class, against flat. `all` also writes <out>/report.md (report/study.py).
+   trained as one class, against flat. `all` also writes <out>/report.md (report/study_report.py).
 
 Every run is cached in <out>/runs/<run>.json with the exact train.Config it ran (its run folder is
 <out>/train/<run>/); a rerun reuses a cached run whose config and data (fingerprint) are unchanged, and
@@ -21,7 +21,7 @@ none), except the regularization experiment's augmentation row.
 The defaults fit the demo data on a 2-core CPU well under an hour; raise --epochs/--res for a GPU.
 
 Over 300 lines: seven experiments, each a short function over the one cached, resumable `run`; their plots
-are bench/plots.py's and the report is report/study.py's.
+are bench/plots.py's and the report is report/study_report.py's.
 """
 import argparse
 import sys
@@ -372,7 +372,7 @@ def study_main(study, which):
                   f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
         write_text(Path(study.out) / "summary.md",
                    header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
-        from report.study import write_report
+        from report.study_report import write_report
         write_report(study, env, machine_label(env), done)
     print("\n".join(tables))
     print(f"study: {', '.join(which)} in {time.perf_counter() - start:.0f} s; tables and plots in {study.out}")

@@ -318,7 +318,7 @@ def read_study(world, kind):
 def report_text(world):
     from bench.results import environment, machine_label
     from bench.study import parse_args
-    from report.study import write_report
+    from report.study_report import write_report
 
     study, _ = parse_args(study_argv(world.data, world.study, world.seed))
     env = environment()

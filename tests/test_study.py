@@ -10,7 +10,7 @@ from bench.results import environment, machine_label
 from bench.study import StudyConfig, parse_args, study_main
 from cli import UsageError
 from ingest import layout
-from report.study import SECTIONS
+from report.study_report import SECTIONS
 
 
 def tiny(ingested, out, **kw):
