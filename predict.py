@@ -15,18 +15,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parent)
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from cli import Parser, UsageError, add_options, check_options, config_from, option, run  # noqa: E402
-from files import write_text  # noqa: E402
-from loaders.common import Normalizer, resolve_device, resolve_workers  # noqa: E402
-from predicting.photos import decode_on_gpu, find_photos, prepare, prepared  # noqa: E402
-from predicting.tested import load_run  # noqa: E402
+from cli import Parser, UsageError, add_options, check_options, config_from, option, run
+from files import write_text
+from loaders.common import Normalizer, resolve_device, resolve_workers
+from predicting.photos import decode_on_gpu, find_photos, prepare, prepared
+from predicting.tested import load_run
 
 
 @dataclass

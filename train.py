@@ -24,37 +24,34 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parent)
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import nets  # noqa: E402
-from files import atomic_path, one_writer, write_json  # noqa: E402
-from cli import (Parser, UsageError, add_options, check_options, config_from, ints, names, option, run,  # noqa: E402
+import nets
+from files import atomic_path, one_writer, write_json
+from cli import (Parser, UsageError, add_options, check_options, config_from, ints, names, option, run,
                  seed_option)
-from ingest import layout  # noqa: E402
-from ingest.remote import is_url  # noqa: E402
-from loaders import BACKENDS, make_loader  # noqa: E402
-from loaders.common import AUGMENTS  # noqa: E402
-from report.metrics import classification_metrics  # noqa: E402
-from report.plots import plot_lr_find  # noqa: E402
-from report.runlog import append_jsonl, check_resumed_metrics, metrics_digest, read_metrics, trim_metrics  # noqa: E402
-from training.device import (AMP_MODES, DEVICES, all_ranks, gather_to_rank0, resolve_amp,  # noqa: E402
+from ingest import layout
+from ingest.remote import is_url
+from loaders import BACKENDS, make_loader
+from loaders.common import AUGMENTS
+from report.metrics import classification_metrics
+from report.plots import plot_lr_find
+from report.runlog import append_jsonl, check_resumed_metrics, metrics_digest, read_metrics, trim_metrics
+from training.device import (AMP_MODES, DEVICES, all_ranks, gather_to_rank0, resolve_amp,
                              start_distributed)
-from training.elastic import continue_after_restart, run_name  # noqa: E402
-from training.evaluate import evaluate  # noqa: E402
-from training.labels import merge_classes  # noqa: E402
-from training.lr_find import MIN_SWEEP, find_lr  # noqa: E402
-from training.recipe import (FAST_DEFAULT, LABEL_SMOOTHING, OPTIMIZERS, RECIPES,  # noqa: E402
+from training.elastic import continue_after_restart, run_name
+from training.evaluate import evaluate
+from training.labels import merge_classes
+from training.lr_find import MIN_SWEEP, find_lr
+from training.recipe import (FAST_DEFAULT, LABEL_SMOOTHING, OPTIMIZERS, RECIPES,
                              check_recipe, lr_factor, make_ema, make_optimizer, onecycle_factor, train_res)
-from training.results import finish, summarize  # noqa: E402
-from training.resume import PER_PROCESS, EpochProgress, StopFlag, seed_everything  # noqa: E402
-from training.runfolder import (CHECKPOINT, RUN_MARKER, check_ours, check_same_data,  # noqa: E402
+from training.results import finish, summarize
+from training.resume import PER_PROCESS, EpochProgress, StopFlag, seed_everything
+from training.runfolder import (CHECKPOINT, RUN_MARKER, check_ours, check_same_data,
                                 check_same_run, config_from_resume, drop_torn_line, last_line,
                                 load_weights, new_run_dir, own_temp_files, read_checkpoint, save_checkpoint,
                                 tensor_bytes, writing)

@@ -38,11 +38,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):  # run as `python bench/loaders.py`: make the repository importable
-    sys.path.insert(0, str(REPO))
+from cli import Parser, UsageError, run
 
-from cli import Parser, UsageError, run  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 BASELINE = "folder"
 SPLITS = ("train", "test")

@@ -22,11 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
+from cli import Parser, UsageError, run
 
-from cli import Parser, UsageError, run  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PARTS = {"shards": ("*.tar", "*.idx"), "betons": ("*.beton",), "cache": (".cache/**/*",)}  # bytes per part
 LOG_EVERY = 5  # training steps per log window; the first window (start-up) is left out of the rates

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: import from the repo root, never from ingest/ itself
+if __name__ == "__main__" and not __package__:  # run by its path: import from the repo root, not ingest/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, add_options, config_from, run  # noqa: E402

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a script: import from the repo root, never from ingest/ itself
+if __name__ == "__main__" and not __package__:  # run by its path: import from the repo root, not ingest/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from cli import Parser, UsageError, run  # noqa: E402
