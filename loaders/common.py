@@ -33,6 +33,7 @@ Over 300 lines: the contract above and the pieces that keep every backend to it 
 blocks, normalisation) sit together, so a backend imports them from the one place that defines them.
 """
 import contextlib
+import gc
 import hashlib
 import math
 import multiprocessing
@@ -222,6 +223,19 @@ class PerRes:
         return self._made[res](*args)
 
 
+class WorkerLoader(torch.utils.data.DataLoader):
+    """A DataLoader that collects this process's garbage before it forks its workers. A forked worker's own
+    collector otherwise runs the finalizers of garbage it inherited, and a DALI pipeline's (Executor2's
+    destructor, waiting on a condition whose threads the child does not have) blocks that worker forever at
+    0 % CPU while the training process waits for its batch: the whole-suite hang of issue 19, seen with
+    py-spy in both workers. Collecting once per worker start costs milliseconds."""
+
+    def _get_iterator(self):
+        if self.num_workers > 0:
+            gc.collect()
+        return super()._get_iterator()
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's sample positions: shuffled from (seed, epoch) for train, in order for test.
 
@@ -301,6 +315,20 @@ def padded_canvas(photos):
     return canvas
 
 
+def crop_coordinates(boxes, flips, res, device):
+    """The photo coordinates (pixel centres at integers) that each output column (x) and row (y), N x res each,
+    samples for the crop boxes resized to res x res, x mirrored where flipped; clamped to the box, as a resize
+    of the cropped image clamps at its edges."""
+    top, left, height, width = boxes.to(device=device, dtype=torch.float32).unbind(1)
+    steps = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / res  # output pixel centres
+    steps_x = torch.where(flips.to(device)[:, None], 1 - steps, steps)
+    x = torch.minimum(torch.maximum(left[:, None] + steps_x * width[:, None] - 0.5, left[:, None]),
+                      (left + width - 1)[:, None])
+    y = torch.minimum(torch.maximum(top[:, None] + steps * height[:, None] - 0.5, top[:, None]),
+                      (top + height - 1)[:, None])
+    return x, y
+
+
 def batched_resized_crop(canvas, boxes, flips, res, *, offsets, transposed=None, grid=None):
     """Every photo's crop box resized to res x res and maybe flipped, by one grid_sample (bilinear).
 
@@ -311,15 +339,7 @@ def batched_resized_crop(canvas, boxes, flips, res, *, offsets, transposed=None,
     Coordinates are clamped to the box, so the canvas's padding is never read. No antialiasing: this is the
     GPU path, where a crop is at most ~1.5x the output side at the resident store size."""
     device, (height_c, width_c) = canvas.device, canvas.shape[-2:]
-    top, left, height, width = boxes.to(device=device, dtype=torch.float32).unbind(1)
-    steps = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / res  # output pixel centres
-    steps_x = torch.where(flips.to(device)[:, None], 1 - steps, steps)
-    # photo coordinates (pixel centres at integers) of each output column and row, clamped to the box as a
-    # resize of the cropped image clamps at its edges
-    x = torch.minimum(torch.maximum(left[:, None] + steps_x * width[:, None] - 0.5, left[:, None]),
-                      (left + width - 1)[:, None])
-    y = torch.minimum(torch.maximum(top[:, None] + steps * height[:, None] - 0.5, top[:, None]),
-                      (top + height - 1)[:, None])
+    x, y = crop_coordinates(boxes, flips, res, device)
     oy, ox = offsets.to(device=device, dtype=torch.float32).unbind(1)
 
     def across(offset, coordinate, side):  # canvas pixels -> grid_sample's [-1, 1], align_corners=False

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cli import UsageError
 from ingest.layout import csv_path
 from loaders.base import Loader
 from loaders.common import (IMAGENET_MEAN, IMAGENET_STD, RRC_RATIO, RRC_SCALE, EpochSampler, PerRes,
-                            SampleError, drawing_from, sample_seed, test_resize)
+                            SampleError, WorkerLoader, drawing_from, sample_seed, test_resize)
 
 
 READS = ()  # the csv only: the baseline reads the photos themselves
@@ -89,7 +89,7 @@ class FolderLoader(Loader):
         super().__init__(block, batch_size=batch_size, seed=seed, with_ids=with_ids)
         self.files = files
         self.sampler = EpochSampler(block.positions, seed, shuffle=self.train, keyed=True)
-        self.loader = DataLoader(files, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+        self.loader = WorkerLoader(files, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  generator=torch.Generator().manual_seed(seed))  # leaves the caller's RNG alone
 

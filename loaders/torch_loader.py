@@ -21,7 +21,7 @@ import io
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
@@ -29,7 +29,7 @@ from ingest.shards import ShardIndex
 from loaders.base import Loader
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
                             drawing_from, epoch_seed, padded_canvas, random_flips, resized_crop, sample_crops,
-                            sample_seed, test_resize, undecodable)
+                            WorkerLoader, sample_seed, test_resize, undecodable)
 
 
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up
@@ -168,7 +168,7 @@ class TorchLoader(Loader):
         self.sampler = EpochSampler(block.positions, seed, shuffle=self.train, keyed=True)
         self.normalize = Normalizer(self.device)
         on_gpu = self.device.type == "cuda"
-        self.loader = DataLoader(
+        self.loader = WorkerLoader(
             samples, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=collate_bytes if on_gpu else collate_images, pin_memory=on_gpu,
             persistent_workers=workers > 0,  # workers start once, not every epoch

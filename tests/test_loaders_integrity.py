@@ -229,9 +229,9 @@ def test_data_ingested_again_under_a_running_loader_is_said_to_be_replaced_not_d
     says the data was replaced (and to restart), not that a shard is damaged."""
     require(name)
     data, manifest = dataset_copy(ingested, tmp_path)
-    # workers=0: with a worker process, torch's DataLoader hung here in the whole suite (its worker blocked on a
-    # futex, never in this file alone); an open defect, see the closing note of issue 19.
-    loader = make_loader(name, data, "test", batch_size=4, res=32, device="cpu", workers=0)
+    # workers=2: forked workers, which hung here in the whole suite until WorkerLoader collected the garbage
+    # (an earlier test's DALI pipeline) before forking them
+    loader = make_loader(name, data, "test", batch_size=4, res=32, device="cpu", workers=2)
     corrupt_jpeg(data, 3, "garbage")
     past_the_digest(data, {**manifest, "note": "ingested again"})
     with pytest.raises(UsageError) as err:
