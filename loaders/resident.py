@@ -17,9 +17,9 @@ Train batches: a permutation drawn from (seed, epoch), then RandomResizedCrop + 
 box distribution over each whole photo (loaders.common.sample_crops, drawn per batch from the same
 generator). On the CPU each crop is one antialiased v2 resize of a view of the store, spread over a thread
 pool (torch releases the GIL): ~3.5x the batched grid_sample over a float canvas there (2 threads,
-interleaved in one process on shared cores). On a GPU the batch's photos are copied into one float canvas and
-one grid_sample crops them all (loaders.common.batched_resized_crop): no per-sample kernels, bilinear without
-antialiasing (a box is at most ~1.5x the output side at this store size).
+interleaved in one process on shared cores). On a GPU every output pixel's four neighbours are gathered from
+the store's flat buffer at once (Store.resized_crops): no per-sample kernels or copies, no host sync, bilinear
+without antialiasing (a box is at most ~1.5x the output side at this store size).
 
 With augment flip or none the train batches are the test crops (+ random flips): every photo's crop at the
 current res is cut from the store once, as one uint8 N x 3 x res x res tensor (again after a set_res to
@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -44,8 +44,8 @@ from ingest.layout import MANIFEST, SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders import resident_cache
 from loaders.base import Loader
-from loaders.common import (Normalizer, batched_resized_crop, epoch_seed, padded_canvas, random_flips, rank_ids,
-                            resized_crop, sample_crops, test_resize)
+from loaders.common import (Normalizer, crop_coordinates, epoch_seed, random_flips, rank_ids,
+                            WorkerLoader, resized_crop, sample_crops, test_resize)
 from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
@@ -96,6 +96,7 @@ class Store:
         self.offsets = torch.cumsum(counts, 0) - counts
         self.nbytes = int(counts.sum())
         self._spans = list(zip(self.offsets.tolist(), self.sizes.tolist()))  # python ints: no tensor ops per photo
+        self._on_device = None  # (pixel starts, sizes) where the pixels are, for resized_crops
         self.pixels = pixels
 
     @classmethod
@@ -124,6 +125,30 @@ class Store:
         if tuple(photo.shape[1:]) != tuple(self._spans[k][1]):
             raise ValueError(f"photo {k} is {tuple(photo.shape[1:])}, the store says {tuple(self._spans[k][1])}")
         self.photo(k).copy_(photo)
+
+    def resized_crops(self, index, boxes, flips, res):
+        """The crop boxes of photos `index` (a tensor on the store's device) resized to res x res (bilinear, no
+        antialiasing, as batched_resized_crop samples a canvas) and maybe flipped, as float N x 3 x res x res:
+        four gathers from the flat buffer, with no per-photo copy and nothing read back to the host (the GPU
+        path; a padded canvas cost a copy per photo and a host sync per batch)."""
+        device = self.pixels.device
+        if self._on_device is None or self._on_device[0].device != device:
+            self._on_device = self.offsets.to(device) // 3, self.sizes.to(device)
+        starts, sizes = self._on_device[0][index], self._on_device[1][index]
+        x, y = crop_coordinates(boxes, flips, res, device)
+        x0, y0 = x.floor(), y.floor()
+        wx, wy = (x - x0)[:, None, :, None], (y - y0)[:, :, None, None]
+        x0, y0 = x0.long(), y0.long()  # inside the photo: the coordinates are clamped to its box
+        x1 = torch.minimum(x0 + 1, sizes[:, 1:] - 1)  # where x0 is the last column, its weight wx is 0
+        y1 = torch.minimum(y0 + 1, sizes[:, :1] - 1)
+        pixels = self.pixels.view(-1, 3)  # offsets are multiples of 3: a photo starts at a pixel
+
+        def at(rows, columns):  # N x res x res x 3 pixels of the given rows and columns of each photo
+            where = starts[:, None, None] + (rows * sizes[:, 1:])[:, :, None] + columns[:, None, :]
+            return pixels[where].float()
+
+        top = torch.lerp(at(y0, x0), at(y0, x1), wx)
+        return torch.lerp(top, torch.lerp(at(y1, x0), at(y1, x1), wx), wy).permute(0, 3, 1, 2)
 
     def center_crops(self, ks, res):
         """The res x res centre crops (torchvision's rounding) of photos `ks`, as one uint8 N x 3 x res x res
@@ -223,7 +248,7 @@ def decode_split(samples, positions, store, fit, workers):
     samples' transform is `fit` there."""
     device = store.pixels.device
     on_gpu = device.type == "cuda"
-    batches = DataLoader(Subset(samples, positions), batch_size=DECODE_BATCH, num_workers=workers,
+    batches = WorkerLoader(Subset(samples, positions), batch_size=DECODE_BATCH, num_workers=workers,
                          collate_fn=collate_bytes if on_gpu else collate_list)
     done = 0
     with tqdm(total=len(positions), desc=f"resident: decoding {samples.index.split}", unit="img",
@@ -285,11 +310,6 @@ class ResidentLoader(Loader):
             done.result()
         return out
 
-    def _crop_on_gpu(self, index, boxes, flips):
-        """The batch's photos in one float canvas (each at its top left), then one grid_sample."""
-        canvas = padded_canvas([self.store.photo(k) for k in index.tolist()])
-        return batched_resized_crop(canvas, boxes, flips, self.res, offsets=torch.zeros_like(boxes[:, :2]))
-
     def _center_crops(self, ks):
         """The test crops of photos `ks`, at the res the store was made for (resized after a set_res)."""
         crops = self.store.center_crops(ks, self.store_res)
@@ -323,7 +343,8 @@ class ResidentLoader(Loader):
                 index = order[start:start + self.batch_size]
                 sizes = self._sizes[index]
                 boxes, flips = sample_crops(sizes[:, 0], sizes[:, 1], generator)
-                images = (self._crop_on_gpu if self.on_gpu else self._crop_on_cpu)(index, boxes, flips)
+                images = (self.store.resized_crops(index, boxes, flips, self.res) if self.on_gpu
+                          else self._crop_on_cpu(index, boxes, flips))
             else:
                 index = slice(start, start + self.batch_size)
                 images = self._center_crops(range(n)[index])

@@ -236,6 +236,24 @@ def test_store_holds_whole_photos_resized_like_pil_in_no_more_memory_than_their_
         assert diff.float().mean() < 0.1 and diff.max() <= 3, (k, diff.float().mean(), diff.max())
 
 
+def test_the_gpu_paths_gathered_crops_equal_one_grid_sample_over_a_padded_canvas(ingested):
+    """The GPU path's crops (Store.resized_crops: four gathers from the flat buffer, no per-photo copy, no host
+    sync) are the crops that one grid_sample over a zero-padded canvas of the batch's photos gives, portrait
+    and landscape photos, flipped or not, boxes touching the photos' edges included; run here on the CPU."""
+    store = loader(ingested, "train", res=32).store
+    index = torch.randperm(len(store.sizes), generator=torch.Generator().manual_seed(0))[:24]
+    sizes = store.sizes[index]
+    boxes, flips = common.sample_crops(sizes[:, 0], sizes[:, 1], torch.Generator().manual_seed(1))
+    boxes[:4, :2], boxes[:4, 2:] = 0, sizes[:4]  # whole photos: the last row and column are sampled
+    flips[:2] = True
+    canvas = common.padded_canvas([store.photo(k) for k in index.tolist()])
+    for res in (32, 57):
+        expected = common.batched_resized_crop(canvas, boxes, flips, res, offsets=torch.zeros_like(boxes[:, :2]))
+        gathered = store.resized_crops(index, boxes, flips, res)
+        assert gathered.shape == expected.shape == (24, 3, res, res)
+        assert (gathered - expected).abs().max() < 1e-3
+
+
 PADDED = "1cf3333"  # the last commit of the padded store: N x 3 x S x W, portrait photos transposed
 
 
