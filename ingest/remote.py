@@ -12,12 +12,17 @@ process per node fetches: the folder's writer lock (files.one_writer) makes the 
 Transport is fsspec's, with each scheme's client optional (s3fs, gcsfs, aiohttp): a missing one is one line
 naming the package. This module writes no storage client of its own.
 """
+import contextlib
 import errno
 import json
+import os
 import re
 import shutil
+import socket
 import sys
 import threading
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -221,7 +226,9 @@ def disk_full(url, folder, need, free, manifest):
 def publish(out, url, progress=True):
     """Upload the ingested dataset in `out` to `url`: its data files (several at once), then its manifest, last,
     so that a reader never sees a half-published dataset (an older manifest there is removed first: its files
-    are about to be replaced)."""
+    are about to be replaced). A target that holds anything but a fastpix dataset is not touched; a marker at
+    the target keeps a second publish out while this one runs; the sizes there are read back before the
+    manifest vouches for them."""
     fs, root = filesystem(url)
     if {"http", "https"} & set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         raise UsageError(f"--publish {url}: {url.split('://')[0]}:// is read-only here; publish to s3://, gs:// or "
@@ -229,22 +236,126 @@ def publish(out, url, progress=True):
     manifest = layout.read_manifest(out)
     for split in layout.SPLITS:  # what goes out is what the manifest promises
         layout.check_split(out, split, manifest, reads=manifest.get("formats", ["webdataset"]))
+    names = list(manifest["files"])
     try:
-        if fs.exists(remote_path(root, layout.MANIFEST)):
-            fs.rm_file(remote_path(root, layout.MANIFEST))
+        check_target(fs, root, url, names)
         fs.makedirs(root, exist_ok=True)
-        names = list(manifest["files"])
-        bar = tqdm(total=sum(manifest["files"][n]["bytes"] for n in names), unit="B", unit_scale=True,
-                   desc=f"publish {url}", disable=not progress)
+        with publish_marker(fs, root, url):
+            if fs.exists(remote_path(root, layout.MANIFEST)):
+                fs.rm_file(remote_path(root, layout.MANIFEST))
+            bar = tqdm(total=sum(manifest["files"][n]["bytes"] for n in names), unit="B", unit_scale=True,
+                       desc=f"publish {url}", disable=not progress)
 
-        def one(name):
-            fs.put_file(str(Path(out) / name), remote_path(root, name))
-            bar.update(manifest["files"][name]["bytes"])
+            def one(name):
+                fs.put_file(str(Path(out) / name), remote_path(root, name))
+                bar.update(manifest["files"][name]["bytes"])
 
-        with ThreadPoolExecutor(FETCHES) as pool:
-            list(pool.map(one, names))
-        bar.close()
-        fs.put_file(str(Path(out) / layout.MANIFEST), remote_path(root, layout.MANIFEST))
+            with ThreadPoolExecutor(FETCHES) as pool:
+                list(pool.map(one, names))
+            bar.close()
+            sizes = {name: info["bytes"] for name, info in manifest["files"].items()}
+            check_sizes(fs, root, url, sizes, "the manifest was not written, so no reader uses them")
+            fs.put_file(str(Path(out) / layout.MANIFEST), remote_path(root, layout.MANIFEST))
+            check_sizes(fs, root, url, {layout.MANIFEST: (Path(out) / layout.MANIFEST).stat().st_size},
+                        "it is removed", remove=True)
     except PermissionError as err:
         raise UsageError(f"--publish {url}: permission denied ({err})") from None
     return len(names) + 1
+
+
+PUBLISH_MARKER = ".fastpix-publish.json"  # at a --publish target while a publish writes it: {pid, host, since}
+
+
+def listing(fs, root):
+    """{name: size} of what is at `root` now (not a client's cached listing); {} where nothing is."""
+    fs.invalidate_cache(root)
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") for entry in entries}
+
+
+def check_target(fs, root, url, names):
+    """A publish overwrites a fastpix dataset (its manifest says so) or the data files of one left half-published;
+    a target holding anything else is not touched: one line naming what is there."""
+    there = set(listing(fs, root)) - {PUBLISH_MARKER}
+    if layout.MANIFEST in there:
+        try:
+            manifest = json.loads(fs.cat_file(remote_path(root, layout.MANIFEST)))
+        except (OSError, ValueError):
+            manifest = None
+        if isinstance(manifest, dict) and {"fingerprint", "splits", "files"} <= set(manifest):
+            return
+    foreign = sorted(there - set(names))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UsageError(f"--publish {url}: the target holds {shown} and is not a fastpix dataset (no fastpix "
+                         f"{layout.MANIFEST} there): nothing was written; publish to an empty folder or prefix")
+
+
+@contextlib.contextmanager
+def publish_marker(fs, root, url):
+    """Hold the target for one publish: PUBLISH_MARKER is created there first, exclusively where the store can
+    (S3's If-None-Match, O_EXCL on a local disk; fsspec checks first elsewhere), and removed at the end. A
+    marker whose process died on this host is taken over, saying so; any other is a one-line refusal that
+    names its holder and how to clear it."""
+    path = remote_path(root, PUBLISH_MARKER)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+    for _ in range(2):
+        try:
+            fs.pipe_file(path, json.dumps(mine).encode(), mode="create")
+            break
+        except FileExistsError:
+            holder = read_marker(fs, path)
+            if holder and holder.get("host") == mine["host"] and not alive(holder.get("pid")):
+                print(f"--publish {url}: the marker of a publish that no longer runs (pid {holder.get('pid')} on "
+                      f"{holder.get('host')}, since {holder.get('since')}) is removed", file=sys.stderr, flush=True)
+                fs.rm_file(path)
+                continue
+            who = (f"pid {holder.get('pid')} on {holder.get('host')}: {holder.get('command')}, since "
+                   f"{holder.get('since')}") if holder else "an unreadable marker"
+            raise UsageError(f"--publish {url}: another publish writes there ({who}): wait for it to end; if it no "
+                             f"longer runs, delete {remote_path(url, PUBLISH_MARKER)} and rerun") from None
+    else:
+        raise UsageError(f"--publish {url}: another publish took the target first: wait for it to end, then rerun")
+    try:
+        yield
+    finally:
+        if (read_marker(fs, path) or {}).get("token") == mine["token"]:  # never another publish's marker
+            fs.rm_file(path)
+
+
+def read_marker(fs, path):
+    """A publish marker's content as a dict, or None (gone, or unreadable)."""
+    fs.invalidate_cache(path)
+    try:
+        marker = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def alive(pid):
+    """Whether a process `pid` runs on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def check_sizes(fs, root, url, sizes, then, remove=False):
+    """The sizes the store reports for `sizes`' files (one listing) are theirs, else one line ending in `then`."""
+    there = listing(fs, root)
+    wrong = [name for name, size in sizes.items() if there.get(name) != size]
+    if wrong:
+        name = wrong[0]
+        if remove:
+            fs.rm_file(remote_path(root, name))
+        more = f" ({len(wrong) - 1} more files differ)" if len(wrong) > 1 else ""
+        raise UsageError(f"--publish {url}: {name} has {there.get(name, 'no')} bytes there after the upload, the "
+                         f"manifest says {sizes[name]}{more}: {then}; rerun the publish")

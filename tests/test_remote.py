@@ -230,21 +230,25 @@ def test_a_missing_client_or_a_read_only_target_is_one_line(ingested, tmp_path):
 
 @pytest.fixture
 def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1, with credentials and the endpoint in the environment s3fs reads."""
+    """moto's S3 server on 127.0.0.1, empty, with credentials and the endpoint in the environment s3fs reads."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    import urllib.request  # moto's state is the process's, not the server's: start from an empty store
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")).close()
     for key, value in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                            AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}").items():
         monkeypatch.setenv(key, value)
     import fsspec
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bucket")
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # a cached client still speaks to an earlier server
+    fsspec.filesystem("s3").mkdir("bucket")
     try:
         yield port
     finally:
         server.stop()
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
 
 
 def test_publish_to_s3_then_train_from_it(ingested, s3, tmp_path):
@@ -259,3 +263,132 @@ def test_publish_to_s3_then_train_from_it(ingested, s3, tmp_path):
     folder = cached_files(tmp_path / "cache", manifest)
     for name, info in manifest["files"].items():
         assert layout.file_sha256(folder / name) == info["sha256"], name
+
+
+# ------------------------------------------------------------------ --publish: its target, its marker, its read-back
+
+class Uploads:
+    """The fsspec filesystem `--publish` gets, with its uploads seen: `on_put(local, remote)` runs before each file
+    goes out; `truncate` names a file that arrives short (a transport that lost its tail)."""
+
+    def __init__(self, fs, on_put=None, truncate=None):
+        self.fs, self.on_put, self.truncate = fs, on_put, truncate
+
+    def put_file(self, local, target, **kwargs):
+        if self.on_put:
+            self.on_put(local, target)
+        if Path(local).name == self.truncate:
+            return self.fs.pipe_file(target, Path(local).read_bytes()[:-100])
+        return self.fs.put_file(local, target, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Make `--publish` upload through an `Uploads`; the test sets its hooks."""
+    seen = Uploads(None)
+    real = remote.filesystem
+
+    def filesystem(url):
+        fs, root = real(url)
+        seen.fs = fs
+        return seen, root
+
+    monkeypatch.setattr(remote, "filesystem", filesystem)
+    return seen
+
+
+def publish(data, url):
+    return build.main(["--out", str(data), "--publish", url, "--quiet"])
+
+
+def test_publish_refuses_a_target_that_holds_something_else(ingested, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / layout.MANIFEST).write_text('{"name": "another tool"}')
+    with pytest.raises(UsageError) as refused:
+        publish(ingested, f"file://{target}")
+    assert "\n" not in str(refused.value)
+    assert "not a fastpix dataset" in str(refused.value) and "manifest.json, notes.txt" in str(refused.value)
+    assert sorted(p.name for p in target.iterdir()) == [layout.MANIFEST, "notes.txt"], "nothing written there"
+    assert (target / layout.MANIFEST).read_text() == '{"name": "another tool"}'
+
+
+def test_publish_replaces_a_dataset_or_finishes_a_half_published_one(ingested, tmp_path):
+    target = tmp_path / "target"
+    shutil.copytree(ingested, target, ignore=shutil.ignore_patterns(".*"))  # a dataset published before
+    assert publish(ingested, f"file://{target}") == 0
+    (target / layout.MANIFEST).unlink()  # a publish killed before its manifest: the data files only
+    assert publish(ingested, f"file://{target}") == 0
+    assert (target / layout.MANIFEST).read_bytes() == (ingested / layout.MANIFEST).read_bytes()
+    assert not (target / remote.PUBLISH_MARKER).exists(), "the marker is removed when the publish ends"
+
+
+def test_publish_reads_the_sizes_back_before_it_writes_the_manifest(ingested, tmp_path, uploads):
+    manifest = layout.read_manifest(ingested)
+    short = sorted(manifest["files"])[0]
+    uploads.truncate = short
+    target = tmp_path / "target"
+    with pytest.raises(UsageError) as refused:
+        publish(ingested, f"file://{target}")
+    size = manifest["files"][short]["bytes"]
+    assert f"{short} has {size - 100} bytes there after the upload, the manifest says {size}" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert not (target / layout.MANIFEST).exists(), "no reader sees a dataset with a short file"
+    uploads.truncate = None
+    assert publish(ingested, f"file://{target}") == 0
+    for name in manifest["files"]:
+        assert (target / name).read_bytes() == (ingested / name).read_bytes(), name
+
+
+def test_a_second_publish_to_the_same_target_is_refused_while_the_first_runs(ingested, s3, uploads):
+    manifest = layout.read_manifest(ingested)
+    started, release, results = threading.Event(), threading.Event(), []
+
+    def hold(local, target):
+        started.set()
+        release.wait(60)
+
+    uploads.on_put = hold
+    def first_publish():
+        try:
+            results.append(publish(ingested, "s3://bucket/tiny"))
+        except Exception as err:  # seen by the asserts below, not lost in the thread
+            results.append(err)
+            started.set()
+
+    first = threading.Thread(target=first_publish)
+    first.start()
+    try:
+        assert started.wait(60) and not results, f"the first publish never started uploading: {results}"
+        uploads.on_put = None
+        with pytest.raises(UsageError) as refused:
+            publish(ingested, "s3://bucket/tiny")
+    finally:
+        release.set()
+        first.join(120)
+    said = str(refused.value)
+    assert "\n" not in said and f"another publish writes there (pid {os.getpid()} on {socket.gethostname()}" in said
+    assert f"delete s3://bucket/tiny/{remote.PUBLISH_MARKER}" in said
+    assert results == [0], "the first publish ends as if alone"
+    fs, root = remote.filesystem("s3://bucket/tiny")
+    fs.invalidate_cache()
+    assert {Path(p).name for p in fs.ls(root)} == {layout.MANIFEST, *manifest["files"]}, "its marker is gone"
+    assert fs.cat_file(f"{root}/{layout.MANIFEST}") == (ingested / layout.MANIFEST).read_bytes()
+
+
+def test_the_marker_of_a_publish_that_died_is_taken_over_saying_so(ingested, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "target"
+    write_json(target / remote.PUBLISH_MARKER, {"pid": dead.pid, "host": socket.gethostname(),
+                                                  "command": "python ingest/build.py", "since": "2026-12-06 09:00:00"})
+    assert publish(ingested, f"file://{target}") == 0
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"--publish file://{target}: the marker of a publish that no longer runs (pid {dead.pid} on "
+                    f"{socket.gethostname()}, since 2026-12-06 09:00:00) is removed"]
+    assert not (target / remote.PUBLISH_MARKER).exists()
+    assert (target / layout.MANIFEST).read_bytes() == (ingested / layout.MANIFEST).read_bytes()
