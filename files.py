@@ -6,7 +6,7 @@ name. Only fastpix makes names of that form, so a rerun can tell the temp files 
 (`temp_of`) from anything else in the folder, and delete only those. The flush costs ~40 ms a file on this
 machine's virtual disk, so the many small files a rerun derives again (ingest's per-photo cache, the demo
 photos) are written with `durable=False`: atomic, not flushed. Standard library only: the GPU machine's bare
-python3 imports it too (bench/gpu_check.py).
+python3 imports it too (bench/gpu/check.py).
 """
 import contextlib
 import hashlib

@@ -105,7 +105,7 @@ def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
 
 
 def test_one_process_under_torchrun_brings_up_the_process_group(ingested, tmp_path):
-    """The 1-GPU NCCL check of bench/gpu_check runs this with NCCL; here gloo stands in for it."""
+    """The 1-GPU NCCL check of `bench.gpu check` runs this with NCCL; here gloo stands in for it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            train.__file__, "--net", "resnet18", "--loader", "resident", "--data", str(ingested),

@@ -4,21 +4,21 @@ works: one JSON report (versions, results, each check ok/failed/skipped + messag
 GPU code cannot run in CI, so this is the one prepared thing to run when a GPU is lent. The machine is known
 (docs/gpu.md): its own `python3` holds a CUDA torch, and it has no DALI, FFCV, webdataset or network.
 So the checks run with that interpreter as it is; what is missing arrives as carried wheels that
-bench/gpu_wheels.py installs with `pip install --target`, put on PYTHONPATH; each check is gated on what
+`bench.gpu wheels` installs with `pip install --target`, put on PYTHONPATH; each check is gated on what
 it needs, and DALI/FFCV checks are SKIPPED with the reason when those do not import.
 
 Steps run one after another, most valuable first: the GPU loaders table, then flat training at res 224 with
-the best loader, then a short time-to-accuracy run (bench.tta), then the correctness probes. Each has an
-estimate of its seconds on the GPU machine; a step
-is skipped, not started, when less of the budget is left than it needs, and report.json is rewritten after
-every step, so a run cut short still reports what it did. Every step runs in its own process group with its
-own timeout: a hang or a CUDA crash costs one check, never the report. Correctness probes that may share
-the GPU run side by side; timed steps never overlap anything. Standard library only (files.py is too).
+the best loader, then a short time-to-accuracy run (bench.tta), then the correctness probes (`bench.gpu
+probe`). Each has an estimate of its seconds on the GPU machine; a step is skipped, not started, when less
+of the budget is left than it needs, and report.json is rewritten after every step, so a run cut short
+still reports what it did. Every step runs in its own process group with its own timeout: a hang or a CUDA
+crash costs one check, never the report. Correctness probes that may share the GPU run side by side; timed
+steps never overlap anything. Standard library only (cli.py, files.py and bench.gpu.wheels are too): it
+starts before anything is installed.
 
 Over 300 lines: `plan` is the one declarative list of every GPU check with its flags, estimate and gate
 (~150 lines), and the runner around it is what makes a run on a borrowed machine always end in a report.
 """
-import argparse
 import json
 import os
 import re
@@ -32,13 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.gpu import REPO, SKIP_EXIT
+from bench.gpu.wheels import TARGET
+from cli import Parser, UsageError
 from files import atomic_path, write_json
 
-REPO = Path(__file__).resolve().parent.parent
 BUDGET_S = 420  # 7 min: one 10-minute call with room to spare; with DALI brought, 15 min of device time
 DRY_RUN_BUDGET_S = 1500  # the same steps on 2 shared CPU cores
-SITE = Path("/tmp/fastpix-site")  # where bench/gpu_wheels.py installs carried wheels (pip --target)
-SKIP_EXIT = 3  # bench.gpu_probes.SKIP_EXIT: the step cannot run here, and says why
 TESTS_ESTIMATE_S = 150  # --tests on the GPU machine; it then runs for as long as the budget has left
 
 # The GPU loaders table: each row with the module it needs. bench.loaders adds the rest itself: folder (the
@@ -240,7 +240,7 @@ def plan(args):
     runs = out / time.strftime("runs-%Y%m%d-%H%M%S")  # train.py never overwrites a run: fresh per invocation
     tta_out = out / time.strftime("tta-%Y%m%d-%H%M%S")
     results = out / "results"
-    probe = [py, "-m", "bench.gpu_probes"]
+    probe = [py, "-m", "bench.gpu", "probe"]
     gpu = () if dry else ("gpu",)
     have_data = () if args.data else ("data",)
     need = ("torch_cuda",) + have_data
@@ -263,22 +263,22 @@ def plan(args):
         steps.append(Step("gpu", "the driver sees an NVIDIA GPU",
                           ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], 5))
     if not args.skip_setup:
-        steps.append(Step("wheels", "carried wheels installed with pip --target (bench/gpu_wheels.py receive)",
-                          [py, REPO / "bench" / "gpu_wheels.py", "receive", "--folder", args.wheels,
-                           "--target", args.site], 60))
+        steps.append(Step("wheels", "carried wheels installed with pip --target (bench.gpu wheels receive)",
+                          [py, "-m", "bench.gpu", "wheels", "receive", "--folder", args.wheels, "--target", args.site],
+                          60))
     steps += [
         Step("env", "the versions this run used (report: versions)",
              probe + ["env", "--result", results / "env.json"], 15, result=results / "env.json"),
         Step("torch_cuda", "torch sees the GPU and runs a CUDA kernel",
              probe + ["torch_cuda", "--device", dev], 15, gpu),
-        Step("dali_import", "DALI imports (carried: bench/gpu_wheels.py)",
+        Step("dali_import", "DALI imports (carried: bench.gpu wheels)",
              probe + ["import", "--module", "nvidia.dali"], 20, parallel=True),
         Step("ffcv_import", "FFCV's compiled part loads (needs system libturbojpeg and libopencv)",
              probe + ["import", "--module", "ffcv"], 20, parallel=True),
     ]
     if args.tests:  # the suite instead of the checks; the steps above say what it will find (GPU, DALI, FFCV)
-        steps.append(Step("tests", "the suite's GPU-relevant tests (bench/gpu_tests.py), DALI/FFCV ones skipped "
-                                   "where those are missing", [py, "-m", "bench.gpu_tests", "--result",
+        steps.append(Step("tests", "the suite's GPU-relevant tests (bench.gpu suite), DALI/FFCV ones skipped "
+                                   "where those are missing", [py, "-m", "bench.gpu", "suite", "--result",
                                                                results / "tests.json"] + (["--quick"] if dry else []),
                           TESTS_ESTIMATE_S, result=results / "tests.json", timeout_s=DRY_RUN_BUDGET_S))
         return only(steps, args.only)
@@ -324,7 +324,7 @@ def plan(args):
         Step("channels_last", "channels_last + autocast forward/backward matches fp32",
              probe + ["channels_last", "--device", dev], 15, ("torch_cuda",), parallel=True),
         Step("nccl", "a real NCCL process group: 1-process torchrun, training.device.start_distributed, all_reduce",
-             [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "bench.gpu_probes",
+             [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "bench.gpu", "probe",
               "nccl", "--device", dev], 25, ("torch_cuda",), parallel=True),
         Step("amp_bf16", "training under bf16 autocast (resident)",
              train + ["--loader", "resident", "--amp", "bf16", "--name", "amp-bf16"], 40, need, parallel=True),
@@ -356,13 +356,13 @@ def only(steps, names):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python3 -m bench.gpu check", description=__doc__.split("\n\n")[0])
     p.add_argument("outdir", help="folder for report.json and logs/ (created)")
     p.add_argument("--python", help="interpreter the checks run with (default: the machine's python3 when its "
                                     "torch sees the GPU, else the repository's .venv)")
     p.add_argument("--wheels", default=str(REPO / ".gpuwheels"),
-                   help="carried wheel folders, from bench/gpu_wheels.py prepare (default .gpuwheels)")
-    p.add_argument("--site", default=str(SITE), help="pip --target of the carried wheels (default %(default)s)")
+                   help="carried wheel folders, from `bench.gpu wheels prepare` (default .gpuwheels)")
+    p.add_argument("--site", default=str(TARGET), help="pip --target of the carried wheels (default %(default)s)")
     p.add_argument("--data", help="an already ingested dataset to use instead of generating one")
     p.add_argument("--budget", type=int, help=f"seconds for the whole run (default {BUDGET_S}; "
                                               f"{DRY_RUN_BUDGET_S} with --cpu-dry-run)")
@@ -371,7 +371,7 @@ def parse_args(argv):
     p.add_argument("--skip-setup", action="store_true", help="do not install carried wheels")
     p.add_argument("--only", help="comma-separated check names to run (for rerunning what failed)")
     p.add_argument("--tests", action="store_true",
-                   help="run the suite's GPU-relevant tests (bench/gpu_tests.py) instead of the checks")
+                   help="run the suite's GPU-relevant tests (bench.gpu suite) instead of the checks")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="run every step with --device cpu to test the script itself; proves no GPU path")
     return p.parse_args(argv)
@@ -382,11 +382,9 @@ def main(argv=None):
     dry = args.cpu_dry_run
     budget = args.budget or (DRY_RUN_BUDGET_S if dry else BUDGET_S)
     if budget < 10:
-        print(f"error: --budget {budget} is too short (>= 10 s)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--budget {budget} is too short (>= 10 s)")
     if args.data and not (Path(args.data) / "manifest.json").is_file():
-        print(f"error: --data {args.data} is not an ingested dataset (no manifest.json)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--data {args.data} is not an ingested dataset (no manifest.json)")
     args.python, why = pick_python(args.python, want_cuda=not dry)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -394,15 +392,12 @@ def main(argv=None):
     site = [args.site] if not args.skip_setup else []
     env = {"PYTHONPATH": os.pathsep.join(site + [str(REPO)] + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     header = {"python": args.python, "python_chosen_because": why}
-    print(f"gpu_check: checks run with {args.python} ({why}); budget {budget} s", flush=True)
+    print(f"bench.gpu check: checks run with {args.python} ({why}); budget {budget} s", flush=True)
     # On 2 shared CPU cores the same steps take several times their GPU-machine estimates.
     report = run_checks(plan(args), out, budget, mode, env=env, scale=4.0 if dry else 1.0, header=header,
                         bundle=args.bundle, max_parallel=3 if dry else 16)
     s = report["summary"]
-    print(f"gpu_check: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in {report['seconds']:.0f} s; "
+    print(f"bench.gpu check: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped in {report['seconds']:.0f} s; "
           f"report: {out / 'report.json'}")
     return 1 if s["failed"] else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The GPU script on the CPU: its report writer, budget, gates and wheel transport, and that every failure is
+"""The GPU harness (bench/gpu/) on the CPU: its report writer, budget, gates and wheel transport, and that every failure is
 reported, never fatal. No wall-time asserts here: durations belong to benchmarks, and the cores are shared."""
 import json
 import random
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_wheels
-from bench.gpu_check import LOADER_ROWS, State, Step, brief, parse_args, plan, run_checks
-from bench.gpu_probes import SKIP_EXIT, best_loader
+from bench.gpu import SKIP_EXIT
+from bench.gpu import wheels as gpu_wheels
+from bench.gpu.check import LOADER_ROWS, State, Step, brief, parse_args, plan, run_checks
+from bench.gpu.probes import best_loader
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -144,7 +145,7 @@ def test_dry_run_skips_only_fp16(tmp_path):
 def test_tests_run_the_suite_instead_of_the_checks(tmp_path):
     steps = plan(parse_args([str(tmp_path), "--python", PY, "--tests"]))
     assert [s.name for s in steps] == ["gpu", "wheels", "env", "torch_cuda", "dali_import", "ffcv_import", "tests"]
-    assert steps[-1].argv[1:3] == ["-m", "bench.gpu_tests"] and "--quick" not in steps[-1].argv
+    assert steps[-1].argv[1:4] == ["-m", "bench.gpu", "suite"] and "--quick" not in steps[-1].argv
     dry = plan(parse_args([str(tmp_path), "--python", PY, "--tests", "--cpu-dry-run", "--only", "env,tests"]))
     assert [s.name for s in dry] == ["env", "tests"] and "--quick" in dry[-1].argv
 
@@ -152,8 +153,8 @@ def test_tests_run_the_suite_instead_of_the_checks(tmp_path):
 def test_tests_dry_run_reports_the_suites_outcomes(tmp_path):
     """The plumbing of --tests on the CPU: interpreter, PYTHONPATH, the summary in the report."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--skip-setup", "--python", PY,
-                           "--cpu-dry-run", "--tests", "--only", "tests"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([PY, "-m", "bench.gpu", "check", str(out), "--skip-setup", "--python", PY, "--cpu-dry-run",
+                           "--tests", "--only", "tests"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:]
     report = json.loads((out / "report.json").read_text())
     check, tests = report["checks"][0], report["results"]["tests"]
@@ -163,7 +164,7 @@ def test_tests_dry_run_reports_the_suites_outcomes(tmp_path):
 
 
 def test_a_library_that_is_not_installed_is_skipped_with_the_reason(capsys):
-    from bench.gpu_probes import main
+    from bench.gpu.probes import main
     assert main(["import", "--module", "no_such_module_xyz"]) == SKIP_EXIT
     assert capsys.readouterr().out.startswith("SKIPPED no_such_module_xyz is not installed")
 
@@ -173,16 +174,30 @@ def test_without_a_gpu_the_gpu_checks_fail_with_the_reason(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: this test is about the report on a machine without one")
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--skip-setup", "--python", PY,
-                           "--only", "torch_cuda", "--budget", "120"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([PY, "-m", "bench.gpu", "check", str(out), "--skip-setup", "--python", PY,
+                           "--only", "torch_cuda", "--budget", "120"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 1, proc.stderr
     checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     assert checks["torch_cuda"]["status"] == "failed" and "GPU" in checks["torch_cuda"]["message"]
 
 
-def test_script_usage_error_is_one_line():
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
+@pytest.mark.parametrize("argv", [[], ["nope"], ["check"], ["check", "out", "--budget", "5"], ["wheels", "unpack"]])
+def test_a_usage_error_is_one_line(argv, tmp_path):
+    proc = subprocess.run([PY, "-m", "bench.gpu", *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:"), proc.stderr
+    assert not (REPO / "out").exists()
+
+
+def test_one_entry_point_runs_every_command_without_importing_torch_where_it_needs_none():
+    """check and wheels start before anything is installed: their --help must not need torch (or pytest)."""
+    for command, needs_torch in (("check", False), ("wheels", False), ("probe", True), ("suite", False)):
+        code = (f"import runpy, sys; sys.argv = ['bench.gpu', {command!r}, '--help']\n"
+                f"try: runpy.run_module('bench.gpu', run_name='__main__')\nexcept SystemExit as e: code = e.code\n"
+                f"assert code == 0, code\nprint('torch' in sys.modules)")
+        proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.splitlines()[-1] == str(needs_torch), command
 
 
 def test_parallel_probes_run_together_and_keep_their_order(tmp_path):
@@ -261,7 +276,7 @@ def test_receive_waits_for_every_piece_then_installs_with_target(tmp_path):
 
 
 def test_a_library_that_fails_to_load_is_a_failure_not_a_skip(tmp_path, monkeypatch):
-    from bench.gpu_probes import main
+    from bench.gpu.probes import main
     (tmp_path / "half_installed.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(AssertionError, match="half_installed is installed but does not load"):
@@ -269,14 +284,14 @@ def test_a_library_that_fails_to_load_is_a_failure_not_a_skip(tmp_path, monkeypa
 
 
 def test_a_missing_subpackage_of_a_present_namespace_is_not_installed():
-    from bench.gpu_probes import importable, not_installed
+    from bench.gpu.probes import importable, not_installed
     err, _ = importable("json.no_such_submodule_xyz")  # as nvidia.dali under the nvidia-* namespace of torch
     assert not_installed(err, "json.no_such_submodule_xyz")
     assert not not_installed(ModuleNotFoundError("x", name="six"), "nvidia.dali")
 
 
 def test_a_failed_torchrun_step_reports_the_childs_error_not_torchruns_banner(tmp_path):
-    from bench.gpu_check import tail_line
+    from bench.gpu.check import tail_line
     log = tmp_path / "nccl.log"
     log.write_text("Traceback (most recent call last):\nAssertionError: no process group with WORLD_SIZE=1\n"
                    "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"

@@ -3,30 +3,30 @@
 The GPU machine has torch but no DALI, no webdataset and no network, and each call to it carries at most
 64 MiB. DALI's wheels for Python 3.12 are ~250 MiB. So, here, with network:
 
-    python3 bench/gpu_wheels.py prepare     # download the exact wheels, cut them into .gpuwheels/dali-1..N
+    python3 -m bench.gpu wheels prepare     # download the exact wheels, cut them into .gpuwheels/dali-1..N
 
-`base/` holds the small wheels ingest needs (webdataset: 0.1 MiB, carried with every gpu_check run);
+`base/` holds the small wheels ingest needs (webdataset: 0.1 MiB, carried with every `bench.gpu check` run);
 `dali-K/` holds piece K of the DALI wheels laid end to end, each folder <= 60 MiB. There, one call per
 folder, while the machine stays warm (ignored files and /tmp survive between calls only then):
 
-    python3 bench/gpu_wheels.py receive     # stash the pieces carried this call; once all are there,
+    python3 -m bench.gpu wheels receive     # stash the pieces carried this call; once all are there,
                                             # reassemble, check every sha256, pip install --target
 
 `receive` installs into --target (default /tmp/fastpix-site) with `pip install --no-index --no-deps`, so the
-machine's own torch and numpy are used untouched; put the target on PYTHONPATH (bench/gpu_check.sh does).
+machine's own torch and numpy are used untouched; put the target on PYTHONPATH (`bench.gpu check` does).
 Standard library only: it runs before anything is installed.
 """
-import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.gpu import REPO
+from cli import Parser
+
 FOLDER = REPO / ".gpuwheels"  # git-ignored
 STAGE = Path("/tmp/fastpix-wheels")  # where the pieces of earlier calls wait for the rest
 TARGET = Path("/tmp/fastpix-site")
@@ -180,7 +180,7 @@ def receive(carried, stage, target):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python3 bench/gpu_wheels.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python3 -m bench.gpu wheels", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("prepare", "receive"))
     p.add_argument("--folder", type=Path, default=FOLDER, help="the carried folders (default %(default)s)")
     p.add_argument("--stage", type=Path, default=STAGE, help="receive: where pieces wait (default %(default)s)")
@@ -206,6 +206,3 @@ def main(argv=None):
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The individual checks bench/gpu_check.py runs, one per process: `python -m bench.gpu_probes NAME ...`.
+"""The individual checks `bench.gpu check` runs, one per process: `python3 -m bench.gpu probe NAME ...`.
 
 Each probe asserts what its GPU path must deliver (batches on the GPU, agreeing with the CPU path within a
 stated bound) and ends with one `OK ...` line that the report keeps; any failure exits non-zero with the
@@ -8,7 +8,6 @@ With `--result FILE` a probe also writes its figures there as JSON, which the re
 Over 300 lines: a dozen independent probes, each one short `p_<name>` function found by name (PROBES) and run
 in its own process; nothing is shared between them but the command line, so one file is the shortest read.
 """
-import argparse
 import importlib
 import json
 import os
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from cli import UsageError, run
+from bench.gpu import SKIP_EXIT
+from cli import Parser, UsageError
 from files import write_json
 from loaders import make_loader
 from loaders.common import resolve_device
-
-SKIP_EXIT = 3  # "cannot run here, and that is not a defect": gpu_check reports the step as skipped
 
 # Bounds for GPU-vs-CPU agreement, in normalised units (1 unit ~ 58 grey levels). nvJPEG and libjpeg-turbo
 # differ by an IDCT rounding (~1 grey level) and GPU resize filters sample slightly differently from CPU
@@ -327,7 +325,7 @@ NO_DATA = ("env", "import", "torch_cuda", "channels_last", "nccl")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_probes", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python3 -m bench.gpu probe", description=__doc__.split("\n\n")[0])
     p.add_argument("probe", choices=sorted(PROBES))
     p.add_argument("--data", help="ingested dataset")
     p.add_argument("--device", default="cuda")
@@ -353,6 +351,3 @@ def main(argv=None):
         return SKIP_EXIT
     return 0
 
-
-if __name__ == "__main__":
-    run(main, sys.argv[1:])

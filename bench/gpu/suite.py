@@ -1,29 +1,27 @@
-"""The suite's GPU-relevant tests on the machine at hand (`bench/gpu_check.sh OUTDIR --tests` runs this there):
+"""The suite's GPU-relevant tests on the machine at hand (`bench.gpu check OUTDIR --tests` runs this there):
 the tests whose outcome can depend on a GPU being present, run with whatever the machine lacks (DALI, FFCV)
 skipped with the reason, and a summary for the report: counts, each failure's last line, each skip's reason.
 
-    python -m bench.gpu_tests [--result FILE] [--quick] [pytest args...]
+    python3 -m bench.gpu suite [--result FILE] [--quick] [pytest args...]
 
 Exit: 0 when every test passed or skipped, else 1. The last line says `OK ...` or `error: ...`, which
-gpu_check's report takes as the check's message.
+`bench.gpu check`'s report takes as the check's message.
 """
-import argparse
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench.gpu import REPO
+from cli import Parser
 from files import write_json
 
-REPO = Path(__file__).resolve().parent.parent
 # Every test module that takes a device path, asserts what a GPU changes, or drives one of them (loaders,
 # training, DDP, the GPU script itself); ingest and reporting run the same everywhere and stay out.
 GPU_TESTS = ("test_common.py", "test_loaders.py", "test_loaders_agreement.py", "test_loaders_integrity.py",
              "test_resident.py", "test_recipe_res.py", "test_train.py", "test_train_runs.py", "test_train_ddp.py",
-             "test_recipe.py", "test_study.py", "test_gpu_check.py")
-QUICK_TESTS = ("test_common.py",)  # --quick: the plumbing alone (gpu_check --cpu-dry-run)
+             "test_recipe.py", "test_study.py", "test_gpu.py")
+QUICK_TESTS = ("test_common.py",)  # --quick: the plumbing alone (check --cpu-dry-run)
 WORKERS_MAX = 8  # pytest-xdist processes where it is installed (the GPU machine has it, and 16 cores)
 
 
@@ -55,7 +53,7 @@ def pytest_args(quick, extra):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_tests", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python3 -m bench.gpu suite", description=__doc__.split("\n\n")[0])
     p.add_argument("--result", help="write the summary here (JSON)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_TESTS)}: tests the plumbing")
     args, extra = p.parse_known_args(argv)
@@ -70,8 +68,5 @@ def main(argv=None):
         print(f"OK {counts}")
         return 0
     print(f"error: pytest exit {code}: {counts}; first failure: {next(iter(outcomes.failed), 'none (see the log)')}")
-    return 1  # never pytest's 3 (internal error), which gpu_check would read as "skipped"
+    return 1  # never pytest's 3 (internal error), which `check` would read as "skipped" (SKIP_EXIT)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
