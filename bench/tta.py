@@ -19,7 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import train_config
-from bench.results import environment, fmt, fmt_ci, machine_label, markdown_table, new_results_dir, write_config
+from bench.results import (environment, fmt, fmt_ci, held, machine_label, markdown_table, new_results_dir,
+                           write_config)
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
@@ -224,13 +225,12 @@ def write_outputs(cfg, rows, targets, out_dir, env):
 def tta(cfg, progress=True):
     """Run everything and write every output; returns (results folder, summary lines)."""
     read_manifest(cfg.data)  # a one-line UsageError before anything starts when the data is not ingested
-    out_dir = Path(cfg.out) if cfg.out else new_results_dir("tta")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    write_config(out_dir, cfg)
-    rows = run_all(cfg, out_dir, progress)
-    targets = seed_targets(cfg, rows)
-    print(write_outputs(cfg, rows, targets, out_dir, env))
+    with held(cfg.out or new_results_dir("tta"), "tta") as out_dir:  # a second tta into it: one line
+        env = environment()
+        write_config(out_dir, cfg)
+        rows = run_all(cfg, out_dir, progress)
+        targets = seed_targets(cfg, rows)
+        print(write_outputs(cfg, rows, targets, out_dir, env))
     print(f"tta: results in {out_dir}")
     return out_dir, summarize(rows, targets)
 

@@ -72,3 +72,12 @@ def test_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.tta", "--data", str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1
+
+
+def test_one_tta_per_results_folder(ingested, tmp_path):
+    from files import Busy, one_writer
+    cfg = TtaConfig(data=ingested, net="resnet18", seeds=(0,), ablation_seeds=(), out=tmp_path / "tta")
+    with one_writer(cfg.out):
+        with pytest.raises(Busy, match=r"tta is being written by pid \d+ .*: wait for it to end, or stop it"):
+            tta(cfg, progress=False)
+    assert not list(cfg.out.iterdir())  # nothing written: not even the marker
