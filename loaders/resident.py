@@ -26,7 +26,6 @@ current res is cut from the store once, as one uint8 N x 3 x res x res tensor (a
 another res, from the same store: no decode), so an epoch is an index gather + normalise, at memory speed.
 The guard counts that tensor too.
 """
-import hashlib
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -40,11 +39,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from cli import UsageError
-from ingest.layout import MANIFEST, SPLITS
+from ingest.layout import SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders import resident_cache
 from loaders.base import Loader
-from loaders.common import (Normalizer, crop_coordinates, epoch_seed, random_flips, rank_ids,
+from loaders.common import (Normalizer, crop_coordinates, epoch_seed, manifest_digest, random_flips, rank_ids,
                             WorkerLoader, resized_crop, sample_crops, test_resize)
 from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
@@ -69,7 +68,7 @@ def build(block, *, batch_size, res, seed, workers, augment, with_ids=False, cac
     squares = block.train and augment != "rrc"  # the train crops are cut once, see the module docstring
     check_memory(block, stored, batch_size, res, memory_limit, held_key, squares)
     path = resident_cache.path_for(data_dir, block.split, size, positions)
-    key = f"{hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()}:{size}:{CACHE_LAYOUT}"
+    key = f"{manifest_digest(data_dir)}:{size}:{CACHE_LAYOUT}"  # resident_cache.derived_from reads its first part
     saved = resident_cache.read(path, key) if cache else None
     if saved is not None and torch.equal(saved["sizes"], store.sizes):
         store.pixels = saved["pixels"].to(device)

@@ -5,7 +5,7 @@ A derived file, so it is checked before use, never trusted: it holds the sha256 
 content) and the key of what it was derived from (the sha256 of the manifest, which holds every shard's sha256,
 the store size and the store's format version). A content mismatch (damage) or a key mismatch (another ingest,
 another format) is said in one line and the split is decoded again; `python ingest/build.py --verify` names a
-damaged copy too (`problems`). The content check reads the whole file once, which the first epoch would do
+damaged copy too, and a whole one derived from another manifest (another dataset's, copied in: `problems`). The content check reads the whole file once, which the first epoch would do
 anyway (the file is memory-mapped, not copied).
 
 Worth keeping, measured on this 2-core machine (load 11-16): the seed-scale demo's train store (25,199 photos
@@ -101,7 +101,23 @@ def write(path, key, tensors):
         warnings.warn(f"resident cache not written ({err}); the next run decodes again")
 
 
+def derived_from(key):
+    """The sha256 of the manifest a copy was made from: the first part of its key (loaders.resident.build)."""
+    return str(key).split(":")[0]
+
+
 def problems(data_dir):
-    """--verify's lines for the copies in `data_dir` that are damaged (stale ones are not damage)."""
-    return [f"{path.name}: {problem}: the resident loader rebuilds it"
-            for path in sorted(data_dir.glob(PATTERN)) for _, _, problem in [open_copy(path)] if problem]
+    """--verify's lines for the copies in `data_dir` that are damaged, or whole but derived from another
+    manifest than the folder's (another dataset's copy, copied in). An older fastpix's copy is stale, not
+    damage, and so is one of another store size or layout: the loader rebuilds those unasked."""
+    from loaders.common import manifest_digest
+
+    ours, lines = manifest_digest(data_dir), []
+    for path in sorted(data_dir.glob(PATTERN)):
+        _, key, problem = open_copy(path)
+        if problem:
+            lines.append(f"{path.name}: {problem}: the resident loader rebuilds it")
+        elif key is not None and derived_from(key) != ours:
+            lines.append(f"{path.name}: derived from another dataset, or an earlier ingest of this one (its key is "
+                         "not this folder's manifest.json): delete it, or let the resident loader rebuild it")
+    return lines

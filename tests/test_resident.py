@@ -372,3 +372,24 @@ def test_a_read_only_dataset_folder_with_an_older_copy_costs_a_warning_not_the_r
     monkeypatch.setattr(Path, "unlink", read_only)
     with pytest.warns(UserWarning, match="resident cache not written \\(.*Permission denied"):
         assert loader(data, "test", res=24, cache=True).num_samples == 6
+
+
+def test_verify_names_another_datasets_disk_cache_copied_in(ingested, tmp_path):
+    """Issue 19: a copy that is whole (its content hash matches) but was derived from another dataset's manifest
+    (its key says so) is not this folder's: --verify names it, as the loader does before decoding again."""
+    from ingest.verify import verify
+    data, other = tmp_path / "data", tmp_path / "other"
+    for folder in (data, other):
+        shutil.copytree(ingested, folder, ignore=shutil.ignore_patterns("resident-*"))
+    manifest = layout.read_manifest(other)
+    manifest["note"] = "another dataset"  # another manifest, as another ingest makes
+    layout.write_manifest(other, manifest)
+    loader(other, "test", cache=True)
+    (copy,) = other.glob("resident-test-*.pt")
+    shutil.copyfile(copy, data / copy.name)
+    assert verify(data)[0] == [f"{copy.name}: derived from another dataset, or an earlier ingest of this one (its "
+                               "key is not this folder's manifest.json): delete it, or let the resident loader "
+                               "rebuild it"]
+    with pytest.warns(UserWarning, match="was made from other data or settings: decoding the split again"):
+        assert not loader(data, "test", cache=True).from_cache
+    assert verify(data)[0] == []  # the rebuilt copy is this folder's
