@@ -6,10 +6,12 @@ from its exact class, and a subclass would be written as 'unknown', which every 
 `custom_fields` for. The file stays a plain RGBImageField (mode jpg) + IntField beton.
 """
 import errno
+import functools
 import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from files import atomic_path
 from ingest import cache
@@ -41,8 +43,9 @@ def _store_jpeg(destination, value, malloc):
     storage[:] = data
 
 
-def write_beton(path, samples):
+def write_beton(path, samples, progress=True):
     """samples (Checked, in id order) -> FFCV file at `path`, record i = sample i, written atomically."""
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
@@ -62,6 +65,8 @@ def write_beton(path, samples):
     with atomic_path(path) as tmp:
         # one writer process: records land in id order, so the same input gives the same file
         writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=1, page_size=page_size)
+        shows = ffcv.writer.tqdm  # FFCV's own bar, named, and silent under --quiet
+        ffcv.writer.tqdm = functools.partial(tqdm, desc=f"writing {Path(path).name}", unit="img", disable=not progress)
         try:
             writer.from_indexed_dataset(_Encoded(samples), chunksize=256)
         except BaseException:  # stopped (its child died, Ctrl-C): free the shared memory FFCV frees only at the end
@@ -70,3 +75,5 @@ def write_beton(path, samples):
                 sm.close()
                 sm.unlink()
             raise
+        finally:
+            ffcv.writer.tqdm = shows

@@ -108,7 +108,7 @@ def _build(cfg, found, journal, clock, progress, log, doing):
     quarantine = sorted(found.quarantined + [(c.rel, c.reason) for c in checked if c.reason] + duplicates)
     splits = split(kept, found.classes, cfg.seed, cfg.test_share)  # may raise: nothing written yet
     formats = _formats(log)
-    outputs, shards = _plan(cfg, splits, quarantine, formats)
+    outputs, shards = _plan(cfg, splits, quarantine, formats, progress)
 
     if damaged is not None:
         doing["what"] = f"the damaged files ({', '.join(damaged)}) to {cfg.out}"
@@ -227,7 +227,7 @@ def _ffcv_error():
     return None
 
 
-def _plan(cfg, splits, quarantine, formats):
+def _plan(cfg, splits, quarantine, formats, progress):
     """({file name: function writing it atomically to a path}, in write order; {split: shard entries})."""
     from ingest.shards import plan_shards, write_tar
 
@@ -238,8 +238,9 @@ def _plan(cfg, splits, quarantine, formats):
     outputs[layout.QUARANTINE] = _text_writer(_csv(("path", "reason"), quarantine))
     shards = {}
     for name, samples in splits.items():
-        if "ffcv" in formats:  # FFCV's writer shows its own progress bar
-            outputs[layout.beton_path("", name).name] = functools.partial(_write_beton, samples=samples)
+        if "ffcv" in formats:
+            outputs[layout.beton_path("", name).name] = functools.partial(_write_beton, samples=samples,
+                                                                         progress=progress)
         shards[name] = []
         for tar, ids in plan_shards(name, len(samples), cfg.seed, cfg.shard_size):
             outputs[tar] = functools.partial(write_tar, samples=samples, ids=ids)
@@ -252,11 +253,11 @@ def _text_writer(text):
     return lambda path: write_text(path, text)
 
 
-def _write_beton(path, samples):
+def _write_beton(path, samples, progress):
     from ingest.beton import write_beton  # imports torch and numba: only when there is work
 
     with watch_children(f"writing {path}"):
-        write_beton(path, samples)
+        write_beton(path, samples, progress)
 
 
 def _write_index(path, tar):

@@ -3,7 +3,6 @@
 blocked on a pipe at 0 % CPU, holding the lock, forever. A rerun then finishes the job with the bytes of an
 uninterrupted ingest."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -76,8 +75,7 @@ def test_a_killed_child_stops_the_ingest_with_one_line_and_a_rerun_finishes(tiny
         pytest.fail("the ingest hung after its child was killed")
     took = time.monotonic() - killed
     assert proc.returncode == 2, err
-    progress = re.compile(r"\s*\d+%\|.*it/s\]")  # FFCV's writer shows its own progress bar, whatever --quiet says
-    said = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not progress.fullmatch(line)]
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]  # --quiet: FFCV's bar too
     assert len(said) == 1 and "error: " in said[0] and "stopped: its child process" in said[0], err
     assert took < 30, f"{took:.0f} s"  # seconds (the watchdog looks twice a second), on a busy shared machine
     build(tiny_cfg(tiny_src, out), **SILENT)  # the lock was released, and the rerun completes
