@@ -47,6 +47,7 @@ class TestedRun:
     model: AsTested  # eval mode, fp32, on the device
     checkpoint: Path
     data: Path  # the run's ingested dataset (its test photos are export's parity check)
+    metrics_sha256: str | None = None  # the checkpoint's record of metrics.jsonl (None before it was recorded)
 
     def autocast(self, device):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
@@ -82,7 +83,8 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu")):
     model = AsTested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
     amp = saved.get("amp", "off")
     amp = resolve_amp("auto" if amp == "fp16" and device.type != "cuda" else amp, device)
-    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data)
+    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data,
+                     state.get("metrics_sha256"))
 
 
 def check_dataset(data, state, cfg, classes, checkpoint):

@@ -1,34 +1,98 @@
-"""The per-run artifacts of report/, on a tiny run: each exists and holds what it claims."""
+"""python -m report on a tiny run: each artifact exists and holds what it claims, and a run folder that is
+missing, damaged, not the checkpoint's or still being written is one line and exit 2."""
+import contextlib
 import csv
+import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cli
 import nets
 import train
+from files import one_writer
+from report.__main__ import main as report_main
 from report.layers import formula_size, layer_table, layers_markdown
 from report.runlog import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG = b"\x89PNG"
+DRAWN = ("loss.png", "grad_norms.png", "accuracy.png", "confusion.png", "per_class.md", "suspects.csv", "layers.md",
+         "filters.png", "samples.png", "feature_maps.png", "predictions.png")  # lr_find.png: with --find-lr only
 
 
 @pytest.fixture(scope="module")
-def run_dir(ingested, tmp_path_factory):
+def trained(ingested, tmp_path_factory):
+    """The run as train() leaves it, kept pristine: tests that damage it work on copies."""
     cfg = train.Config(net="narrow", loader="torch", data=str(ingested), res=64, batch_size=16, epochs=1, lr=0.01,
                        amp="off", runs_dir=str(tmp_path_factory.mktemp("runs")), name="art", workers=0,
                        bootstrap=50, log_every=2)
     return Path(train.train(cfg)["run_dir"])
 
 
+@pytest.fixture(scope="module")
+def run_dir(trained, tmp_path_factory):
+    """The run drawn once by python -m report."""
+    drawn = tmp_path_factory.mktemp("drawn") / "art"
+    shutil.copytree(trained, drawn)
+    code, out, err = call(["--device", "cpu", "--quiet", str(drawn)])
+    assert code == 0 and out.strip() == f"report: {len(DRAWN)} files in {drawn}", err
+    return drawn
+
+
+def call(argv):
+    """python -m report as its user meets it (cli.run), in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+        cli.run(report_main, argv)
+    return stop.value.code, out.getvalue(), err.getvalue()
+
+
 def test_every_artifact_is_written(run_dir):
-    for png in ("loss.png", "accuracy.png", "confusion.png", "grad_norms.png", "filters.png", "feature_maps.png",
-                "samples.png", "predictions.png"):
-        assert (run_dir / png).read_bytes()[:4] == PNG, png
+    for name in DRAWN:
+        assert (run_dir / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (run_dir / name).read_bytes()[:4] == PNG, name
+
+
+def refusal(argv):
+    code, out, err = call(argv)
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_a_missing_or_damaged_run_is_one_line_and_exit_2(trained, ingested, tmp_path):
+    assert "no run there" in refusal([str(tmp_path / "nowhere")])
+    assert not (tmp_path / "nowhere").exists()  # nothing made where no run was
+    assert "no run there" in refusal([str(ingested)])  # a folder that is not a run
+    for name, damage, says in [
+            ("test_predictions.npz", lambda p: p.write_bytes(p.read_bytes()[:100]), "damaged or not this run's"),
+            ("metrics.jsonl", lambda p: p.write_text(p.read_text() + p.read_text().splitlines()[0] + "\n"),
+             "is not the log of"),
+            ("last.pt", lambda p: p.unlink(), "no last.pt there"),
+            ("config.json", lambda p: p.write_text("{}"), "config.json is damaged")]:
+        run = tmp_path / name
+        shutil.copytree(trained, run)
+        damage(run / name)
+        line = refusal(["--quiet", str(run)])
+        assert says in line and name in line, line
+
+
+def test_a_run_being_written_is_named_and_left_alone(trained, tmp_path):
+    run = tmp_path / "busy"
+    shutil.copytree(trained, run)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with one_writer(run):
+        line = refusal(["--quiet", str(run)])
+    assert "is being written by" in line and str(run) in line
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
 def test_grad_norms_are_logged_per_layer_with_every_loss_read(run_dir):
