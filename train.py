@@ -8,17 +8,19 @@ after every epoch, an atomic checkpoint every epoch (and on Ctrl-C / SIGTERM), D
 loop calls lives in training/, one job a module (see training/__init__.py).
 
 Everything a run produces lives in runs/<name>/: config.json, metrics.jsonl, last.pt, test_predictions.npz
-(label, prediction, confidence per test sample), the plots (loss.png, accuracy.png, confusion.png,
-grad_norms.png), at the end what the net learnt and how it predicts (layers.md, filters.png, feature_maps.png,
-samples.png, predictions.png, per_class.md, suspects.csv; see report/), and the marker .fastpix-run; only rank 0
-writes. A run writes only into a folder it made (the marker says so) and deletes only its own files. config.json
-and every checkpoint record the dataset's fingerprint, so --resume and --init-from notice other data.
+(label, prediction, confidence per test sample), lr_find.json (with --find-lr) and the marker .fastpix-run; only
+rank 0 writes. The command line then draws the run's plots and pictures from those files (`python -m report`,
+report/render.py; --no-report skips it); train() called as a function draws nothing. A run writes only into a
+folder it made (the marker says so) and deletes only its own files. config.json and every checkpoint record the
+dataset's fingerprint, so --resume and --init-from notice other data.
 """
 import argparse
 import contextlib
 import json
 import math
 import os
+import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +41,6 @@ from ingest.remote import is_url
 from loaders import BACKENDS, make_loader
 from loaders.common import AUGMENTS
 from report.metrics import classification_metrics
-from report.plots import plot_lr_find
 from report.runlog import append_jsonl, check_resumed_metrics, metrics_digest, read_metrics, trim_metrics
 from training.device import (AMP_MODES, DEVICES, all_ranks, gather_to_rank0, resolve_amp,
                              start_distributed)
@@ -49,7 +50,6 @@ from training.labels import merge_classes
 from training.lr_find import MIN_SWEEP, find_lr
 from training.recipe import (FAST_DEFAULT, LABEL_SMOOTHING, OPTIMIZERS, RECIPES,
                              check_recipe, lr_factor, make_ema, make_optimizer, onecycle_factor, train_res)
-from training.results import finish, summarize
 from training.resume import PER_PROCESS, EpochProgress, StopFlag, seed_everything
 from training.runfolder import (CHECKPOINT, RUN_MARKER, check_ours, check_same_data,
                                 check_same_run, config_from_resume, drop_torn_line, last_line,
@@ -202,16 +202,35 @@ def train(cfg):
             with StopFlag() as stop:
                 while run.epoch < cfg.epochs and run.stopped is None:
                     run.train_epoch(stop)
-            finish(run)
-            return summarize(run)
+            if run.writer:
+                with run.writing("the run marker"):
+                    write_json(run.dir / RUN_MARKER, {"finished": run.stopped is None})
+            return summarize(run.dir, run.history, run.epoch, run.stopped, run.amp, run.device)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
+def summarize(run_dir, history, epochs, stopped, amp, device):
+    """The figures a caller (bench, the study) compares runs by, from the run's epoch records (`history`)."""
+    whole = [r for r in history if not r["partial"]]
+    timed = whole[1:] or whole or history  # a process's first epoch pays start-up (compile, caches)
+    last = history[-1] if history else {}
+    median = lambda key: statistics.median(r[key] for r in timed) if timed else None  # noqa: E731
+    return {
+        "run_dir": str(run_dir), "epochs": epochs, "stopped": stopped, "amp": amp, "device": str(device),
+        "images_per_sec": median("images_per_sec"), "data_stall_fraction": median("data_stall_fraction"),
+        "train_acc": last.get("train_acc"), "test_acc": last.get("test_acc"), "test_acc_ci": last.get("test_acc_ci"),
+        "macro_precision": last.get("macro_precision"), "macro_precision_ci": last.get("macro_precision_ci"),
+        "final_loss": last.get("train_loss"),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+
+
 class Run:
     """One training run: model, optimizer, schedule, loaders and run folder, set up (or restored) at once;
-    `train_epoch` is the loop; training.results.finish writes what only the end knows."""
+    `train_epoch` is the loop."""
 
     def __init__(self, cfg, rank, world, device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -281,10 +300,8 @@ class Run:
                     "process_group": dist.get_backend() if dist.is_initialized() else None,
                     "classes": self.classes, "data_fingerprint": self.fingerprint,
                     "steps_per_epoch": self.steps_per_epoch, "lr": self.lr, "torch": torch.__version__})
-                if self.lr_sweep:
+                if self.lr_sweep:  # python -m report draws lr_find.png from it
                     write_json(self.dir / "lr_find.json", self.lr_sweep)
-                    plot_lr_find(self.lr_sweep["lr"], self.lr_sweep["loss"], self.lr_sweep["smoothed"],
-                                 self.lr_sweep["suggested_lr"], self.dir / "lr_find.png")
 
     def writing(self, what, need=None):
         """runfolder.writing for this run: what a full disk keeps is its last checkpoint."""
@@ -486,13 +503,29 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
+@dataclass
+class Command:
+    """The options of train.py's command line that are not the run's (so not in config.json)."""
+    no_report: bool = option(False, "skip drawing the run's plots and pictures at the end (python -m report "
+                             "RUN_DIR draws them later)")
+
+
+def parse_args(argv=None):
+    parser = add_options(add_options(Parser(description=__doc__.splitlines()[0]), Config), Command)
+    return parser.parse_args(argv)
+
+
 def parse(argv=None):
-    return config_from(Config, add_options(Parser(description=__doc__.splitlines()[0]), Config).parse_args(argv))
+    return config_from(Config, parse_args(argv))
 
 
 def main(argv=None):
-    summary = train(parse(argv))
+    args = parse_args(argv)
+    summary = train(config_from(Config, args))
     if int(os.environ.get("RANK", "0")) == 0:
+        if not config_from(Command, args).no_report:
+            from report.render import render  # here: importing train loads no plotting (matplotlib's backend)
+            render(summary["run_dir"], device=args.device)
         print(json.dumps(summary, default=str))
         if summary["stopped"] == "signal":
             print(f"stopped by a signal; continue with: python train.py --resume {summary['run_dir']}",

@@ -71,6 +71,8 @@ def main(argv=None):
     import train
     summary = train.train(train_config(args, net="flat", batch_size=64,
                                        name=f"demo-flat-{args.loader}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    from report.render import render
+    render(summary["run_dir"])
     print(f"   test accuracy {summary['test_acc']:.3f} [{summary['test_acc_ci'][0]:.3f}, "
           f"{summary['test_acc_ci'][1]:.3f}] (chance ~{1 / 28:.3f}), {summary['images_per_sec']:.0f} img/s; "
           f"plots in {summary['run_dir']}")

@@ -73,7 +73,7 @@ def run_cell(cfg, net, loader, out_dir):
         remove_run(runs_dir / name)
     summary = train.train(train_config(cfg, net=net, loader=loader, workers=cfg.workers, name=name,
                                        runs_dir=str(runs_dir)))
-    # A bench keeps each run's metrics and plots, not its weights: AlexNet-size checkpoints are ~600 MB each.
+    # A bench keeps each run's metrics, not its weights (AlexNet-size checkpoints are ~600 MB each) nor pictures.
     (Path(summary["run_dir"]) / train.CHECKPOINT).unlink(missing_ok=True)
     loader_stats = measure(loader, cfg.data, "train", batch_size=cfg.batch_size, res=cfg.res, device=cfg.device,
                            workers=cfg.workers, epochs=cfg.loader_epochs)

@@ -117,7 +117,8 @@ def training(data_dir, backends, *, steps, res, batch_size, runs_dir):
     for backend in backends:
         argv = [sys.executable, "train.py", "--data", str(data_dir), "--loader", backend, "--net", "flat",
                 "--res", str(res), "--batch-size", str(batch_size), "--epochs", "1", "--max-steps", str(steps),
-                "--log-every", str(LOG_EVERY), "--runs-dir", str(runs_dir), "--name", backend, "--device", "cpu"]
+                "--log-every", str(LOG_EVERY), "--runs-dir", str(runs_dir), "--name", backend, "--device", "cpu",
+                "--no-report"]
         try:
             seconds, peak = timed_process(argv)
         except UsageError as err:

@@ -372,11 +372,25 @@ def study_main(study, which):
                   f"{study.batch_size}, loader {study.loader}, amp {study.amp})\n\n")
         write_text(Path(study.out) / "summary.md",
                    header + "\n".join((Path(study.out) / e / "table.md").read_text() for e in done))
+        draw_shown_runs(study)
         from report.study_report import write_report
         write_report(study, env, machine_label(env), done)
     print("\n".join(tables))
     print(f"study: {', '.join(which)} in {time.perf_counter() - start:.0f} s; tables and plots in {study.out}")
     return 0
+
+
+def draw_shown_runs(study):
+    """Draw (python -m report) the runs whose pictures report.md shows: the nets experiment's, named after their
+    net, and those with an LR range test. Each is drawn once: a run retrained loses its pictures with its folder
+    (runfolder.remove_run), and the others' pictures are never read. Bench runs are not drawn at all."""
+    import nets
+    from report.render import render
+    runs = Path(study.out) / "train"
+    shown = {runs / name for name in nets.NETS} | {path.parent for path in runs.glob("*/lr_find.json")}
+    for run_dir in sorted(shown):
+        if (run_dir / "config.json").is_file() and not (run_dir / "predictions.png").is_file():
+            render(run_dir, device=study.device)
 
 
 def check_one_dataset(study, fingerprint):

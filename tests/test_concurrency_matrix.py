@@ -27,7 +27,7 @@ HOLD_TIMEOUT = 180  # s for the first writer to take its folder (a cold start of
 def train_argv(data, runs_dir, name, epochs=2):
     return ["train.py", "--net", "resnet18", "--loader", "torch", "--data", str(data), "--runs-dir", str(runs_dir),
             "--name", name, "--res", "32", "--batch-size", "16", "--epochs", str(epochs), "--warmup", "0.5",
-            "--amp", "off", "--device", "cpu", "--workers", "0", "--bootstrap", "20", "--log-every", "1"]
+            "--amp", "off", "--device", "cpu", "--workers", "0", "--bootstrap", "20", "--log-every", "1", "--no-report"]
 
 
 def start(argv):
@@ -122,7 +122,7 @@ def train_pair(tiny_src, ingested, tmp):
 
 def resume_pair(tiny_src, ingested, tmp):
     run_dir = tmp / "run"  # resumed once its first checkpoint exists, while it trains on
-    return (train_argv(ingested, tmp, "run", epochs=3), ["train.py", "--resume", str(run_dir)], run_dir,
+    return (train_argv(ingested, tmp, "run", epochs=3), ["train.py", "--resume", str(run_dir), "--no-report"], run_dir,
             lambda: (run_dir / "last.pt").is_file(), lambda: assert_one_run(run_dir, epochs=3))
 
 

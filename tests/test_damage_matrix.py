@@ -70,7 +70,7 @@ def train_argv(data, runs_dir, name, seed):
     return ["--net", "resnet18", "--loader", "torch", "--data", str(data), "--runs-dir", str(runs_dir), "--name",
             name, "--seed", str(seed), "--res", str(RES), "--batch-size", str(BATCH), "--epochs", "2",
             "--warmup", "0.5", "--amp", "off", "--device", "cpu", "--workers", "0", "--bootstrap", "20",
-            "--log-every", "1"]
+            "--log-every", "1", "--no-report"]
 
 
 def study_argv(data, out, seed):
@@ -271,7 +271,7 @@ def same_record(a, b):
 def resume_record(world):
     import train
 
-    code, out, err = call(train.main, ["--resume", str(world.run)])
+    code, out, err = call(train.main, ["--resume", str(world.run), "--no-report"])
     assert code == 0, err[-3000:]
     return step_record(world.run)
 
@@ -279,7 +279,7 @@ def resume_record(world):
 def read_resume(world, kind):
     import train
 
-    code, out, err = call(train.main, ["--resume", str(world.run)])
+    code, out, err = call(train.main, ["--resume", str(world.run), "--no-report"])
     refused(code, out, err, "--resume")
     assert code == 0, err[-3000:]
     assert same_record(step_record(world.run), world.resumed), f"the resumed run differs from the undamaged one's: " \

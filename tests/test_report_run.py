@@ -2,8 +2,10 @@
 missing, damaged, not the checkpoint's or still being written is one line and exit 2."""
 import contextlib
 import csv
+import errno
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,16 +24,18 @@ from report.runlog import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG = b"\x89PNG"
-DRAWN = ("loss.png", "grad_norms.png", "accuracy.png", "confusion.png", "per_class.md", "suspects.csv", "layers.md",
-         "filters.png", "samples.png", "feature_maps.png", "predictions.png")  # lr_find.png: with --find-lr only
+RUN_FILES = (".fastpix-run", "config.json", "last.pt", "lr_find.json", "metrics.jsonl", "test_predictions.npz")
+DRAWN = ("loss.png", "grad_norms.png", "accuracy.png", "lr_find.png", "confusion.png", "per_class.md", "suspects.csv",
+         "layers.md", "filters.png", "samples.png", "feature_maps.png", "predictions.png")
 
 
 @pytest.fixture(scope="module")
 def trained(ingested, tmp_path_factory):
-    """The run as train() leaves it, kept pristine: tests that damage it work on copies."""
+    """The run as train() leaves it (with an LR range test, so that lr_find.png is drawn too), kept pristine:
+    tests that damage it work on copies."""
     cfg = train.Config(net="narrow", loader="torch", data=str(ingested), res=64, batch_size=16, epochs=1, lr=0.01,
                        amp="off", runs_dir=str(tmp_path_factory.mktemp("runs")), name="art", workers=0,
-                       bootstrap=50, log_every=2)
+                       bootstrap=50, log_every=2, find_lr=True, find_lr_steps=5)
     return Path(train.train(cfg)["run_dir"])
 
 
@@ -42,6 +46,7 @@ def run_dir(trained, tmp_path_factory):
     shutil.copytree(trained, drawn)
     code, out, err = call(["--device", "cpu", "--quiet", str(drawn)])
     assert code == 0 and out.strip() == f"report: {len(DRAWN)} files in {drawn}", err
+    assert sorted(p.name for p in drawn.iterdir()) == sorted(RUN_FILES + DRAWN)
     return drawn
 
 
@@ -83,6 +88,19 @@ def test_a_missing_or_damaged_run_is_one_line_and_exit_2(trained, ingested, tmp_
         damage(run / name)
         line = refusal(["--quiet", str(run)])
         assert says in line and name in line, line
+
+
+def test_a_full_disk_is_one_line_that_says_the_run_is_intact(trained, tmp_path, monkeypatch):
+    import report.render
+    monkeypatch.setattr(report.render, "plot_run", lambda run_dir: enospc())
+    run = tmp_path / "full"
+    shutil.copytree(trained, run)
+    line = refusal(["--quiet", str(run)])
+    assert f"disk full writing the report of {run}" in line and "the run itself is intact" in line
+
+
+def enospc():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_a_run_being_written_is_named_and_left_alone(trained, tmp_path):

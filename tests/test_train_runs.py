@@ -15,10 +15,11 @@ import torch
 
 import train
 from cli import UsageError
+from files import write_json
 from ingest import layout
 from report.runlog import read_metrics
 from tests.test_train import tiny
-from training import results, runfolder
+from training import runfolder
 from training.resume import rng_state, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,17 +187,18 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(inges
             train.train(train.Config(resume=str(run_dir), max_steps=3))
     assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")  # the torn line is there
 
+    def full_at_the_marker(path, value):
+        return enospc() if Path(path).name == runfolder.RUN_MARKER else write_json(path, value)
+
     with monkeypatch.context() as m:
-        m.setattr(results, "plot_run", enospc)
-        with pytest.raises(UsageError, match="disk full writing the plots .* kept .*step 8"):
+        m.setattr(train, "write_json", full_at_the_marker)
+        with pytest.raises(UsageError, match="disk full writing the run marker .* kept .*step 8"):
             train.train(train.Config(resume=str(run_dir)))  # to the end: 2 epochs of 4 steps
     steps, epochs = read_metrics(run_dir)  # the torn line was dropped on resume
     assert [s["step"] for s in steps] == list(range(8)) and [e["epoch"] for e in epochs] == [0, 1]
-    assert not (run_dir / "accuracy.png").exists()  # drawn only at the end of a run with whole epochs
-    finished = train.train(train.Config(resume=str(run_dir)))  # nothing left to train: only the plots
-    assert finished["epochs"] == 2
-    for png in ("loss.png", "accuracy.png", "confusion.png"):
-        assert (run_dir / png).is_file()
+    assert runfolder.read_marker(run_dir) == {"finished": False}
+    finished = train.train(train.Config(resume=str(run_dir)))  # nothing left to train: only the marker
+    assert finished["epochs"] == 2 and runfolder.read_marker(run_dir) == {"finished": True}
 
 
 def test_resume_restores_only_this_processs_gpu_rng_state(monkeypatch):
