@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Every module that is a command or holds one; bench.__main__ runs `python -m bench` when imported, by design.
 COMMANDS = ("train", "predict", "ingest.build", "ingest.demo", "bench.run", "bench.demo", "bench.ingest",
             "bench.loaders", "bench.predict", "bench.scale", "bench.study", "bench.tta", "bench.gpu.__main__",
-            "bench.gpu.check", "bench.gpu.probes", "bench.gpu.suite", "bench.gpu.wheels")
+            "bench.gpu.check", "bench.gpu.probes", "bench.gpu.suite", "bench.gpu.wheels", "report.__main__")
 SCRIPTS = ("train.py", "predict.py", "ingest/build.py", "ingest/demo.py")  # run by path, as the docs say
 
 # Imports each module in turn in a fresh interpreter and lists what each import changed, putting back what it
