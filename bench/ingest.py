@@ -8,7 +8,7 @@ numba via FFCV) first. Also timed: the up-to-date rerun as a user meets it (a fr
 
 `python -m bench.ingest [--data SRC | --per-class 20] [--repeats 3]` -> results/ingest-<time>/ (results.json,
 table.md, ingest.png). `--data`: a folder of photos (one subfolder per class) instead of the generated demo. The
-speed-up over the first worker count comes with the range its repeats allow (bench.results.ratio).
+speed-up over the first worker count comes with the range its repeats allow (bench.results_folder.ratio).
 """
 import os
 import statistics
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.results import environment, fmt_ratio, machine_label, new_results_dir, ratio, spread
+from bench.results_folder import environment, fmt_ratio, machine_label, new_results_dir, ratio, spread
 from cli import Parser, UsageError, run
 from files import write_json, write_text
 from ingest import demo
@@ -109,7 +109,7 @@ def main(argv=None):
 
 
 def _plot(rows, path):
-    from bench.plots import plt, save
+    from bench.comparison_plots import plt, save
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = range(len(rows))

@@ -8,7 +8,7 @@ row): build the loader (time reported: DALI pipeline build, resident decode or c
 (worker start, numba compilation: reported, not counted), then `--epochs` timed epochs, whose median is the
 round's figure. Rows are interleaved over `--rounds` rounds (every other one backwards); each row reports the
 median and min-max of its rounds, and each ratio the range its two rows' rounds allow, "within noise" when that
-spans 1.0 (bench.results.ratio). The table warns of fewer than 3 rounds and of timed epochs under 50 batches:
+spans 1.0 (bench.results_folder.ratio). The table warns of fewer than 3 rounds and of timed epochs under 50 batches:
 the 1,259-photo demo's 5-batch epochs gave ffcv 0.69x, then 1.63x its reference (issue 20). Time to first
 batch is build + the warm-up epoch's first batch. Beside the backends run the rows of bench/references.py:
 `dali-reference` and `ffcv-reference` (the libraries' own example pipelines, added with their backend;
@@ -168,7 +168,7 @@ def isolated(backend, data_dir, split, timeout=1800, **kwargs):
 def merge_rounds(runs):
     """One row from a cell's rounds: `rate`, the spread (median, min-max) of the rounds' rates (each the median
     of its round's timed epochs), every timed epoch's rate, the worst peak RSS."""
-    from bench.results import spread
+    from bench.results_folder import spread
     ok = [r for r in runs if not r.get("error")]
     if not ok:
         return runs[-1]
@@ -206,9 +206,9 @@ def add_ratios(rows):
     """Each row's ratio to the folder baseline and to its library's reference pipeline of the same split and
     augment (decode-only rows: the split's default augment), and to the decode ceiling (the decode-only row of
     the split with the fastest median, measured in the same rounds); the ceiling row gets `ceiling: True`.
-    Every ratio is bench.results.ratio: its median and the range its rows' rounds allow."""
+    Every ratio is bench.results_folder.ratio: its median and the range its rows' rounds allow."""
     from bench.references import DECODERS, REFERENCES
-    from bench.results import ratio, spread
+    from bench.results_folder import ratio, spread
     ok = {(r["backend"], r["split"], augment_of(r)): r.get("rate") or spread([r["images_per_sec"]])
           for r in rows if not r.get("error")}
     for split in {r["split"] for r in rows}:
@@ -245,7 +245,7 @@ def targets(rows, split="train", augment=None):
 
 
 def table(rows):
-    from bench.results import fmt_ratio, fmt_spread, markdown_table, spread
+    from bench.results_folder import fmt_ratio, fmt_spread, markdown_table, spread
 
     def number(key, form):
         return lambda r: form.format(r[key]) if r.get(key) is not None else "–"
@@ -270,7 +270,7 @@ def plot(rows, path, title):
     """Horizontal bars, one per pass (train with each augment, test) side by side per backend, each labelled
     with its ratio to folder."""
     import numpy as np
-    from bench.plots import plt, save
+    from bench.comparison_plots import plt, save
 
     def pass_of(r):
         return r["split"] if augment_of(r) == DEFAULT_AUGMENT[r["split"]] else f"{r['split']} {augment_of(r)}"
@@ -302,7 +302,7 @@ def plot(rows, path, title):
 
 def warnings(rows, args):
     """What makes this table's figures not hold (--quick says so itself): too few rounds, short timed epochs."""
-    from bench.results import MIN_BATCHES, MIN_ROUNDS
+    from bench.results_folder import MIN_BATCHES, MIN_ROUNDS
     if args.quick:
         return ["--quick: 1 timed epoch, 1 round, a smoke run: not a measurement"]
     said = []
@@ -319,7 +319,7 @@ def warnings(rows, args):
 
 def summary_line(split, t):
     """The targets of one split and augment in one line, every ratio with its range."""
-    from bench.results import fmt_ratio
+    from bench.results_folder import fmt_ratio
     return (f"- {split}: best {t['best']} {fmt_ratio(t['best_vs_folder'])} folder, "
             f"{fmt_ratio(t['best_vs_ceiling'])} the decode ceiling ({t['ceiling']}); slowest {t['slowest']} "
             f"{fmt_ratio(t['slowest_vs_folder'])} folder"
@@ -331,7 +331,7 @@ def summary_line(split, t):
 
 def parse(argv):
     from bench.references import DECODERS, REFERENCES
-    from bench.results import MIN_ROUNDS
+    from bench.results_folder import MIN_ROUNDS
     from ingest.layout import DEFAULT_OUT
     from loaders import BACKENDS
     from loaders.common import check_augment
@@ -387,7 +387,7 @@ def main(argv=None):
         return 0
     from tqdm import tqdm
 
-    from bench.results import environment, machine_label, new_results_dir, write_config
+    from bench.results_folder import environment, machine_label, new_results_dir, write_config
     from files import write_json, write_text
     from ingest.layout import read_manifest
     from loaders import BACKENDS

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.results import environment, machine_label, new_results_dir
+from bench.results_folder import environment, machine_label, new_results_dir
 from cli import Parser, UsageError, run
 from files import write_json, write_text
 from ingest import demo

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import train_config
-from bench.results import (environment, fmt, fmt_ci, held, machine_label, markdown_table, new_results_dir,
+from bench.results_folder import (environment, fmt, fmt_ci, held, machine_label, markdown_table, new_results_dir,
                            write_config, write_csv)
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
 from files import read_json, write_json, write_text
@@ -154,7 +154,7 @@ CSV_FIELDS = ["cell", "net", "loader", "images_per_sec", "ratio_to_baseline", "l
 
 
 def write_outputs(cfg, rows, out_dir, env):
-    from bench.plots import throughput_bars
+    from bench.comparison_plots import throughput_bars
     out_dir = Path(out_dir)
     where = machine_label(env)
     title = (f"{where}: {cfg.epochs} epochs, batch {cfg.batch_size}, res {cfg.res}, amp {cfg.amp} "

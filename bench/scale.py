@@ -131,7 +131,7 @@ def training(data_dir, backends, *, steps, res, batch_size, runs_dir):
 
 def report(r):
     """The scale table (markdown): one line per figure."""
-    from bench.results import fmt, markdown_table
+    from bench.results_folder import fmt, markdown_table
     lines = [("ingest photos/s per worker", fmt(r["ingest"]["per_worker"], 1) +
               f" ({r['ingest']['photos']:,} photos in {r['ingest']['seconds']:.0f} s on {r['ingest']['workers']} "
               f"workers, peak RSS {r['ingest']['peak_rss_mb']:,.0f} MB)"),
@@ -176,7 +176,7 @@ def parse(argv):
 
 
 def main(argv=None):
-    from bench.results import environment, machine_label, new_results_dir, write_config
+    from bench.results_folder import environment, machine_label, new_results_dir, write_config
     from files import write_json, write_text
     from ingest.layout import read_manifest
     args = parse(argv)

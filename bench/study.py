@@ -21,7 +21,7 @@ none), except the regularization experiment's augmentation row.
 The defaults fit the demo data on a 2-core CPU well under an hour; raise --epochs/--res for a GPU.
 
 Over 300 lines: seven experiments, each a short function over the one cached, resumable `run`; their plots
-are bench/plots.py's and the report is report/study_report.py's.
+are bench/comparison_plots.py's and the report is report/study_report.py's.
 """
 import argparse
 import sys
@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import train_config
-from bench.results import environment, fmt, fmt_ci, held, machine_label, markdown_table, write_config
+from bench.results_folder import environment, fmt, fmt_ci, held, machine_label, markdown_table, write_config
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
 from files import checksum_of, read_json, seal, sealed, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
@@ -196,7 +196,7 @@ def curves(results):
 # ---------------------------------------------------------------- the five experiments
 
 def exp_nets(study):
-    from bench.plots import accuracy_curves, loss_curves
+    from bench.comparison_plots import accuracy_curves, loss_curves
     results = {net: run(study, net, net=net) for net in tqdm(study.nets, desc="nets", leave=False)}
     loss, acc = curves(results)
     folder = Path(study.out) / "nets"
@@ -216,7 +216,7 @@ def _grid(study, exp, param, settings, title):
     """One flat run per setting; each row also gets the last conv layer's feature-map size and the MACs of one
     image, from report.layers on the very net trained (the same numbers as the run's layers.md)."""
     import nets
-    from bench.plots import setting_bars
+    from bench.comparison_plots import setting_bars
     from nets.alexnet import LAYOUTS
     from report.layers import feature_map, layer_table
     default = tuple(getattr(LAYOUTS["flat"], param))
@@ -254,7 +254,7 @@ REG_COLUMNS = [
 
 def exp_regularization(study):
     """Each regulariser alone on flat against flat itself; the train-test accuracy gap measures overfitting."""
-    from bench.plots import accuracy_panels
+    from bench.comparison_plots import accuracy_panels
     results = {name: run(study, REGULARIZATION[name][0], **REGULARIZATION[name][1]) for name in tqdm(study.regularization, desc="regularization",
                                                                          leave=False)}
     _, acc = curves(results)
@@ -277,7 +277,7 @@ REGULARIZATION = {  # name: (run name, train.Config overrides); "none" is the ne
 
 def exp_optimizers(study):
     import train
-    from bench.plots import loss_curves
+    from bench.comparison_plots import loss_curves
     base = run(study, "flat-sgd-start", net="flat", optimizer="sgd", momentum=0.0, epochs=study.warm_epochs)
     start = str(Path(base["summary"]["run_dir"]) / train.CHECKPOINT)
     results = {name: run(study, f"flat-from-sgd-{name.replace('+', '-')}", net="flat", init_from=start, lr="auto",
@@ -296,7 +296,7 @@ def exp_optimizers(study):
 
 
 def exp_transfer(study):
-    from bench.plots import accuracy_curves
+    from bench.comparison_plots import accuracy_curves
     title = "6. Transfer learning: resnet18, head only vs full fine-tune"
     if not study.pretrained:
         return write_experiment(study, "transfer", title, [], "Skipped: no --pretrained PATH given (a local "

@@ -19,8 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import train_config
-from bench.results import (environment, fmt, fmt_ci, held, machine_label, markdown_table, new_results_dir,
-                           write_config)
+from bench.results_folder import (environment, fmt, fmt_ci, held, machine_label, markdown_table, new_results_dir,
+                                  write_config)
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option
 from files import read_json, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
@@ -185,7 +185,7 @@ COLUMNS = [
 
 def plot_curves(rows, targets, path, title):
     """Test accuracy against wall-clock time, a colour per recipe (one line per seed); the ablation dotted."""
-    from bench.plots import plt, save
+    from bench.comparison_plots import plt, save
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {}
     for r in (r for r in rows if not r.get("error")):

@@ -1,5 +1,5 @@
-"""Every PNG fastpix draws: per-run curves and confusion here, bench's comparisons in bench/plots.py; all
-saved by `save` (atomic, one dpi). Agg backend: no display needed."""
+"""Every PNG fastpix draws: per-run curves and confusion here, the comparisons of runs in
+bench/comparison_plots.py; all saved by `save` (atomic, one dpi). Agg backend: no display needed."""
 from pathlib import Path
 
 import matplotlib

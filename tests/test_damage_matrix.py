@@ -316,7 +316,7 @@ def read_study(world, kind):
 
 
 def report_text(world):
-    from bench.results import environment, machine_label
+    from bench.results_folder import environment, machine_label
     from bench.study import parse_args
     from report.study_report import write_report
 

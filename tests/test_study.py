@@ -6,7 +6,7 @@ import re
 import pytest
 
 from bench import study as study_mod
-from bench.results import environment, machine_label
+from bench.results_folder import environment, machine_label
 from bench.study import StudyConfig, parse_args, study_main
 from cli import UsageError
 from ingest import layout

@@ -1,5 +1,6 @@
 """One results folder per bench or study run: the figures together with the exact config and versions that
-produced them, written atomically (files.py) so that a killed run never leaves a half-written table behind.
+produced them, written atomically (files.py) so that a killed run never leaves a half-written table behind;
+and the tables' figures as they are written there (formats, each figure with the spread of its rounds).
 """
 import contextlib
 import csv

@@ -1,5 +1,6 @@
-"""The pictures people would rather look at than read: throughput bars annotated with accuracy, the study's
-rolling loss curves, accuracy per epoch and per setting; saved by report.plots.save (Agg backend).
+"""The pictures that compare runs, which people would rather look at than read: throughput bars annotated with
+accuracy, the study's rolling loss curves, accuracy per epoch and per setting; saved by report.plots.save (Agg
+backend). A single run's pictures are report/plots.py's.
 """
 import matplotlib
 
