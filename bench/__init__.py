@@ -1,4 +1,5 @@
-"""Benches and the study: commands that train many runs and compare them."""
+"""Benches and the study: commands that train many runs and compare them. bench/gpu/ is the harness for a lent
+GPU machine (`python3 -m bench.gpu`, docs/gpu.md)."""
 from dataclasses import fields, replace
 from pathlib import Path
 
