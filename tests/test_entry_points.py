@@ -1,6 +1,7 @@
 """The entry scripts are modules too: importing one (a notebook, a test, bench.train_config) changes nothing
 outside it, and each still runs by its path from any folder."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,13 @@ def test_importing_an_entry_module_changes_no_path_folder_or_environment(tmp_pat
     assert json.loads(done.stdout.splitlines()[-1]) == {}
 
 
-def test_each_entry_script_runs_by_its_path_from_another_folder(tmp_path):
-    procs = [subprocess.Popen([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for script in SCRIPTS]
+def test_each_entry_script_runs_by_its_path_from_another_folder_with_its_own_checkout(tmp_path):
+    """Its own checkout's modules, not those of whichever fastpix the venv has installed editable (python -v
+    names the file each module came from)."""
+    procs = [subprocess.Popen([sys.executable, "-v", str(REPO / script), "--help"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in SCRIPTS]
+    ours = re.compile(rf"^# (code object from '|\S+ matches ){re.escape(str(REPO))}/cli\.py", re.M)
     for script, proc in zip(SCRIPTS, procs):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "usage:" in out, f"{script}: {err[-2000:]}"
+        assert ours.search(err), f"{script} imported another checkout's cli.py"
