@@ -1,5 +1,6 @@
-"""The GPU harness (bench/gpu/) on the CPU: its report writer, budget, gates and wheel transport, and that every failure is
-reported, never fatal. No wall-time asserts here: durations belong to benchmarks, and the cores are shared."""
+"""The GPU harness (bench/gpu/) on the CPU: its report writer, budget, gates and wheel transport, its one entry
+point, and that every failure is reported, never fatal. No wall-time asserts here: durations belong to
+benchmarks, and the cores are shared."""
 import json
 import random
 import subprocess
