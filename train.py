@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from loaders import BACKENDS, make_loader
 from loaders.common import AUGMENTS
 from report.metrics import classification_metrics
 from report.runlog import append_jsonl, check_resumed_metrics, metrics_digest, read_metrics, trim_metrics
-from training.device import (AMP_MODES, DEVICES, all_ranks, gather_to_rank0, resolve_amp,
+from training.device import (AMP_MODES, DEVICES, all_ranks, autocast, gather_to_rank0, resolve_amp,
                              start_distributed)
 from training.elastic import continue_after_restart, run_name
 from training.evaluate import evaluate
@@ -211,6 +212,15 @@ def train(cfg):
                 dist.destroy_process_group()
 
 
+class Step(NamedTuple):
+    """A trained step waiting for the next log (its loss still on the device)."""
+    step: int
+    loss: torch.Tensor
+    lr: float
+    wait: float  # seconds waited for the batch
+    images: int
+
+
 def summarize(run_dir, history, epochs, stopped, amp, device):
     """The figures a caller (bench, the study) compares runs by, from the run's epoch records (`history`)."""
     whole = [r for r in history if not r["partial"]]
@@ -236,15 +246,14 @@ class Run:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.writer = rank == 0
         self.amp = resolve_amp(cfg.amp, device)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         self.dir = Path(cfg.runs_dir) / cfg.name  # checked (and held) by train()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-        self.loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed,
-                                rank=rank, world=world, workers=cfg.workers, augment=cfg.augment,  # test: ignored
-                                cache_dir=cfg.cache_dir or None)
-        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **self.loader_args)
-        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **self.loader_args)
+        loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=rank,
+                           world=world, workers=cfg.workers, augment=cfg.augment,  # test: ignored
+                           cache_dir=cfg.cache_dir or None)
+        self.train_loader = make_loader(cfg.loader, cfg.data, "train", **loader_args)
+        self.test_loader = make_loader(cfg.loader, cfg.data, "test", **loader_args)
         manifest = self.train_loader.block.manifest  # the one the loaders checked the data against
         self.classes, label_map = merge_classes(self.train_loader.classes, cfg.merge)
         self.fingerprint = manifest["fingerprint"]
@@ -267,8 +276,8 @@ class Run:
                              "train samples per process: lower it")
         total, warmup = cfg.epochs * self.steps_per_epoch, round(cfg.warmup * self.steps_per_epoch)
 
-        self.lr = self.resolve_lr()
-        self.optimizer = make_optimizer(cfg, self.model.parameters(), self.lr)
+        lr, sweep = self.resolve_lr(loader_args)
+        self.optimizer = make_optimizer(cfg, self.model.parameters(), lr)
         schedule = (lambda s: onecycle_factor(s, total)) if "onecycle" in cfg.pieces else \
             (lambda s: lr_factor(s, warmup, total))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -299,9 +308,9 @@ class Run:
                     "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
                     "process_group": dist.get_backend() if dist.is_initialized() else None,
                     "classes": self.classes, "data_fingerprint": self.fingerprint,
-                    "steps_per_epoch": self.steps_per_epoch, "lr": self.lr, "torch": torch.__version__})
-                if self.lr_sweep:  # python -m report draws lr_find.png from it
-                    write_json(self.dir / "lr_find.json", self.lr_sweep)
+                    "steps_per_epoch": self.steps_per_epoch, "lr": lr, "torch": torch.__version__})
+                if sweep:  # python -m report draws lr_find.png from it
+                    write_json(self.dir / "lr_find.json", sweep)
 
     def writing(self, what, need=None):
         """runfolder.writing for this run: what a full disk keeps is its last checkpoint."""
@@ -314,18 +323,18 @@ class Run:
     def relabel(self, labels):
         return labels if self.label_map is None else self.label_map[labels]
 
-    def resolve_lr(self):
-        """The peak LR: --lr, or (--lr auto) the range test's suggestion, found once and kept in config.json."""
-        cfg = self.cfg
-        self.lr_sweep = None
+    def resolve_lr(self, loader_args):
+        """(the peak LR, the range test's sweep or None): --lr, or (--lr auto) the range test's suggestion, found
+        once and kept in config.json."""
+        cfg, sweep = self.cfg, None
         if cfg.resume:
-            return json.loads((self.dir / "config.json").read_text()).get("lr", cfg.lr)
+            return json.loads((self.dir / "config.json").read_text()).get("lr", cfg.lr), None
         if cfg.find_lr or cfg.lr == "auto":
-            self.lr_sweep = find_lr(self)
-        return self.lr_sweep["suggested_lr"] if cfg.lr == "auto" else cfg.lr
+            sweep = find_lr(cfg, self.model, loader_args, self.amp, self.relabel)
+        return (sweep["suggested_lr"] if cfg.lr == "auto" else cfg.lr), sweep
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp)
 
     def restore(self, manifest):
         ckpt = read_checkpoint("--resume", self.dir / CHECKPOINT)
@@ -384,7 +393,7 @@ class Run:
         pending, data_wait = [], 0.0
         bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step, leave=False, dynamic_ncols=True,
                    desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.writer)
-        t_epoch = self.t_window = time.perf_counter()
+        t_epoch = t_window = time.perf_counter()
         while self.progress.step < self.steps_per_epoch:
             t0 = time.perf_counter()
             images, labels = next(batches)
@@ -404,32 +413,33 @@ class Run:
             self.scheduler.step()
             loss = loss.detach()
             self.progress.add(loss, logits, labels)
-            pending.append((self.global_step, loss, lr, wait, len(labels)))
+            pending.append(Step(self.global_step, loss, lr, wait, len(labels)))
             self.global_step += 1
             bar.update()
-            if self.log_or_stop(pending, bar, stop):
-                return
+            # The log every --log-every steps, at the epoch's end, at --max-steps and on a stop request (one
+            # process: the flag is seen at once); then whether to stop, which costs a sync under DDP.
+            if (len(pending) == self.cfg.log_every or self.progress.step == self.steps_per_epoch
+                    or self.out_of_steps() or (self.world == 1 and stop.signal)):
+                t_window = self.log_steps(pending, bar, self.grad_norms(), t_window)
+                pending.clear()
+                self.stopped = self.stop_reason(stop)
+                if self.stopped is not None:
+                    break
         bar.close()
-        self.end_epoch(images.shape[-1], data_wait, t_epoch)
+        if self.progress.step < self.steps_per_epoch:  # stopped mid-epoch
+            self.checkpoint()
+        else:
+            self.end_epoch(images.shape[-1], data_wait, t_epoch)
 
-    def log_or_stop(self, pending, bar, stop):
-        """Every --log-every steps, at the epoch's end, at --max-steps and on a stop request: the log. Then on a
-        stop request (on any rank) or at --max-steps the run stops; True: mid-epoch, checkpointed."""
-        end_of_epoch = self.progress.step == self.steps_per_epoch
-        out_of_steps = self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
-        if not (len(pending) == self.cfg.log_every or end_of_epoch or out_of_steps or
-                (self.world == 1 and stop.signal)):
-            return False
-        self.log_steps(pending, bar, self.grad_norms())
-        pending.clear()
-        if not (all_ranks(self.world, self.device, stop.signal is not None, "max") or out_of_steps):
-            return False
-        self.stopped = "signal" if stop.signal is not None else "max_steps"
-        if end_of_epoch:
-            return False
-        bar.close()
-        self.checkpoint()
-        return True
+    def out_of_steps(self):
+        return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
+
+    def stop_reason(self, stop):
+        """The one place a run decides to stop before its last epoch: "signal" (a stop request on any rank: every
+        rank must call this at the same steps) or "max_steps"; None: go on."""
+        if all_ranks(self.world, self.device, stop.signal is not None, "max"):
+            return "signal"
+        return "max_steps" if self.out_of_steps() else None
 
     def end_epoch(self, res, data_wait, t_epoch):
         """The epoch's record (over all ranks) with its test metrics, and the end-of-epoch checkpoint."""
@@ -457,17 +467,17 @@ class Run:
         grads = [p.grad if p.grad is not None else p.new_zeros(()) for _, p in self.weights]
         return torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
 
-    def log_steps(self, pending, bar, norms):
+    def log_steps(self, pending, bar, norms, since):
         """The one device sync of the step loop: every pending step's loss and the last step's per-layer
-        gradient norms in one transfer, to the log."""
-        read = torch.cat([torch.stack([p[1] for p in pending]).float(), norms]).cpu().tolist()
+        gradient norms in one transfer, to the log; images/s over the window that began at `since`. Returns the
+        window's end."""
+        read = torch.cat([torch.stack([p.loss for p in pending]).float(), norms]).cpu().tolist()
         losses, norms = read[:len(pending)], dict(zip((name for name, _ in self.weights), read[len(pending):]))
         now = time.perf_counter()
-        ips = sum(p[4] for p in pending) * self.world / (now - self.t_window)
-        self.t_window = now
+        ips = sum(p.images for p in pending) * self.world / (now - since)
         if self.writer:
-            records = [{"kind": "step", "epoch": self.epoch, "step": s, "loss": loss, "lr": lr, "images_per_sec": ips,
-                        "data_wait_s": wait} for (s, _, lr, wait, _), loss in zip(pending, losses)]
+            records = [{"kind": "step", "epoch": self.epoch, "step": p.step, "loss": loss, "lr": p.lr,
+                        "images_per_sec": ips, "data_wait_s": p.wait} for p, loss in zip(pending, losses)]
             records[-1]["grad_norms"] = norms
             with self.writing("metrics.jsonl"):
                 append_jsonl(self.dir / "metrics.jsonl", records)
@@ -477,6 +487,7 @@ class Run:
                 else "no checkpoint was written yet"
             raise UsageError(f"loss became non-finite at step {self.global_step} (epoch {self.epoch + 1}): lower "
                              f"--lr or try --amp off; {kept}")
+        return now
 
     def test_epoch(self, record):
         """Test metrics into the epoch's record (rank 0), logged with one summary line."""

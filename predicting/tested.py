@@ -11,7 +11,7 @@ from torch import nn
 import nets
 from cli import UsageError
 from ingest.layout import read_manifest
-from training.device import resolve_amp
+from training.device import autocast, resolve_amp
 from training.labels import merge_classes
 from training.runfolder import CHECKPOINT, read_checkpoint
 
@@ -50,8 +50,7 @@ class TestedRun:
     metrics_sha256: str | None = None  # the checkpoint's record of metrics.jsonl (None before it was recorded)
 
     def autocast(self, device):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(device, self.amp)
 
 
 def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu")):

@@ -49,6 +49,12 @@ def restart_store():
                 world_size=int(os.environ["WORLD_SIZE"]))
 
 
+def autocast(device, amp):
+    """The autocast context of a resolved --amp ('bf16', 'fp16' or 'off', see resolve_amp) on `device`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def all_ranks(world, device, value, op):
     """Reduce a number over ranks with op 'sum', 'min' or 'max' (a no-op for one process)."""
     if world == 1:

@@ -8,24 +8,27 @@ import torch
 import torch.nn.functional as F
 
 from loaders import make_loader
-from training.device import all_ranks
+from training.device import all_ranks, autocast
 from training.recipe import make_optimizer
 from training.resume import rng_state, set_rng_state
 
 MIN_SWEEP = 5  # --find-lr-steps: fewer points cannot show a falling loss (1 step "suggests" the start LR / 10)
 
 
-def find_lr(run, start=1e-7, end=10.0, beta=0.98):
+def find_lr(cfg, model, loader_args, amp, relabel, start=1e-7, end=10.0, beta=0.98):
     """Smith's LR range test: train a copy of the model with its own optimizer and its own train loader while
     the LR grows exponentially from `start` to `end` over --find-lr-steps steps, stopping once the smoothed loss
     exceeds 4x its minimum. The RNG state is restored afterwards, so the run itself is untouched: same weights,
     same batches, bit for bit. Suggests the LR of the lowest smoothed loss / 10 (where it still falls steeply).
-    Rank 0's suggestion is every rank's. Returns what lr_find.json holds (the run writes it with lr_find.png)."""
-    cfg, saved = run.cfg, rng_state()
-    model = copy.deepcopy(run.model)
+    Rank 0's suggestion is every rank's. `model` is copied and the loader made from `loader_args` (make_loader's,
+    naming this process's rank, world and device); `amp` is resolved (training.device.resolve_amp); `relabel`
+    maps the loader's labels to the run's (--merge). Returns what lr_find.json holds."""
+    saved, world, device = rng_state(), loader_args["world"], torch.device(loader_args["device"])
+    writer = loader_args["rank"] == 0
+    model = copy.deepcopy(model)
     optimizer = make_optimizer(cfg, model.parameters(), start)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
-    loader = make_loader(cfg.loader, cfg.data, "train", **run.loader_args)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    loader = make_loader(cfg.loader, cfg.data, "train", **loader_args)
     lrs = start * (end / start) ** (np.arange(cfg.find_lr_steps) / max(cfg.find_lr_steps - 1, 1))
     losses, pending, epoch, batches = [], [], 0, iter(loader)
     for step, lr in enumerate(lrs):
@@ -38,8 +41,8 @@ def find_lr(run, start=1e-7, end=10.0, beta=0.98):
         images, labels = batch
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with run.autocast():
-            loss = F.cross_entropy(model(images), run.relabel(labels))
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(images), relabel(labels))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -57,11 +60,11 @@ def find_lr(run, start=1e-7, end=10.0, beta=0.98):
     finite = [i for i, v in enumerate(smooth) if math.isfinite(v)]
     lowest = min(finite, key=smooth.__getitem__) if finite else 0
     suggested = lrs[lowest] / 10 if finite else start
-    if lowest == 0 and run.writer:  # the loss never fell below its first step's: the suggestion is the floor
+    if lowest == 0 and writer:  # the loss never fell below its first step's: the suggestion is the floor
         print(f"LR range test: over {len(losses)} steps the loss never fell below its first step's, so its "
               f"suggestion ({suggested:.1g}) is the sweep's floor, not a measured LR: raise --find-lr-steps, or "
               "give --lr", file=sys.stderr)
-    suggested = all_ranks(run.world, run.device, suggested if run.writer else 0.0, "sum")
+    suggested = all_ranks(world, device, suggested if writer else 0.0, "sum")
     return {"suggested_lr": suggested, "rule": "lowest smoothed loss / 10", "lr": lrs, "loss": losses,
             "smoothed": smooth}
 
