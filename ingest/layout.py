@@ -219,13 +219,7 @@ def verify_digests(data_dir, manifest, paths):
     too: it carries its own checksum and the manifest's fingerprint, and one that is damaged, from another
     dataset or from a fastpix before it is ignored (everything is hashed again). It is written atomically; in
     a read-only folder it is not, and the next start hashes again."""
-    record_path = Path(data_dir) / VERIFIED
-    try:
-        saved = read_json(record_path)
-    except (OSError, ValueError):
-        saved = None
-    ours = sealed(saved) and saved.get("dataset") == manifest.get("fingerprint")
-    record = saved["files"] if ours and isinstance(saved.get("files"), dict) else {}
+    record = verified_record(data_dir, manifest)
     verified = {}
     for path in paths:
         stamp = file_stamp(path, manifest["files"][path.name]["sha256"])
@@ -233,12 +227,30 @@ def verify_digests(data_dir, manifest, paths):
             if file_sha256(path) != stamp[-1]:
                 raise damaged_file(data_dir, manifest, path, "does not match its sha256 in the manifest")
             verified[path.name] = stamp
-    if verified:
-        try:
-            write_json(record_path, seal({"dataset": manifest.get("fingerprint"), "files": {**record, **verified}}),
-                       indent=None)
-        except OSError:
-            pass
+    record_verified(data_dir, manifest, verified)
+
+
+def verified_record(data_dir, manifest):
+    """{file name: stamp} of the VERIFIED record, or {} where it is missing, damaged, another dataset's or an older
+    fastpix's: then every file is hashed again."""
+    try:
+        saved = read_json(Path(data_dir) / VERIFIED)
+    except (OSError, ValueError):
+        saved = None
+    ours = sealed(saved) and saved.get("dataset") == manifest.get("fingerprint")
+    return saved["files"] if ours and isinstance(saved.get("files"), dict) else {}
+
+
+def record_verified(data_dir, manifest, stamps):
+    """Add `stamps` ({name: file_stamp}) to the VERIFIED record, atomically; in a read-only folder not at all."""
+    if not stamps:
+        return
+    record = {**verified_record(data_dir, manifest), **stamps}
+    try:
+        write_json(Path(data_dir) / VERIFIED, seal({"dataset": manifest.get("fingerprint"), "files": record}),
+                   indent=None)
+    except OSError:
+        pass
 
 
 def file_stamp(path, digest):

@@ -116,28 +116,29 @@ def local_folder(data, cache_dir=None, progress=True):
 
 
 def check_owner(folder, fingerprint):
-    """A cache folder holding another dataset's files is never used: one line saying so."""
+    """A cache folder holding another dataset's files is never used, nor one whose marker is lost or damaged (whose
+    files it holds cannot be told): one line naming the marker and the fix."""
     marker = folder / CACHE_MARKER
     if not marker.is_file():
         if folder.is_dir() and any(p.name != WRITER_NOTE for p in folder.iterdir()):
-            raise UsageError(f"{folder} holds files that are not a fastpix cache: move them away")
+            raise UsageError(f"{folder} holds files but no {CACHE_MARKER}: it is not a fastpix cache, or its marker "
+                             "was lost; move the folder away and rerun")
         return
     try:
         owner = read_json(marker).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         owner = None
+    if not isinstance(owner, str):
+        raise UsageError(f"{marker} is damaged: delete the folder {folder} and rerun (its files are fetched again)")
     if owner != fingerprint:
-        raise UsageError(f"{folder} holds the files of dataset {str(owner)[:12]}, not {fingerprint[:12]}: it is not "
-                         "used; delete it and rerun")
+        raise UsageError(f"{marker} says {folder} holds the files of dataset {owner[:12]}, not {fingerprint[:12]}: "
+                         "it is not used; delete the folder and rerun")
 
 
 def missing_files(folder, manifest):
     """Names of the manifest's files that the folder lacks or holds with other bytes. A file is hashed once per
     version (its stamp in VERIFIED, shared with the loaders' start-up check): a rerun costs a stat per file."""
-    try:
-        record = read_json(folder / layout.VERIFIED)
-    except (OSError, ValueError):
-        record = {}
+    record = layout.verified_record(folder, manifest)
     missing, verified = [], {}
     for name, info in manifest["files"].items():
         path = folder / name
@@ -151,7 +152,7 @@ def missing_files(folder, manifest):
             verified[name] = stamp
         else:
             missing.append(name)
-    record_verified(folder, verified)
+    layout.record_verified(folder, manifest, verified)
     return missing
 
 
@@ -187,7 +188,7 @@ def fetch(fs, root, url, folder, manifest, names, progress):
         raise UsageError(disk_full(url, folder, need, shutil.disk_usage(folder).free, manifest)) from None
     finally:
         bar.close()
-    record_verified(folder, stamps)
+    layout.record_verified(folder, manifest, stamps)
 
 
 def progress_callback(bar, lock):
@@ -203,18 +204,6 @@ def progress_callback(bar, lock):
                 self.shown = self.value
 
     return Progress()
-
-
-def record_verified(folder, stamps):
-    """Add `stamps` ({name: layout.file_stamp}) to the folder's VERIFIED record, which the loaders read."""
-    if not stamps:
-        return
-    record_path = folder / layout.VERIFIED
-    try:
-        record = read_json(record_path)
-    except (OSError, ValueError):
-        record = {}
-    write_json(record_path, {**record, **stamps}, indent=None)
 
 
 def disk_full(url, folder, need, free, manifest):

@@ -1,5 +1,7 @@
 """The tested model as a file that runs without fastpix: ONNX (for onnxruntime and the runtimes that read ONNX) or
-TorchScript (torch.jit.load), with a sidecar JSON of what it expects (classes, res, mean, std, the resize rule).
+TorchScript (torch.jit.load), with a sidecar JSON of what it expects (classes, res, mean, std, the resize rule),
+sealed with its own checksum and the model file's sha256, so that code reading it can tell it is whole and
+the model's (docs/predict.md's example checks both).
 
 Nothing is written unless it passes: on 64 test photos of the run's dataset (the loaders' own test batches), the
 exported model's fp32 logits must match the eager model's within PARITY_BOUND, else one line names the largest
@@ -14,7 +16,8 @@ import numpy as np
 import torch
 
 from cli import UsageError
-from files import atomic_path, write_json
+from files import atomic_path, seal, write_json
+from ingest.layout import file_sha256
 from loaders import make_loader
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD, test_resize
 
@@ -47,7 +50,8 @@ def export(tested, path, device):
             raise UsageError(f"--export {path}: the exported model's logits differ from the eager model's by up to "
                              f"{difference:.3g} on {len(images)} test photos, more than the fp32 bound {bound:.3g}: "
                              "nothing written")
-    sidecar = describe(tested, FORMATS[path.suffix], len(images), difference, bound)
+    sidecar = seal({**describe(tested, FORMATS[path.suffix], len(images), difference, bound),
+                    "model_sha256": file_sha256(path)})  # a reader can tell a damaged or another model's sidecar
     write_json(Path(f"{path}.json"), sidecar)
     print(f"exported {tested.name} to {path} ({FORMATS[path.suffix]}) and {path}.json: logits within "
           f"{difference:.2g} of the eager model's on {len(images)} test photos (bound {bound:.2g})")

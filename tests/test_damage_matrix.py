@@ -43,15 +43,18 @@ READERS_OF = {
     "manifest": ("data", "manifest.json", LOADERS + ("verify", "ingest", "resume", "study", "report")),
     "journal": ("data", ".ingest-journal.json", ("ingest",)),
     "ingest-cache": ("data", None, ("ingest",)),  # a train photo's cached JPEG: found by its bytes (cache_photo)
-    "resident-cache": ("data", None, ("resident",)),  # resident-train-<S>px-<first>-<stop>.pt
+    "resident-cache": ("data", None, ("resident", "verify")),  # resident-train-<S>px-<first>-<stop>.pt
     "verified": ("data", ".verified.json", LOADERS + ("resume",)),
     "checkpoint": ("run", "last.pt", ("resume",)),
     "metrics": ("run", "metrics.jsonl", ("resume",)),
     "config": ("run", "config.json", ("resume",)),
     "marker": ("run", ".fastpix-run", ("train",)),
     "study-cache": ("study", "runs/flat.json", ("study", "report")),
+    "fetch-marker": ("cache", ".fastpix-cache.json", ("url",)),  # --data URL's node-local cache: whose files
+    "fetch-record": ("cache", ".verified.json", ("url",)),  # ... and its record of the files it checked
+    "sidecar": ("export", "model.onnx.json", ("example",)),  # predict.py --export's; docs/predict.md's example
 }
-REBUILT = ("ingest-cache", "resident-cache", "verified")  # derived files whose absence is normal: rebuilt on use
+REBUILT = ("ingest-cache", "resident-cache", "verified", "fetch-record")  # derived files whose absence is normal: rebuilt on use
 CELLS = [(kind, damage, reader) for kind, (_, _, readers) in READERS_OF.items() for reader in readers
          for damage in DAMAGES]
 
@@ -81,18 +84,22 @@ def study_argv(data, out, seed):
 
 class World:
     """A dataset (`data`, with every derived file made: the resident cache, the memoised checks), a run of 2
-    epochs (`run`; seed 0's stopped after 3 steps, resumable) and a study with one cached run (`study`), all in
+    epochs (`run`; seed 0's stopped after 3 steps, resumable), a study with one cached run (`study`), the dataset
+    fetched as a file:// URL into a node-local cache (`cache`) and the run exported to ONNX (`export`), all in
     `root`, made with `seed`; `snapshot`/`restore` keep a pristine copy beside it."""
 
     def __init__(self, root, src, seed):
         self.root, self.src, self.seed = Path(root), src, seed
         self.data, self.runs, self.study = self.root / "data", self.root / "runs", self.root / "study"
         self.run = self.runs / "r"
+        self.cache, self.export, self.url = self.root / "cache", self.root / "export", f"file://{self.data}"
         self.saved = self.root.with_name(self.root.name + "-pristine")
 
     def make(self, ingested):
+        import predict
         import train
         from bench.study import main as study_main
+        from ingest.remote import local_folder
 
         if self.seed == 0:
             shutil.copytree(ingested, self.data)
@@ -106,12 +113,16 @@ class World:
         code, _, err = call(train.main, train_argv(self.data, self.runs, "r", self.seed) + stop)
         assert code == 0, err[-3000:]
         assert call(study_main, study_argv(self.data, self.study, self.seed))[0] == 0
+        local_folder(self.url, self.cache, progress=False)
+        code, _, err = call(predict.main, ["--run", str(self.run), "--export", str(self.export / "model.onnx")])
+        assert code == 0, err[-3000:]
         self.snapshot()
         return self
 
     def path(self, kind):
         where, rel, _ = READERS_OF[kind]
-        folder = {"data": self.data, "run": self.run, "study": self.study}[where]
+        folder = {"data": self.data, "run": self.run, "study": self.study, "export": self.export,
+                  "cache": self.cache / json.loads((self.data / "manifest.json").read_text())["fingerprint"]}[where]
         if kind == "resident-cache":
             return next(self.data.glob("resident-train-*.pt"))
         if kind == "ingest-cache":
@@ -185,6 +196,7 @@ def worlds(tiny_src, ingested, tmp_path_factory):
     other = World(base / "w1", tiny_src, 1).make(None)
     world.resumed = resume_record(world)
     world.report = report_text(world)
+    world.classified = classified(world)
     world.restore()
     return world, other
 
@@ -334,6 +346,48 @@ def read_report(world, kind):
         f"damaged {kind}"
 
 
+def read_url(world, kind):
+    """--data URL (train, the bench, make_loader): the fetch into the node-local cache; what it leaves there must
+    be the dataset's files, each matching the manifest's sha256."""
+    from ingest import layout, remote
+
+    try:
+        folder = remote.local_folder(world.url, world.cache, progress=False)
+    except cli.UsageError as err:
+        raise Refused(str(err)) from None
+    manifest = layout.read_manifest(world.data)
+    for name, info in manifest["files"].items():
+        assert layout.file_sha256(folder / name) == info["sha256"], f"{name} in the cache is not the dataset's: " \
+            f"the fetch used the damaged {kind}"
+    assert json.loads((folder / remote.CACHE_MARKER).read_text())["fingerprint"] == manifest["fingerprint"]
+
+
+def classified(world):
+    """What docs/predict.md's standalone example prints for one photo on the exported model, run in this process
+    (its refusal, sys.exit with a line, is Refused)."""
+    import re
+    import sys
+
+    code = re.search(r"```python\n(.*?)```", (Path(cli.__file__).parent / "docs" / "predict.md").read_text(),
+                     re.S).group(1)
+    photo = next(p for p in sorted(Path(world.src).rglob("*.jpg")))
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = ["classify.py", str(world.export / "model.onnx"), str(photo)]
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "classify.py", "exec"), {"__name__": "__main__"})
+    except SystemExit as stop:
+        assert isinstance(stop.code, str), f"the example exited {stop.code}"
+        raise Refused(stop.code) from None
+    finally:
+        sys.argv = argv
+    return out.getvalue()
+
+
+def read_example(world, kind):
+    assert classified(world) == world.classified, f"the example classified otherwise: it used the damaged {kind}"
+
+
 # ----------------------------------------------------------------------------------------------- The matrix
 
 @pytest.mark.parametrize("kind,how,reader", CELLS, ids=[f"{k}-{d}-{r}" for k, d, r in CELLS])
@@ -358,7 +412,8 @@ def test_a_damaged_file_is_repaired_or_refused_in_one_line(kind, how, reader, wo
             {"verify": lambda: read_verify(world, kind, how),
              "ingest": lambda: read_ingest(world, kind, world.saved / "data"),
              "resume": lambda: read_resume(world, kind), "train": lambda: read_train(world, kind),
-             "study": lambda: read_study(world, kind), "report": lambda: read_report(world, kind)}[reader]()
+             "study": lambda: read_study(world, kind), "report": lambda: read_report(world, kind),
+             "url": lambda: read_url(world, kind), "example": lambda: read_example(world, kind)}[reader]()
     except Refused as stop:
         line = str(stop)
         assert any(name in line for name in names), f"{reader} stopped without naming {path.name}: {line}"

@@ -213,7 +213,7 @@ def test_an_export_that_does_not_match_fails_naming_the_difference(trained, tmp_
 def test_the_standalone_onnxruntime_example_classifies_as_predict_does(trained, exported, tmp_path):
     run_dir, data = trained
     code = re.search(r"```python\n(.*?)```", (REPO / "docs" / "predict.md").read_text(), re.S).group(1)
-    assert len(code.splitlines()) <= 25
+    assert len(code.splitlines()) <= 30  # short enough to read at a glance, its sidecar check included
     script = tmp_path / "classify.py"
     script.write_text(code)
     source = Path(json.loads((data / "manifest.json").read_text())["source"])

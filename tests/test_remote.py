@@ -392,3 +392,13 @@ def test_the_marker_of_a_publish_that_died_is_taken_over_saying_so(ingested, tmp
                     f"{socket.gethostname()}, since 2026-12-06 09:00:00) is removed"]
     assert not (target / remote.PUBLISH_MARKER).exists()
     assert (target / layout.MANIFEST).read_bytes() == (ingested / layout.MANIFEST).read_bytes()
+
+
+def test_the_fetch_and_the_loaders_share_one_record_of_checked_files(served, tmp_path, monkeypatch):
+    """What the fetch checked is not hashed again by the loaders' start-up check, nor by the next fetch: both
+    read and write the one VERIFIED record (sealed, this dataset's), so each file is hashed once per version."""
+    manifest = layout.read_manifest(served)
+    folder = remote.local_folder(f"file://{served}", tmp_path / "cache", progress=False)
+    monkeypatch.setattr(layout, "file_sha256", lambda path: pytest.fail(f"{path} hashed again"))
+    assert remote.local_folder(f"file://{served}", tmp_path / "cache", progress=False) == folder
+    layout.verify_digests(folder, manifest, [folder / name for name in manifest["files"]])
