@@ -45,7 +45,7 @@ from report.metrics import classification_metrics
 from report.runlog import append_jsonl, check_resumed_metrics, metrics_digest, read_metrics, trim_metrics
 from training.device import (AMP_MODES, DEVICES, all_ranks, autocast, gather_to_rank0, resolve_amp,
                              start_distributed)
-from training.elastic import continue_after_restart, run_name
+from training.elastic import continue_after_restart, peer_lost, run_name
 from training.evaluate import evaluate
 from training.labels import merge_classes
 from training.lr_find import MIN_SWEEP, find_lr
@@ -200,7 +200,7 @@ def train(cfg):
             if writer and not cfg.resume:
                 new_run_dir(folder)
             run = Run(cfg, rank, world, device)
-            with StopFlag() as stop:
+            with StopFlag() as stop, peer_lost(rank, world, folder, lambda: run.epoch + 1):
                 while run.epoch < cfg.epochs and run.stopped is None:
                     run.train_epoch(stop)
             if run.writer:

@@ -5,6 +5,8 @@
    rank 0 writes (each node runs in its own folder with a relative --runs-dir: one of them stays empty).
 2. Elastic restarts: under `torchrun --max-restarts 1`, rank 1 killed with -9 mid-epoch is restarted by torchrun
    and the run continues from its last checkpoint by itself, to the uninterrupted run's losses and weights.
+3. A node that never comes back: `python -m training.launch` ends in one line naming it, the rendezvous timeout
+   and the --resume that continues the run.
 """
 import json
 import os
@@ -30,14 +32,13 @@ OPTIONS = ["--net", "resnet18", "--loader", "resident", "--res", "32", "--batch-
            "--log-every", "1"]
 
 
-def launch(launcher, script, prefix, *args, cwd):
-    """Start `python -m torch.distributed.run LAUNCHER script prefix args` in `cwd`, in a session of its own so
-    that `stop` ends its workers too; the caller ends it."""
+def launch(launcher, script, *args, cwd, module="torch.distributed.run"):
+    """Start `python -m MODULE LAUNCHER script args` (torchrun, or training.launch) in `cwd`, in a session of its
+    own so that `stop` ends its workers too; the caller ends it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get(
         "PYTHONPATH")])))
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, str(script), str(prefix),
-                             *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", module, *launcher, str(script), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def stop(child):
@@ -151,3 +152,41 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(on
     for rank in (0, 1):
         a, b = weights(one_prefix, rank), weights(tmp_path / "elastic-rank", rank)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_node_that_never_comes_back_ends_the_launch_in_one_line(ingested, tmp_path):
+    """python -m training.launch (torchrun, one-line ends): node 1 (agent and worker) killed with -9 after the
+    first checkpoint; node 0's worker says in one line that it lost its peer, torchrun restarts it, the
+    rendezvous waits join_timeout (5 s here) for node 1, and the launch ends with one line naming the lost node,
+    the timeout and the --resume that continues the run, exit 2, no traceback."""
+    port, nodes, children = free_port(), [tmp_path / f"node{i}" for i in (0, 1)], []
+    checkpoint = nodes[0] / "runs" / "lost" / "last.pt"
+    try:
+        for i, node in enumerate(nodes):
+            node.mkdir()
+            children.append(launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend",
+                                    "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost",
+                                    "--max-restarts", "1", "--rdzv-conf", "join_timeout=5"],
+                                   REPO / "train.py", *OPTIONS, "--data", ingested, "--runs-dir",
+                                   "runs", "--name", "lost", cwd=node, module="training.launch"))
+            if i == 0:
+                time.sleep(1)  # node 0 hosts the rendezvous store, as the endpoint's node does on real nodes
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert all(c.poll() is None for c in children) and time.monotonic() < deadline, \
+                [c.communicate()[1][-3000:] for c in children if c.poll() is not None]
+            time.sleep(0.05)
+        node1 = psutil.Process(children[1].pid)
+        for process in [node1, *node1.children(recursive=True)]:  # its worker runs in a session of its own
+            process.send_signal(signal.SIGKILL)
+        _, err = children[0].communicate(timeout=300)
+    finally:
+        for child in children:
+            stop(child)
+    last = err.strip().splitlines()[-1]
+    assert children[0].returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith("error: the node at 127.0.0.1 never came back (lost by rank 0 at epoch ") and \
+        last.endswith(f"): the rendezvous at 127.0.0.1:{port} waited its join_timeout of 5 s for 2 nodes (this one: "
+                      f"{socket.gethostname()}); the run keeps its last checkpoint: when every node is up, relaunch "
+                      "them all with --resume runs/lost added"), err[-3000:]
+    assert "error: rank 0 of 2 on" in err and "lost its peer at 127.0.0.1" in err, err[-3000:]

@@ -6,8 +6,16 @@ the rendezvous id (`--rdzv-id`, or the one `--standalone` draws), which every re
 decision is taken together: torchrun counts a restart only on the nodes whose workers failed (a node restarted
 because another one rejoined keeps its count), so every rank resumes if any rank was restarted. Resuming reads
 the run folder on every rank, so a multi-node job keeps --runs-dir on storage all nodes see.
+
+A node that dies takes its ranks with it: the others fail at their next collective. `peer_lost` makes that
+one line (which peer address was lost, what torchrun does next, how to resume), noted for training.launch,
+whose last line, if the node never comes back, names it.
 """
+import contextlib
+import json
 import os
+import re
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -43,3 +51,33 @@ def continue_after_restart(cfg, rank, world, device):
         print(f"torchrun restart {restarts}: continuing {run_dir} from its last checkpoint", file=sys.stderr,
               flush=True)
     return config_from_resume(replace(cfg, resume=str(run_dir)))
+
+
+LOST_NOTE = "FASTPIX_LOST_NOTE"  # set by training.launch: the file a worker that lost a peer notes it in
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Socket Timeout|NCCL communicator was aborted|"
+                       r"collective operation timeout", re.I)  # what gloo and NCCL say when another rank is gone
+
+
+@contextlib.contextmanager
+def peer_lost(rank, world, run_dir, epoch):
+    """A collective that fails because another rank is gone (its process or its node: gloo and NCCL say
+    "connection reset / closed by peer" or time out) ends this worker with one line, not a traceback."""
+    try:
+        yield
+    except RuntimeError as err:  # gloo's, rethrown by DDP's backward hook, is a plain RuntimeError
+        import torch.distributed as dist
+
+        if world <= 1 or not (isinstance(err, dist.DistError) or PEER_GONE.search(str(err))):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        address = re.search(r"\[([^\]]+)\]:\d+", str(err))
+        note = {"rank": rank, "host": socket.gethostname(), "peer": address[1] if address else None,
+                "epoch": epoch(), "run_dir": str(run_dir)}
+        if os.environ.get(LOST_NOTE):
+            with contextlib.suppress(OSError), open(os.environ[LOST_NOTE], "a") as f:
+                f.write(json.dumps(note) + "\n")
+        lost = f"its peer at {note['peer']}" if note["peer"] else "a peer"
+        raise UsageError(f"rank {rank} of {world} on {note['host']} lost {lost} in epoch {note['epoch']} "
+                         f"({first[:160]}): torchrun restarts the group and waits at the rendezvous for every node "
+                         f"(its join_timeout); if one never comes back, relaunch them all with --resume {run_dir} "
+                         "added") from None
