@@ -5,8 +5,9 @@ A derived file, so it is checked before use, never trusted: it holds the sha256 
 content) and the key of what it was derived from (the sha256 of the manifest, which holds every shard's sha256,
 the store size and the store's format version). A content mismatch (damage) or a key mismatch (another ingest,
 another format) is said in one line and the split is decoded again; `python ingest/build.py --verify` names a
-damaged copy too, and a whole one derived from another manifest (another dataset's, copied in: `problems`). The content check reads the whole file once, which the first epoch would do
-anyway (the file is memory-mapped, not copied).
+damaged copy too, and a whole one derived from another manifest (another dataset's, copied in: `problems`).
+The content check reads the whole file once, which the first epoch would do anyway (the file is memory-mapped,
+not copied).
 
 Worth keeping, measured on this 2-core machine (load 11-16): the seed-scale demo's train store (25,199 photos
 at S = 256) is 7.15 GB; a checked read costs ~2.1 s per GB (~15 s, file in the page cache), its decode 165 s of

@@ -54,7 +54,8 @@ READERS_OF = {
     "fetch-record": ("cache", ".verified.json", ("url",)),  # ... and its record of the files it checked
     "sidecar": ("export", "model.onnx.json", ("example",)),  # predict.py --export's; docs/predict.md's example
 }
-REBUILT = ("ingest-cache", "resident-cache", "verified", "fetch-record")  # derived files whose absence is normal: rebuilt on use
+# derived files whose absence is normal: rebuilt on use
+REBUILT = ("ingest-cache", "resident-cache", "verified", "fetch-record")
 CELLS = [(kind, damage, reader) for kind, (_, _, readers) in READERS_OF.items() for reader in readers
          for damage in DAMAGES]
 

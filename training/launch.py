@@ -46,6 +46,7 @@ def read_notes(path):
 
 
 def lost_line(args, notes):
+    """The launch's last line: the node the survivors lost, the timeout waited, the --resume that continues."""
     conf = dict(kv.split("=", 1) for kv in (args.rdzv_conf or "").split(",") if "=" in kv)
     timeout = conf.get("join_timeout", DEFAULT_JOIN_TIMEOUT)
     peers = sorted({n["peer"] for n in notes if n.get("peer")})
