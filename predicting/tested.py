@@ -13,7 +13,7 @@ from cli import UsageError
 from ingest.layout import read_manifest
 from training.device import autocast, resolve_amp
 from training.labels import merge_classes
-from training.runfolder import CHECKPOINT, read_checkpoint
+from training.runfolder import CHECKPOINT, check_same_run, read_checkpoint
 
 
 class AsTested(nn.Module):
@@ -53,32 +53,38 @@ class TestedRun:
         return autocast(device, self.amp)
 
 
-def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu")):
-    """The TestedRun of `run_dir`, or one UsageError line: no run there, a damaged checkpoint, or a dataset that
-    is not the one the weights were trained on (another fingerprint or other classes)."""
+def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu"), flag="--run"):
+    """The TestedRun of `run_dir`, or one UsageError line: no run there, a damaged checkpoint, one that does not
+    match config.json, or a dataset that is not the one the weights were trained on (another fingerprint or other
+    classes). `flag` names the run in those lines (predict's --run; the report names the folder alone: "")."""
     run_dir = Path(run_dir)
+    named = f"{flag} {run_dir}".strip()
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise UsageError(f"--run {run_dir}: no config.json there, so no fastpix run (train one with train.py)")
+        raise UsageError(f"{named}: no config.json there, so no fastpix run (train one with train.py)")
     try:
         saved = json.loads(config_path.read_text())
         cfg, classes = saved["config"], list(saved["classes"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"--run {run_dir}: config.json is damaged ({type(err).__name__})") from None
+        raise UsageError(f"{named}: config.json is damaged ({type(err).__name__})") from None
     path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
+    checkpoint_flag = "--checkpoint" if checkpoint or flag else ""
+    weights = f"{checkpoint_flag} {path}".strip()
     if not path.is_file():
         raise UsageError(f"--checkpoint {path}: no such file" if checkpoint else
-                         f"--run {run_dir}: no {CHECKPOINT} there (the run stopped before its first checkpoint)")
-    state = read_checkpoint("--checkpoint", path)
+                         f"{named}: no {CHECKPOINT} there (the run stopped before its first checkpoint)")
+    state = read_checkpoint(checkpoint_flag, path)
     if not isinstance(state, dict) or "model" not in state:
-        raise UsageError(f"--checkpoint {path} is not a fastpix training checkpoint")
+        raise UsageError(f"{weights} is not a fastpix training checkpoint")
     if list(state.get("classes") or classes) != classes:
-        raise UsageError(f"--checkpoint {path} was trained on other classes than the run {run_dir}")
+        raise UsageError(f"{weights} was trained on other classes than the run {run_dir}")
+    if not checkpoint:  # the run's own last.pt was trained with config.json's settings
+        check_same_run(named, cfg, state.get("config") or {})
     data = Path(data or cfg["data"])
-    ingested = check_dataset(data, state, cfg, classes, path)
+    ingested = check_dataset(data, state, cfg, classes, weights)
     net = nets.build(cfg["net"], len(classes), strides=cfg.get("strides"), kernels=cfg.get("kernels"),
                      dropout=cfg.get("dropout", 0.0), batchnorm=cfg.get("batchnorm", False))
-    load_tested_weights(net, state, path)
+    load_tested_weights(net, state, weights)
     model = AsTested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
     amp = saved.get("amp", "off")
     amp = resolve_amp("auto" if amp == "fp16" and device.type != "cuda" else amp, device)
@@ -87,11 +93,12 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu")):
 
 
 def check_dataset(data, state, cfg, classes, checkpoint):
-    """The ingest settings of the run's dataset, which must be the one the weights saw."""
+    """The ingest settings of the run's dataset, which must be the one the weights saw (`checkpoint` names the
+    weights in the line that says otherwise)."""
     manifest = read_manifest(data)
     trained_on = state.get("data_fingerprint")
     if trained_on and manifest["fingerprint"] != trained_on:
-        raise UsageError(f"--checkpoint {checkpoint} was trained on dataset {trained_on[:12]}, but {data} is dataset "
+        raise UsageError(f"{checkpoint} was trained on dataset {trained_on[:12]}, but {data} is dataset "
                          f"{manifest['fingerprint'][:12]}: pass --data with the dataset it was trained on")
     if merge_classes(manifest["classes"], cfg.get("merge") or ())[0] != classes:
         raise UsageError(f"{data} holds other classes than the run was trained on: pass --data with its dataset")
@@ -110,4 +117,4 @@ def load_tested_weights(net, state, checkpoint):
     except (RuntimeError, TypeError, AttributeError) as err:
         missing, unexpected = [str(err).strip().splitlines()[-1].strip()[:160]], []
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
-        raise UsageError(f"--checkpoint {checkpoint} does not fit the run's net: {(missing + unexpected)[0]}")
+        raise UsageError(f"{checkpoint} does not fit the run's net: {(missing + unexpected)[0]}")

@@ -10,6 +10,7 @@ from training.device import DEVICES
 @dataclass
 class Config:
     """The options of python -m report; the run folders are positional."""
+    data: str = option("", "the runs' ingested dataset, if it moved (default: the one in each run's config.json)")
     device: str = option("auto", "where the model runs for the feature maps and predictions: auto (cuda when "
                          "present), cpu or cuda", choices=DEVICES)
     quiet: bool = option(False, "no progress bars")
@@ -22,7 +23,7 @@ def main(argv=None):
     cfg = config_from(Config, args)
     check_options(cfg)
     for run_dir in args.runs:
-        written = render(run_dir, device=cfg.device, progress=not cfg.quiet)
+        written = render(run_dir, data=cfg.data, device=cfg.device, progress=not cfg.quiet)
         print(f"report: {len(written)} files in {run_dir}")
     return 0
 

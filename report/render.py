@@ -39,23 +39,24 @@ PREDICTIONS = "test_predictions.npz"
 STAGES = 5  # curves, predictions, layers and filters, samples, feature maps and predictions.png
 
 
-def render(run_dir, device="auto", progress=True):
+def render(run_dir, data="", device="auto", progress=True):
     """Draw every picture and table of the run in `run_dir`, holding the folder (a run still training there is
-    named and refused); returns the names written. A missing or damaged file is one UsageError line."""
+    named and refused); `data`: the run's dataset where it moved. Returns the names written. A missing or damaged
+    file is one UsageError line."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / RUN_MARKER).is_file():
         raise UsageError(f"{run_dir}: no run there (train.py leaves config.json and {RUN_MARKER} in a run folder)")
     read_marker(run_dir)
     device = resolve_device(device)
     with one_writer(run_dir), full_disk_is_one_line(run_dir):
-        return draw(run_dir, device, progress)
+        return draw(run_dir, data, device, progress)
 
 
-def draw(run_dir, device, progress):
+def draw(run_dir, data, device, progress):
     saved = read_run_config(run_dir, "put back the run's own config.json")
     cfg = SimpleNamespace(**saved["config"])
-    tested = load_run(run_dir, device=device)  # last.pt checked against config.json, its classes and the data
-    check_metrics(run_dir, tested.metrics_sha256)
+    tested = load_run(run_dir, data=data, device=device, flag="")  # last.pt checked against config.json, the data
+    epochs = check_metrics(run_dir, tested.metrics_sha256)
     classes, written = tested.classes, []
     label_map = torch.tensor(merge_classes(layout.read_manifest(tested.data)["classes"], cfg.merge)[1])
     relabel = lambda labels: label_map.to(labels.device)[labels]  # noqa: E731
@@ -73,8 +74,8 @@ def draw(run_dir, device, progress):
         written.append("lr_find.png")
     stage("curves")
 
-    if (run_dir / PREDICTIONS).is_file():
-        y_true, y_pred, confidence = read_predictions(run_dir, tested.data, label_map.numpy())
+    if epochs:  # a run stopped before its first test pass has none
+        y_true, y_pred, confidence = read_predictions(run_dir, tested.data, label_map.numpy(), epochs[-1])
         plot_confusion(y_true, y_pred, classes, run_dir / "confusion.png")
         write_text(run_dir / "per_class.md", per_class_markdown(y_true, y_pred, classes))
         write_suspects(run_dir / "suspects.csv", tested.data, y_true, y_pred, confidence, classes)
@@ -109,13 +110,15 @@ def draw(run_dir, device, progress):
 
 
 def check_metrics(run_dir, digest):
-    """metrics.jsonl whole and, where last.pt recorded its digest, the log of that checkpoint: a log from another
-    run, or one with steps the checkpoint never saw (a run killed between the two), would draw other curves."""
-    read_metrics(run_dir)
+    """The epoch records of metrics.jsonl, whole and, where last.pt recorded its digest, the log of that
+    checkpoint: a log from another run, or one with steps the checkpoint never saw (a run killed between the
+    two), would draw other curves."""
+    epochs = read_metrics(run_dir)[1]
     if digest is not None and metrics_digest(run_dir) != digest:
         raise UsageError(f"{run_dir / METRICS} is not the log of {run_dir / CHECKPOINT} (steps are missing or "
                          f"added, or it is another run's): put back the run's own file, or python train.py "
                          f"--resume {run_dir} to cut it back to the checkpoint")
+    return epochs
 
 
 def read_sweep(path):
@@ -130,24 +133,26 @@ def read_sweep(path):
     raise UsageError(f"{path} is damaged: put back the run's own file, or delete it (lr_find.png is then not drawn)")
 
 
-def read_predictions(run_dir, data, label_map):
-    """(labels, predictions, confidences) of test_predictions.npz, checked against the test split it describes:
-    one row per test sample in id order, whose labels are test.csv's (after --merge), predictions of a class
-    and confidences in (0, 1]; else one line."""
+def read_predictions(run_dir, data, label_map, last):
+    """(labels, predictions, confidences) of test_predictions.npz, checked against the test split it describes
+    and the last epoch's record (`last`): one row per test sample in id order, whose labels are test.csv's (after
+    --merge), predictions of a class scoring the record's test accuracy, confidences in (0, 1]; else one line."""
     path = run_dir / PREDICTIONS
+    if not path.is_file():
+        raise UsageError(f"{path} is missing (epoch {last['epoch'] + 1} wrote it): put back the run's own file")
     with open(layout.csv_path(data, "test"), newline="") as f:
         labels = label_map[[int(row["label"]) for row in csv.DictReader(f)]]
     try:
         with np.load(path) as saved:
             y_true, y_pred, confidence = saved["y_true"], saved["y_pred"], saved["confidence"]
         fits = (y_true.shape == y_pred.shape == confidence.shape == labels.shape and (y_true == labels).all()
-                and ((y_pred >= 0) & (y_pred <= label_map.max())).all() and ((confidence > 0) & (confidence <= 1)).all())
+                and ((y_pred >= 0) & (y_pred <= label_map.max())).all() and ((confidence > 0) & (confidence <= 1)).all()
+                and abs((y_true == y_pred).mean() - last["test_acc"]) < 1e-9)
     except Exception:  # any unreadable file is the same damage
         fits = False
     if not fits:
         raise UsageError(f"{path} is damaged or not this run's (it must hold one prediction per test sample of "
-                         f"{data}): put back the run's own file, or delete it (confusion.png, per_class.md and "
-                         "suspects.csv are then not drawn)")
+                         f"{data}, scoring the last epoch's test accuracy): put back the run's own file")
     return y_true, y_pred, confidence
 
 

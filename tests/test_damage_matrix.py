@@ -45,10 +45,11 @@ READERS_OF = {
     "ingest-cache": ("data", None, ("ingest",)),  # a train photo's cached JPEG: found by its bytes (cache_photo)
     "resident-cache": ("data", None, ("resident", "verify")),  # resident-train-<S>px-<first>-<stop>.pt
     "verified": ("data", ".verified.json", LOADERS + ("resume",)),
-    "checkpoint": ("run", "last.pt", ("resume",)),
-    "metrics": ("run", "metrics.jsonl", ("resume",)),
-    "config": ("run", "config.json", ("resume",)),
-    "marker": ("run", ".fastpix-run", ("train",)),
+    "checkpoint": ("run", "last.pt", ("resume", "render")),
+    "metrics": ("run", "metrics.jsonl", ("resume", "render")),
+    "config": ("run", "config.json", ("resume", "render")),
+    "predictions": ("run", "test_predictions.npz", ("render",)),
+    "marker": ("run", ".fastpix-run", ("train", "render")),
     "study-cache": ("study", "runs/flat.json", ("study", "report")),
     "fetch-marker": ("cache", ".fastpix-cache.json", ("url",)),  # --data URL's node-local cache: whose files
     "fetch-record": ("cache", ".verified.json", ("url",)),  # ... and its record of the files it checked
@@ -85,9 +86,9 @@ def study_argv(data, out, seed):
 
 class World:
     """A dataset (`data`, with every derived file made: the resident cache, the memoised checks), a run of 2
-    epochs (`run`; seed 0's stopped after 3 steps, resumable), a study with one cached run (`study`), the dataset
-    fetched as a file:// URL into a node-local cache (`cache`) and the run exported to ONNX (`export`), all in
-    `root`, made with `seed`; `snapshot`/`restore` keep a pristine copy beside it."""
+    epochs (`run`; seed 0's stopped 1 step into its second epoch, resumable), a study with one cached run
+    (`study`), the dataset fetched as a file:// URL into a node-local cache (`cache`) and the run exported to ONNX
+    (`export`), all in `root`, made with `seed`; `snapshot`/`restore` keep a pristine copy beside it."""
 
     def __init__(self, root, src, seed):
         self.root, self.src, self.seed = Path(root), src, seed
@@ -110,7 +111,9 @@ class World:
         # the references the loaders are checked against; the other world needs only its derived files
         self.epochs = {name: read_epoch(name, self.data) for name in (LOADERS if self.seed == 0 else ("resident",))
                        if not import_error(BACKENDS[name])}
-        stop = ["--max-steps", "3"] if self.seed == 0 else []  # the other world's run is finished: another marker
+        # seed 0's run stops 1 step into epoch 2 (epoch 1 has 4 steps and wrote test_predictions.npz), resumable;
+        # the other world's run is finished: another marker
+        stop = ["--max-steps", "5"] if self.seed == 0 else []
         code, _, err = call(train.main, train_argv(self.data, self.runs, "r", self.seed) + stop)
         assert code == 0, err[-3000:]
         assert call(study_main, study_argv(self.data, self.study, self.seed))[0] == 0
@@ -195,6 +198,8 @@ def worlds(tiny_src, ingested, tmp_path_factory):
     base = tmp_path_factory.mktemp("damage")
     world = World(base / "w0", tiny_src, 0).make(ingested)
     other = World(base / "w1", tiny_src, 1).make(None)
+    world.drawn = drawn(world)
+    world.restore()
     world.resumed = resume_record(world)
     world.report = report_text(world)
     world.classified = classified(world)
@@ -328,6 +333,22 @@ def read_study(world, kind):
         f"the damaged {kind}"
 
 
+def drawn(world):
+    """What python -m report draws from the run, {file: bytes}; None when it refused (Refused raised)."""
+    from report.__main__ import main as report_main
+
+    before = {p.name for p in world.run.iterdir()}
+    code, out, err = call(report_main, ["--quiet", "--device", "cpu", str(world.run)])
+    refused(code, out, err, "python -m report")
+    assert code == 0, err[-3000:]
+    return {p.name: p.read_bytes() for p in world.run.iterdir() if p.name not in before}
+
+
+def read_render(world, kind):
+    assert drawn(world) == world.drawn, f"python -m report drew other files than from the undamaged run: it used " \
+        f"the damaged {kind}"
+
+
 def report_text(world):
     from bench.results_folder import environment, machine_label
     from bench.study import parse_args
@@ -414,7 +435,8 @@ def test_a_damaged_file_is_repaired_or_refused_in_one_line(kind, how, reader, wo
              "ingest": lambda: read_ingest(world, kind, world.saved / "data"),
              "resume": lambda: read_resume(world, kind), "train": lambda: read_train(world, kind),
              "study": lambda: read_study(world, kind), "report": lambda: read_report(world, kind),
-             "url": lambda: read_url(world, kind), "example": lambda: read_example(world, kind)}[reader]()
+             "url": lambda: read_url(world, kind), "example": lambda: read_example(world, kind),
+             "render": lambda: read_render(world, kind)}[reader]()
     except Refused as stop:
         line = str(stop)
         assert any(name in line for name in names), f"{reader} stopped without naming {path.name}: {line}"

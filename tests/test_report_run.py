@@ -77,13 +77,16 @@ def test_a_missing_or_damaged_run_is_one_line_and_exit_2(trained, ingested, tmp_
     assert "no run there" in refusal([str(tmp_path / "nowhere")])
     assert not (tmp_path / "nowhere").exists()  # nothing made where no run was
     assert "no run there" in refusal([str(ingested)])  # a folder that is not a run
-    for name, damage, says in [
+    for i, (name, damage, says) in enumerate([
             ("test_predictions.npz", lambda p: p.write_bytes(p.read_bytes()[:100]), "damaged or not this run's"),
             ("metrics.jsonl", lambda p: p.write_text(p.read_text() + p.read_text().splitlines()[0] + "\n"),
              "is not the log of"),
             ("last.pt", lambda p: p.unlink(), "no last.pt there"),
-            ("config.json", lambda p: p.write_text("{}"), "config.json is damaged")]:
-        run = tmp_path / name
+            ("config.json", lambda p: p.write_text("{}"), "config.json is damaged"),
+            ("config.json", lambda p: p.write_text(p.read_text().replace('"seed": 0', '"seed": 1')),
+             "config.json does not match last.pt (seed is 1 in config.json, 0 in last.pt)"),
+            ("test_predictions.npz", lambda p: p.unlink(), "test_predictions.npz is missing (epoch 1 wrote it)")]):
+        run = tmp_path / f"{i}-{name}"
         shutil.copytree(trained, run)
         damage(run / name)
         line = refusal(["--quiet", str(run)])

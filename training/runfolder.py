@@ -169,15 +169,16 @@ def config_from_resume(cfg):
     return type(cfg)(**{f.name: saved[f.name] for f in fields(cfg) if f.name in saved})
 
 
-def check_same_run(run_dir, cfg, saved):
-    """--resume: the config (config.json's, settled) is the one the checkpoint was trained with, else one line:
-    an edited config.json or another run's last.pt would otherwise fail deep inside load_state_dict, or worse,
-    continue with settings the weights never saw."""
+def check_same_run(named, config, saved):
+    """--resume, predict and the report: the config (config.json's, settled) is the one the checkpoint was
+    trained with (`saved`, the checkpoint's), else one line starting with `named`: an edited config.json or another
+    run's last.pt would otherwise fail deep inside load_state_dict, or worse, go on with settings the weights
+    never saw."""
     theirs = json.loads(json.dumps(saved, default=str))
-    ours = json.loads(json.dumps({f.name: getattr(cfg, f.name) for f in fields(cfg)}, default=str))
-    for key in ours.keys() & theirs.keys() - set(RESUMED_ANEW):
+    ours = json.loads(json.dumps(config, default=str))
+    for key in sorted(ours.keys() & theirs.keys() - set(RESUMED_ANEW)):
         if ours[key] != theirs[key]:
-            raise UsageError(f"--resume {run_dir}: config.json does not match {CHECKPOINT} ({key} is {ours[key]!r} "
+            raise UsageError(f"{named}: config.json does not match {CHECKPOINT} ({key} is {ours[key]!r} "
                              f"in config.json, {theirs[key]!r} in {CHECKPOINT}): config.json was edited or "
                              f"{CHECKPOINT} is another run's; put back the run's own file")
 
@@ -254,15 +255,16 @@ def read_checkpoint(flag, path):
     """A checkpoint's contents, or one line saying it cannot be read (truncated, not a checkpoint at all) or that
     its content no longer matches the digest it was saved with (checkpoints from before digests load as they
     are)."""
+    named = f"{flag} {path}".strip()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the same user mistake
-        raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(err).__name__}): it is damaged or "
+        raise UsageError(f"{named} is not a readable checkpoint ({type(err).__name__}): it is damaged or "
                          "not a fastpix checkpoint") from None
     if isinstance(state, dict) and "sha256" in state:
         saved = state.pop("sha256")
         if saved != state_digest(state):
-            raise UsageError(f"{flag} {path} is damaged: its content no longer matches the digest it was saved "
+            raise UsageError(f"{named} is damaged: its content no longer matches the digest it was saved "
                              "with; put back an intact copy, or start the run again")
     return state
 
