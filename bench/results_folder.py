@@ -46,7 +46,9 @@ def check_claim(folder, kind):
     folder, marker = Path(folder), f".fastpix-{kind}"
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file: pick another --out")
-    if folder.is_dir() and any(p.name != WRITER_NOTE for p in folder.iterdir()) and not (folder / marker).is_file():
+    ours = {WRITER_NOTE, marker} | {f".{name}.tmp" for name in (WRITER_NOTE, marker)}  # and atomic_path's temps
+    if folder.is_dir() and any(p.name.rstrip("0123456789") not in ours for p in folder.iterdir()) \
+            and not (folder / marker).is_file():
         raise UsageError(f"--out {folder} is not empty and was not made by the {kind}: pick another --out")
     return folder, marker
 

@@ -83,6 +83,22 @@ def test_a_cells_training_config_is_the_benchs_options_over_trains_defaults():
                           batch_size=64)  # the bench's defaults where it has its own
 
 
+def test_a_folder_a_bench_is_claiming_is_busy_not_foreign(tmp_path):
+    """A second bench that looks while the first holds the folder but is still writing its marker (its note and
+    the marker's temp file there, the marker not yet) is not told the folder is someone else's: it goes on to
+    the lock, which names the holder. Seen in the concurrency matrix on a loaded machine."""
+    from bench.results_folder import check_claim
+    from files import WRITER_NOTE
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    (folder / WRITER_NOTE).write_text("{}")
+    (folder / "..fastpix-bench.tmp4242").write_text("")  # atomic_path's temp of the marker
+    check_claim(folder, "bench")
+    (folder / "table.md").write_text("the user's")
+    with pytest.raises(UsageError, match="not made by the bench"):
+        check_claim(folder, "bench")
+
+
 def test_the_bench_writes_only_into_its_own_results_folder(ingested, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
