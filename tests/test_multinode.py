@@ -141,7 +141,7 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(on
         while child.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >
                                             steps_per_epoch + 2):  # one epoch record, then into the second epoch
             time.sleep(0.02)
-        assert child.poll() is None, "the run ended before a rank was killed"
+        assert child.poll() is None, f"the run ended before a rank was killed: {child.communicate()[1][-3000:]}"
         victim.send_signal(signal.SIGKILL)
         _, err = finished(child)
     finally:
