@@ -340,8 +340,8 @@ class Run:
         ckpt = read_checkpoint("--resume", self.dir / CHECKPOINT)
         if not isinstance(ckpt, dict) or not {"model", "optimizer", "rng", "global_step"} <= ckpt.keys():
             raise UsageError(f"--resume {self.dir}: {CHECKPOINT} is not a fastpix training checkpoint")
-        check_same_run(f"--resume {self.dir}", asdict(self.cfg), ckpt.get("config") or {})  # first: another run's
-        # last.pt says so
+        # first: another run's last.pt says so
+        check_same_run(f"--resume {self.dir}", asdict(self.cfg), ckpt.get("config") or {})
         check_same_data("--resume", self.dir, ckpt, manifest, self.cfg)
         if len(ckpt["rng"]) != self.world:
             raise UsageError(f"{self.dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not "
