@@ -7,6 +7,7 @@ Treat both as read-only; a test that changes data copies it first.
 FFCV and DALI are not everywhere (the lent GPU machine has neither): `require` and `require_beton` let a
 test that needs one skip with the reason instead of failing.
 """
+import gc
 import importlib
 
 import pytest
@@ -56,6 +57,18 @@ def import_error(module):
     return None
 
 
+def slow_backends(cases):
+    """`cases` for parametrize, those of the ffcv and dali backends marked slow: every new FFCV Loader compiles its
+    pipeline with numba (5-20 s here, DEPENDENCIES.md) and every DALI pipeline builds and starts its threads
+    (about a second on shared cores), which over the loader tests' grids would outlast the fast tier. DALI keeps
+    its fast tests in test_loaders_dali.py and test_loaders_agreement.py. A case is a name or a tuple starting
+    with one."""
+    def streaming(case):
+        return (case[0] if isinstance(case, tuple) else case) in ("ffcv", "dali")
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow) if streaming(c) else c
+            for c in cases]
+
+
 def require(backend):
     """Skip the test when the backend's module (or a library it needs) cannot be imported here."""
     import loaders
@@ -63,6 +76,16 @@ def require(backend):
     error = import_error(module)
     if error:
         pytest.skip(f"{module} cannot be imported: {error}")
+
+
+@pytest.fixture(autouse=True)
+def free_dali_pipelines(request):
+    """After a test of DALI, collect its pipelines now: one sits in a reference cycle, and its threads run on
+    until the garbage collector frees it. A DataLoader worker forked beside them can hang for good (seen: the
+    torch loader's first worker, right after a dali test, in a session with no FFCV test between them)."""
+    yield
+    if "dali" in request.node.name:
+        gc.collect()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from bench import loaders as bench
 from bench.references import DECODERS, REFERENCES
 from cli import UsageError
-from conftest import import_error, require
+from conftest import import_error, require, slow_backends
 from ingest import layout
 
 TINY = ["--res", "32", "--batch-size", "16", "--epochs", "2", "--workers", "0", "--threads", "1"]
@@ -29,6 +29,7 @@ def tiles(png):
     return sum(1 for h, w in sides if min(h, w) >= 40 and abs(h - w) <= 2)  # framed squares
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_table_json_plot_and_a_sample_sheet_per_backend(ingested, tmp_path):
     out = tmp_path / "results"
     assert bench.main(["--data", str(ingested), "--backends", "resident", "--in-process", "--out", str(out), *TINY,
@@ -67,7 +68,7 @@ def test_tiny_run_writes_table_json_plot_and_a_sample_sheet_per_backend(ingested
     assert all(tiles(out / sheet) == 16 for sheet in sheets)
 
 
-@pytest.mark.parametrize("backend", sorted(REFERENCES))
+@pytest.mark.parametrize("backend", slow_backends(sorted(REFERENCES)))
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_reference_pipelines_deliver_exactly_the_split_on_the_cpu(backend, split, ingested):
     """dali-reference and ffcv-reference run like the other rows: every sample id of the split exactly once per
@@ -140,6 +141,7 @@ def test_noise_columns_come_from_the_rounds():
     assert "500 (480-520)" in lines["decode-pil"]
 
 
+@pytest.mark.slow
 def test_a_row_in_a_fresh_process_reports_its_own_numbers(ingested):
     """The default mode: one process per row, so peak RSS is the row's own (the slowest test here: an import)."""
     row = bench.isolated("decode-torchvision", ingested, "test", batch_size=16, res=32, device="cpu", workers=0,

@@ -10,6 +10,7 @@ from cli import UsageError
 from ingest import layout
 
 
+@pytest.mark.slow
 def test_scale_measures_every_figure_in_a_scratch_copy(ingested, tmp_path):
     out, scratch = tmp_path / "results", tmp_path / "scratch"
     assert scale.main(["--data", str(ingested), "--backends", "folder,resident", "--steps", "7", "--res", "64",

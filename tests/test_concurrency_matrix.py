@@ -153,11 +153,28 @@ def study_pair(tiny_src, ingested, tmp):
 
 WRITERS = {"ingest": ingest_pair, "train": train_pair, "resume": resume_pair, "bench": bench_pair,
            "study": study_pair}
-pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", WRITERS)
 def test_two_writers_of_one_folder_end_with_one_winner_and_one_refusal(writer, tiny_src, ingested, tmp_path):
     first, second, folder, ready, check = WRITERS[writer](tiny_src, ingested, tmp_path)
     assert_one_winner(*overlap(first, second, folder, ready))
     check()
+
+
+def test_an_ingest_into_a_held_folder_is_refused_in_one_line_naming_the_holder(tiny_src, tmp_path, capsys):
+    """The fast tier's cell: this process holds the folder, as the paused first writer above does, and a second
+    ingest (in this process: the pairs above are the processes) is refused without writing."""
+    from cli import run
+    from files import one_writer
+    from ingest.build import main
+    out = tmp_path / "data"
+    out.mkdir()
+    with one_writer(out):
+        with pytest.raises(SystemExit) as exit_:
+            run(main, ingest_pair(tiny_src, None, tmp_path)[1][1:])
+        assert [p.name for p in out.iterdir()] == [WRITER_NOTE]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error:") and f"pid {os.getpid()}" in lines[0], lines[0]

@@ -60,7 +60,7 @@ REBUILT = ("ingest-cache", "resident-cache", "verified", "fetch-record")
 CELLS = [(kind, damage, reader) for kind, (_, _, readers) in READERS_OF.items() for reader in readers
          for damage in DAMAGES]
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")]
 
 
@@ -412,6 +412,7 @@ def read_example(world, kind):
 
 # ----------------------------------------------------------------------------------------------- The matrix
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,how,reader", CELLS, ids=[f"{k}-{d}-{r}" for k, d, r in CELLS])
 def test_a_damaged_file_is_repaired_or_refused_in_one_line(kind, how, reader, worlds):
     world, other = worlds
@@ -442,3 +443,13 @@ def test_a_damaged_file_is_repaired_or_refused_in_one_line(kind, how, reader, wo
         assert any(name in line for name in names), f"{reader} stopped without naming {path.name}: {line}"
         if reader != "verify":
             assert "\n" not in line.strip(), f"{reader} stopped with more than one line: {line}"
+
+
+def test_the_fast_tiers_cell_a_truncated_csv_is_refused_by_the_torch_loader(ingested, tmp_path):
+    """One cell without the worlds, which take minutes to make: on a copy of the tiny dataset."""
+    data = tmp_path / "data"
+    shutil.copytree(ingested, data)
+    damage(data / "train.csv", "truncate", None)
+    with pytest.raises(cli.UsageError, match="train.csv") as refusal:
+        read_epoch("torch", data)
+    assert "\n" not in str(refusal.value).strip()

@@ -4,9 +4,11 @@ decode faster than real ones and would flatter every speed figure. Checked on th
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from ingest.demo import DemoConfig, generate
+from conftest import TINY_CLASSES
+from ingest.demo import QUALITY_BANDS, DemoConfig, generate
 
 
 def _quality_by_table():
@@ -19,6 +21,7 @@ def _quality_by_table():
     return tables
 
 
+@pytest.mark.slow
 def test_demo_photos_have_web_like_sizes_qualities_and_progressive_share(tmp_path):
     cfg = DemoConfig(per_class=5, seed=3, long_side=(500, 1100), junk=False)
     generate(tmp_path / "src", cfg, workers=2, progress=False)
@@ -36,3 +39,17 @@ def test_demo_photos_have_web_like_sizes_qualities_and_progressive_share(tmp_pat
     assert np.percentile(bpp, 90) > 1.8 * np.percentile(bpp, 10)  # plain and detailed scenes both
     assert min(qualities) < 70 and max(qualities) >= 90 and 75 <= np.median(qualities) <= 90
     assert 0.15 <= np.mean(progressive) <= 0.35
+
+
+def test_each_photo_is_a_jpeg_of_the_drawn_size_at_a_quality_of_the_webs_bands(tmp_path):
+    """The fast tier's check of the same files, on six photos: too few for the shares above."""
+    cfg = DemoConfig(per_class=3, seed=3, long_side=(500, 1100), junk=False, classes=TINY_CLASSES[:2])
+    generate(tmp_path / "src", cfg, workers=1, progress=False)
+    tables = _quality_by_table()
+    photos = sorted((tmp_path / "src").glob("*/*.jpg"))
+    assert len(photos) == 6
+    for path in photos:
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and 500 <= max(im.size) <= 1100
+            quality = tables[tuple(im.quantization[0])]
+            assert any(lo <= quality <= hi for lo, hi in QUALITY_BANDS), (path, quality)

@@ -90,6 +90,7 @@ def test_a_dead_holder_releases_the_folder_and_its_stale_note_is_ignored(tmp_pat
     assert _try_writer(folder)[0] == "got it\n"
 
 
+@pytest.mark.slow
 def test_a_waiting_writer_says_whom_it_waits_for_then_gets_the_folder(tmp_path):
     import threading
     folder = tmp_path / "out"

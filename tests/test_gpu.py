@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+@pytest.mark.slow
 def test_report_records_ok_failure_timeout_skip_and_skips_dependents(tmp_path):
     steps = [
         Step("fine", "a step that works", [PY, "-c", "print('noise'); print('OK all good')"], 1),
@@ -94,6 +95,7 @@ def test_plan_gates_every_check_on_what_it_needs(tmp_path):
     assert not steps["amp_fp16"].skip
 
 
+@pytest.mark.slow
 def test_tta_is_a_short_bench_tta_run_and_the_report_keeps_its_table(tmp_path):
     from bench import tta
     step = {s.name: s for s in plan(parse_args([str(tmp_path), "--python", PY]))}["tta"]
@@ -151,6 +153,7 @@ def test_tests_run_the_suite_instead_of_the_checks(tmp_path):
     assert [s.name for s in dry] == ["env", "tests"] and "--quick" in dry[-1].argv
 
 
+@pytest.mark.slow
 def test_tests_dry_run_reports_the_suites_outcomes(tmp_path):
     """The plumbing of --tests on the CPU: interpreter, PYTHONPATH, the summary in the report."""
     out = tmp_path / "out"
@@ -170,6 +173,7 @@ def test_a_library_that_is_not_installed_is_skipped_with_the_reason(capsys):
     assert capsys.readouterr().out.startswith("SKIPPED no_such_module_xyz is not installed")
 
 
+@pytest.mark.slow
 def test_without_a_gpu_the_gpu_checks_fail_with_the_reason(tmp_path):
     import torch
     if torch.cuda.is_available():
@@ -248,6 +252,7 @@ def test_wheels_split_into_capped_folders_and_reassemble_byte_for_byte(tmp_path)
         gpu_wheels.reassemble(manifest, stage, dest)
 
 
+@pytest.mark.slow
 def test_receive_waits_for_every_piece_then_installs_with_target(tmp_path):
     wheels = [fake_wheel(tmp_path, "fastpix_fake_dali", 90_000)]
     carried = tmp_path / "carried"

@@ -261,6 +261,7 @@ def test_beton_holds_the_same_jpeg_bytes_as_the_shards(ingested):
             assert (image["width"][i], image["height"][i]) == Image.open(io.BytesIO(want_bytes)).size
 
 
+@pytest.mark.slow
 def test_ffcv_loader_reads_every_sample_once_with_its_label(ingested):
     require_beton(ingested)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
@@ -280,6 +281,7 @@ def test_ffcv_loader_reads_every_sample_once_with_its_label(ingested):
     assert images.shape == (len(want), 32, 32, 3) and images.std() > 10  # decoded, not blank
 
 
+@pytest.mark.slow
 def test_dali_pipeline_reads_every_sample_once_with_its_label(ingested):
     require("dali")
     from nvidia.dali import fn, pipeline_def, types

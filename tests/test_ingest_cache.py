@@ -43,7 +43,8 @@ def foreign(path):  # another photo's entry under this one's name
     path.write_bytes(other.read_bytes())
 
 
-@pytest.mark.parametrize("damage", [flip, zero_fill, truncate, foreign])
+@pytest.mark.parametrize("damage", [flip, *(pytest.param(d, marks=pytest.mark.slow)
+                                             for d in (zero_fill, truncate, foreign))])
 def test_a_damaged_cache_entry_is_made_again_from_its_source(tiny_src, ingested, tmp_path, damage):
     """Before: flipped or foreign bytes went into the shards with a fresh, matching sha256; a zero-filled
     entry was an UnidentifiedImageError traceback on every rerun."""
@@ -62,6 +63,7 @@ THEIRS = {".cache/pip/selfcheck.json": b"pip's", ".cache/thumbnails/large/a.png"
           ".cache/ab/.notes.tmp.txt": b"a name containing .tmp", "backup.tmp": b"mine", ".cache/x.tmp9": b"mine"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("force", [True, False])
 def test_force_and_reruns_delete_only_the_caches_own_entries(tiny_src, ingested, tmp_path, force):
     """Before: --force deleted .cache/pip/selfcheck.json, then an IsADirectoryError traceback on the

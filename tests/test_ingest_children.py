@@ -55,7 +55,7 @@ def kill_child_when(proc, ready, is_target, limit=120):
     pytest.fail("the ingest ended before its child could be killed")
 
 
-@pytest.mark.parametrize("child", ["validation worker", "beton writer"])
+@pytest.mark.parametrize("child", ["validation worker", pytest.param("beton writer", marks=pytest.mark.slow)])
 def test_a_killed_child_stops_the_ingest_with_one_line_and_a_rerun_finishes(tiny_src, ingested, tmp_path, child):
     out = tmp_path / "out"
     if child == "beton writer":

@@ -29,6 +29,7 @@ def drop_the_last_class(m):
     m["classes"].pop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", [swap_two_classes, drop_the_last_class])
 def test_a_hand_edited_manifest_is_one_line_and_a_rerun_rewrites_it(tiny_src, ingested, tmp_path, capsys, edit):
     """Before: all loaders, --verify and the ingest's up-to-date check accepted it (wrong class names in every
@@ -115,6 +116,7 @@ def test_a_damaged_journal_is_not_trusted(tiny_src, ingested, tmp_path):
     assert outputs(out) == outputs(ingested)
 
 
+@pytest.mark.slow
 def test_a_damaged_journal_deletes_nothing_it_lists(tiny_src, ingested, tmp_path):
     out = copy(ingested, tmp_path)
     (out / "thesis.tex").write_text("mine")
@@ -126,6 +128,7 @@ def test_a_damaged_journal_deletes_nothing_it_lists(tiny_src, ingested, tmp_path
     assert (out / "thesis.tex").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_jpeg_stored_damaged_under_a_matching_sha256_is_found_by_verify_and_repaired_by_a_rerun(
         tiny_src, ingested, tmp_path, capsys):
     """What a damaged cache entry used to leave (item 5): ffcv stopped on the image and said to run --verify,

@@ -69,6 +69,7 @@ def test_invalid_manifest_is_one_line_saying_to_rerun_the_ingest(ingested, tmp_p
 FOREIGN = ("train-photos-2023.tar", "test-notes.idx", ".settings.tmp.bak", ".notes.tmp12", "train-00009.tar")
 
 
+@pytest.mark.slow
 def test_rebuild_keeps_files_ingest_did_not_write(tiny_src, ingested, tmp_path):
     """Before: the stale-shard cleanup matched `train-*.tar`, `test-*.idx` and `.*.tmp*` and deleted these."""
     out = copy(ingested, tmp_path)
@@ -78,6 +79,7 @@ def test_rebuild_keeps_files_ingest_did_not_write(tiny_src, ingested, tmp_path):
     assert all((out / name).read_bytes() == b"the user's" for name in FOREIGN)
 
 
+@pytest.mark.slow
 def test_stale_shards_and_temp_files_ingest_wrote_are_removed(tiny_src, ingested, tmp_path):
     out = tmp_path / "out"
     bigger = build(tiny_cfg(tiny_src, out, shard_size=8), **SILENT)
@@ -110,6 +112,7 @@ def _damage(out):
     return {"train-00000.tar", "train-00001.tar", "test.beton", "test-00000.idx"}
 
 
+@pytest.mark.slow
 def test_verify_names_each_damaged_file_and_a_rerun_repairs_only_those(tiny_src, ingested, tmp_path, capsys):
     out = copy(ingested, tmp_path)
     assert cli_code(["--verify", "--out", str(out), "--workers", "1"]) == 0
@@ -139,6 +142,7 @@ def cli_code(argv):
 
 # --- ingest writes only into folders that are its own ----------------------------------------------------
 
+@pytest.mark.slow
 def test_a_non_empty_folder_that_is_not_ours_is_refused_unless_force(tiny_src, tmp_path):
     out = tmp_path / "thesis"
     out.mkdir()
@@ -153,6 +157,7 @@ def test_a_non_empty_folder_that_is_not_ours_is_refused_unless_force(tiny_src, t
 
 # --- a full disk is one line, and a rerun after freeing space completes -----------------------------------
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_keeps_what_was_written_and_a_rerun_completes(tiny_src, ingested, tmp_path,
                                                                               monkeypatch):
     """Before: an OSError traceback."""

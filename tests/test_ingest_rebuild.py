@@ -36,6 +36,7 @@ def outputs(out):
             for pattern in INGEST_FILES for p in sorted(Path(out).glob(pattern))}
 
 
+@pytest.mark.slow
 def test_killed_run_is_finished_by_a_rerun_with_the_same_result(tiny_src, ingested, tmp_path, monkeypatch):
     from webdataset import TarWriter
 
@@ -65,6 +66,7 @@ def test_killed_run_is_finished_by_a_rerun_with_the_same_result(tiny_src, ingest
     assert not list(out.glob(".*.tmp*")) and not list((out / ".cache").glob("*/.*"))
 
 
+@pytest.mark.slow
 def test_sigkilled_run_is_finished_by_a_rerun(tiny_src, ingested, tmp_path):
     """A real kill -9 of the script and its workers, mid-validation, then a rerun."""
     out = tmp_path / "out"
@@ -100,6 +102,7 @@ def test_script_says_up_to_date(tiny_src, ingested):
     assert "up to date" in done.stdout
 
 
+@pytest.mark.slow
 def test_changed_source_rebuilds_and_force_rebuilds_identically(tiny_src, tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(tiny_src, src, symlinks=True)
@@ -177,6 +180,7 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_second_build_of_one_folder_is_refused_naming_the_first(tiny_src, ingested, tmp_path, monkeypatch):
     """Two writers of one folder would interleave: the second `ingest/build.py` is refused at once, with the
     first one's pid, and the first finishes undisturbed. (Before: the second waited silently.) The first is

@@ -70,6 +70,7 @@ def test_link_loops_and_a_folder_linked_twice_end_with_every_entry_counted_once(
     assert found.found == 7
 
 
+@pytest.mark.slow
 def test_a_photo_reached_twice_is_kept_once(tmp_path):
     from ingest.build import build
     from ingest.config import IngestConfig

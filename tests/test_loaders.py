@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cli import UsageError, run
-from conftest import require
+from conftest import require, slow_backends
 from ingest import layout
 from loaders import make_loader
 from loaders.common import rank_ids, resolve_workers
@@ -87,7 +87,7 @@ def runs(ingested):
     gc.collect()  # FFCV's finalizers run here, under this module's warning filter, not in someone else's test
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_train_epoch_gives_each_sample_once_with_its_label(name, runs, ingested):
     truth = csv_labels(ingested, "train")
     for epoch in runs.epochs(name, "train", (0, 1, 0), break_first=True):  # an abandoned pass changes nothing
@@ -95,7 +95,7 @@ def test_train_epoch_gives_each_sample_once_with_its_label(name, runs, ingested)
         assert epoch.labels == [truth[i] for i in epoch.ids]
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_train_order_changes_each_epoch_and_follows_seed_and_epoch(name, runs):
     first, second, first_again = runs.epochs(name, "train", (0, 1, 0), break_first=True)
     assert first.ids != second.ids
@@ -106,14 +106,14 @@ def test_train_order_changes_each_epoch_and_follows_seed_and_epoch(name, runs):
     assert other_seed.ids not in (first.ids, second.ids)  # seed + epoch would make it equal the second
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_test_split_every_pass_in_id_order_even_after_one_left_early(name, runs, ingested):
     truth = csv_labels(ingested, "test")
     for epoch in runs.epochs(name, "test", (0, 1, 1), break_first=True):
         assert epoch.ids == list(range(len(truth))) and epoch.labels == truth
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_loader_leaves_torch_thread_count_alone(name, runs):
     """The model's CPU work needs its threads: FFCV, for one, resets torch's count on import and per epoch."""
     runs.epochs(name, "train", (0, 1, 0), break_first=True)
@@ -121,7 +121,7 @@ def test_loader_leaves_torch_thread_count_alone(name, runs):
     assert after == before
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_two_ranks_partition_the_split(name, split, runs, ingested):
     count = len(csv_labels(ingested, split))
@@ -132,7 +132,7 @@ def test_two_ranks_partition_the_split(name, split, runs, ingested):
         assert ranks == [list(rank_ids(count, r, 2)) for r in range(2)]
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_two_ranks_keep_their_test_blocks_pass_after_pass(name, runs, ingested):
     """The id-order contract under DDP from the second evaluation on (DALI's reader moved each rank on to the
     next rank's shard at every reset)."""
@@ -142,7 +142,7 @@ def test_two_ranks_keep_their_test_blocks_pass_after_pass(name, runs, ingested):
             assert epoch.ids == list(rank_ids(count, rank, 2))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_a_loader_tells_training_its_classes_and_steps_per_epoch(name, ingested):
     """Training takes the class names and the steps of an epoch from its loader: the full batches that every
     rank has, so ranks whose blocks differ by a sample still step together."""
@@ -156,7 +156,7 @@ def test_a_loader_tells_training_its_classes_and_steps_per_epoch(name, ingested)
     assert [loader.steps_per_epoch for loader in ranks] == [count // 2 // BATCH] * 2
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_a_split_of_two_batches_with_a_short_last_one_runs_epoch_after_epoch(name, split, ingested):
     """Issue 19 item 3: the Normalizer's ring of reused buffers once kept a buffer sized for the short last
@@ -182,14 +182,14 @@ def test_workers_default_to_this_process_share_of_the_cores(monkeypatch):
     assert resolve_workers(0) == 0 and resolve_workers(3) == 3
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_negative_workers_are_one_line(name, ingested):
     require(name)
     with pytest.raises(UsageError, match="^--workers must be >= 0 \\(0: load in the training process\\), not -1$"):
         make_loader(name, ingested, "test", batch_size=4, workers=-1)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_not_ingested_folder_is_one_line_pointing_at_ingest(name, tmp_path, capsys):
     require(name)
     with pytest.raises(SystemExit) as exit_:
@@ -199,7 +199,7 @@ def test_not_ingested_folder_is_one_line_pointing_at_ingest(name, tmp_path, caps
     assert err.count("\n") == 1 and "python ingest/build.py" in err
 
 
-@pytest.mark.parametrize("name", ["dali", "ffcv", "torch"])  # the backends that read the ingested binaries
+@pytest.mark.parametrize("name", slow_backends(["dali", "ffcv", "torch"]))  # the backends that read the ingested binaries
 def test_missing_shards_are_a_usage_error(name, tmp_path, ingested):
     require(name)
     for kept in (layout.MANIFEST, "train.csv", "test.csv"):
@@ -208,7 +208,7 @@ def test_missing_shards_are_a_usage_error(name, tmp_path, ingested):
         make_loader(name, tmp_path, "train", batch_size=4)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_cuda_asked_without_gpu_is_a_usage_error(name, ingested):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -217,7 +217,7 @@ def test_cuda_asked_without_gpu_is_a_usage_error(name, ingested):
         make_loader(name, ingested, "test", batch_size=4, device="cuda")
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_gpu_batches_stay_on_the_gpu(name, ingested):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

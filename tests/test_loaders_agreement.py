@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require
+from conftest import require, slow_backends
 from ingest import layout
 from loaders import make_loader
 from loaders.common import IMAGENET_MEAN, IMAGENET_STD
@@ -79,7 +79,7 @@ def reference(ingested):
     return {i: pil_reference(jpeg, RES).astype(np.float32) for i, jpeg in stored_jpegs(ingested, "test").items()}
 
 
-@pytest.mark.parametrize("name", AGREEING)
+@pytest.mark.parametrize("name", slow_backends(AGREEING))
 def test_test_split_agrees_with_pil_reference(name, ingested, reference):
     require(name)
     loader = make_loader(name, ingested, "test", batch_size=4, res=RES, device="cpu", workers=1, with_ids=True)
@@ -257,7 +257,8 @@ def train_epochs(name, data_dir, augment, epochs, device="cpu"):
 NONE_EXACT = {"torch": 1.01, "resident": 1.01}  # worst pixel, levels (+ float error of undoing the normalisation)
 
 
-@pytest.mark.parametrize("name", AGREEING + ["folder"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", slow_backends(AGREEING + ["folder"]))
 def test_train_split_without_augmentation_is_the_test_transform_and_flip_only_mirrors_it(name, ingested):
     """augment="none" has no randomness but the order: two epochs give the very same tensors per sample id, in
     another order, and those are the test transform of the stored JPEG (the PIL reference): torch and resident

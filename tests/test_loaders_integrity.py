@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli import UsageError
-from conftest import has_beton, require, require_beton
+from conftest import has_beton, require, require_beton, slow_backends
 from ingest import layout
 from loaders import make_loader
 from tests.test_loaders import BACKENDS
@@ -120,7 +120,7 @@ def test_a_shard_cut_short_after_the_start_up_check_is_one_line(workers, ingeste
     assert "\n" not in line and line.startswith(f"test sample {len(samples) - 1} in {tar} does not decode")
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_every_loader_refuses_a_manifest_without_files(name, ingested, tmp_path):
     require(name)
     data, manifest = dataset_copy(ingested, tmp_path)
@@ -146,7 +146,7 @@ def test_a_truncated_beton_is_one_line_not_a_crash(ingested, tmp_path):
         make_loader("ffcv", data, "train", batch_size=4, device="cpu")
 
 
-@pytest.mark.parametrize("name", ["dali", "torch", "resident", "ffcv"])
+@pytest.mark.parametrize("name", slow_backends(["dali", "torch", "resident", "ffcv"]))
 @pytest.mark.parametrize("damage", ["header", "jpeg"])
 def test_bytes_damaged_in_place_are_found_by_their_digest(name, damage, ingested, tmp_path):
     """Same-size damage that a decoder may take for a JPEG (libjpeg-turbo warns and carries on) or that
@@ -211,7 +211,8 @@ def read_all(name, data, split="test", workers=1):
     return sum(len(labels) for _, labels in loader)
 
 
-@pytest.mark.parametrize("name,workers", [("torch", 0), ("torch", 1), ("resident", 1), ("ffcv", 1), ("dali", 1)])
+@pytest.mark.parametrize("name,workers", slow_backends([("torch", 0), ("torch", 1), ("ffcv", 1), ("dali", 1)]) + [
+    pytest.param("resident", 1, marks=pytest.mark.slow)])
 def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, ingested, tmp_path):
     require(name)
     data, manifest = dataset_copy(ingested, tmp_path)
@@ -223,7 +224,8 @@ def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, 
     assert "\n" not in line and line.startswith(f"test sample 3 in {data / ('test.beton' if name == 'ffcv' else 'test-00000.tar')} does not decode: run python ingest/build.py --verify --out {data}")
 
 
-@pytest.mark.parametrize("name", ["torch", "ffcv", "dali"])  # resident reads the shards only while it is built
+# resident reads the shards only while it is built
+@pytest.mark.parametrize("name", slow_backends(["torch", "ffcv", "dali"]))
 def test_data_ingested_again_under_a_running_loader_is_said_to_be_replaced_not_damaged(name, ingested, tmp_path):
     """Issue 19 item 16: a loader that meets bytes that no longer decode after the manifest changed under it
     says the data was replaced (and to restart), not that a shard is damaged."""
@@ -241,6 +243,7 @@ def test_data_ingested_again_under_a_running_loader_is_said_to_be_replaced_not_d
     assert "restart" in line and "damaged" not in line
 
 
+@pytest.mark.slow
 def test_ffcv_stops_on_a_jpeg_that_libjpeg_only_warns_about(ingested, tmp_path):
     require("ffcv")
     data, manifest = dataset_copy(ingested, tmp_path)

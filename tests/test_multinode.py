@@ -84,6 +84,7 @@ def one_node(ingested, tmp_path_factory):
     return tmp / "one", tmp / "one-rank", script
 
 
+@pytest.mark.slow
 def test_two_nodes_train_one_run_like_one_node_with_two_processes(one_node, ingested, tmp_path):
     one_dir, one_prefix, script = one_node
     steps_per_epoch = len(step_losses(one_dir)) // 2
@@ -130,6 +131,7 @@ def rank_process(launcher, rank, timeout=120):
     raise AssertionError(f"no rank {rank} process appeared in {timeout} s")
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(one_node, ingested, tmp_path):
     one_dir, one_prefix, script = one_node
     steps_per_epoch = len(step_losses(one_dir)) // 2
@@ -154,6 +156,7 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(on
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_node_that_never_comes_back_ends_the_launch_in_one_line(ingested, tmp_path):
     """python -m training.launch (torchrun, one-line ends): node 1 (agent and worker) killed with -9 after the
     first checkpoint; node 0's worker says in one line that it lost its peer, torchrun restarts it, the
@@ -190,3 +193,18 @@ def test_a_node_that_never_comes_back_ends_the_launch_in_one_line(ingested, tmp_
                       f"{socket.gethostname()}); the run keeps its last checkpoint: when every node is up, relaunch "
                       "them all with --resume runs/lost added"), err[-3000:]
     assert "error: rank 0 of 2 on" in err and "lost its peer at 127.0.0.1" in err, err[-3000:]
+
+
+def test_a_restart_finds_its_run_by_the_rendezvous_id_and_max_restarts_needs_a_name(monkeypatch):
+    """What lets a restarted group find its run (training/elastic.py), without launching one."""
+    from dataclasses import replace
+
+    from cli import UsageError
+    from training.elastic import run_name
+    cfg = train.Config(net="resnet18", loader="resident")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert run_name(cfg) == "resnet18-resident-job7" and run_name(replace(cfg, name="mine")) == "mine"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    with pytest.raises(UsageError, match="--max-restarts needs a run name"):
+        run_name(cfg)

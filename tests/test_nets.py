@@ -10,7 +10,8 @@ from cli import UsageError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("name,resolutions", [("alexnet", (64, 100)), ("flat", (64, 160)),
+@pytest.mark.parametrize("name,resolutions", [pytest.param("alexnet", (64, 100), marks=pytest.mark.slow),
+                                              pytest.param("flat", (64, 160), marks=pytest.mark.slow),
                                               ("narrow", (64, 96)), ("resnet18", (32, 64))])
 def test_every_net_gives_class_logits_at_several_resolutions(name, resolutions):
     model = nets.build(name, 7).eval()
@@ -19,6 +20,7 @@ def test_every_net_gives_class_logits_at_several_resolutions(name, resolutions):
             assert model(torch.zeros(2, 3, res, res)).shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_alexnet_keeps_the_study_geometry_at_224():
     # 224 -> 55 after the 11/4 conv and 6x6 before the classifier, as in AlexNet, with or without batch norm.
     model = nets.build("alexnet", 5, batchnorm=True, dropout=0.5)
@@ -30,6 +32,7 @@ def test_alexnet_keeps_the_study_geometry_at_224():
     assert [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_flat_is_shallower_and_narrow_is_narrower():
     def convs(model):
         return [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
@@ -39,6 +42,7 @@ def test_flat_is_shallower_and_narrow_is_narrower():
     assert all(n.out_channels < a.out_channels for n, a in zip(narrow, alex))
 
 
+@pytest.mark.slow
 def test_strides_and_kernels_are_per_layer_parameters():
     model = nets.build("flat", 5, strides=(2, 1, 1), kernels=(7, 3, 3))
     conv = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
@@ -51,6 +55,7 @@ def test_strides_and_kernels_are_per_layer_parameters():
         nets.build("vgg", 5)
 
 
+@pytest.mark.slow
 def test_transfer_loads_a_local_state_dict_and_replaces_the_head(tmp_path):
     from torchvision.models import resnet18
     torch.manual_seed(1)
@@ -69,6 +74,7 @@ def test_transfer_loads_a_local_state_dict_and_replaces_the_head(tmp_path):
     assert all(p.requires_grad for p in nets.build("resnet18", 4, pretrained=path).parameters())
 
 
+@pytest.mark.slow
 def test_transfer_errors_are_one_line(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         nets.build("resnet18", 4, pretrained=tmp_path / "missing.pt")

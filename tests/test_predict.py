@@ -52,6 +52,7 @@ def trained(tiny_src, tmp_path_factory):
     return Path(summary["run_dir"]), data
 
 
+@pytest.mark.slow
 def test_source_photos_of_the_test_split_agree_with_the_runs_test_pass(trained):
     run_dir, data = trained
     manifest = json.loads((data / "manifest.json").read_text())
@@ -90,6 +91,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_top_k_rows_name_the_merged_classes_in_falling_probability(trained, tmp_path, capsys):
     run_dir, data = trained
     photo = next((Path(json.loads((data / "manifest.json").read_text())["source"]) / "Food").glob("*.jpg"))
@@ -117,6 +119,7 @@ def bomb_png():
             + chunk(b"IDAT", zlib.compress(bytes(20_000))) + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow
 def test_every_bad_photo_is_a_row_with_ingests_reason(trained, tiny_src, tmp_path):
     run_dir, data = trained
     junk = json.loads((tiny_src / ".demo.json").read_text())["junk"]
@@ -150,6 +153,7 @@ def test_every_bad_photo_is_a_row_with_ingests_reason(trained, tiny_src, tmp_pat
     assert exit.value.code == 0
 
 
+@pytest.mark.slow
 def test_no_run_a_damaged_checkpoint_or_another_dataset_is_one_line_and_exit_2(trained, ingested, tmp_path, capsys):
     run_dir, _ = trained
     photo = str(REPO / "README.md")  # never read: each case stops before the photos
@@ -178,6 +182,7 @@ def exported(trained, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.onnx", "model.pt"])
 def test_exports_match_the_eager_model_within_the_fp32_bound(trained, exported, name):
     run_dir, _ = trained
@@ -199,6 +204,7 @@ def test_exports_match_the_eager_model_within_the_fp32_bound(trained, exported, 
     assert np.abs(ours - eager).max() <= parity["bound"]
 
 
+@pytest.mark.slow
 def test_an_export_that_does_not_match_fails_naming_the_difference(trained, tmp_path, monkeypatch, capsys):
     run_dir, _ = trained
     real = export_module.export_torchscript
@@ -210,6 +216,7 @@ def test_an_export_that_does_not_match_fails_naming_the_difference(trained, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_standalone_onnxruntime_example_classifies_as_predict_does(trained, exported, tmp_path):
     run_dir, data = trained
     code = re.search(r"```python\n(.*?)```", (REPO / "docs" / "predict.md").read_text(), re.S).group(1)

@@ -58,6 +58,7 @@ def plain_study_loop(cfg, num_classes):
     return losses, model.state_dict()
 
 
+@pytest.mark.slow
 def test_study_is_the_default_and_bit_identical_to_the_plain_loop(ingested, tmp_path):
     assert train.Config().recipe == "study" and train.parse([]).recipe == "study"
     cfg = tiny(ingested, tmp_path, "study")
@@ -97,7 +98,8 @@ def observed_pieces(run, evaluated_with_flip):
     return on
 
 
-@pytest.mark.parametrize("without", [None, *recipe.RECIPE_PIECES])
+@pytest.mark.slow
+@pytest.mark.parametrize("without", [None, *(pytest.param(p, marks=pytest.mark.slow) for p in recipe.RECIPE_PIECES)])
 def test_fast_pieces_are_on_when_asked_and_off_otherwise(without, ingested, tmp_path, monkeypatch):
     flips = []
     monkeypatch.setattr(train, "evaluate", lambda *args, flip=False: flips.append(flip) or ([0], [0], [1.0]))
@@ -127,6 +129,7 @@ def test_progressive_and_fixres_schedule():
     assert [recipe.train_res(train.Config(res=128, epochs=5), e) for e in range(5)] == [128] * 5
 
 
+@pytest.mark.slow
 def test_a_tiny_fast_run_trains_at_the_scheduled_res_and_records_its_pieces(ingested, tmp_path):
     cfg = tiny(ingested, tmp_path, "fast", recipe="fast", res=64, epochs=3)
     summary = train.train(cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loaders
-from conftest import require
+from conftest import require, slow_backends
 from loaders import make_loader, resident
 
 BACKENDS = list(loaders.BACKENDS)
@@ -27,8 +27,8 @@ def shapes_per_epoch(loader, schedule):
     return seen
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("split", [pytest.param("train", marks=pytest.mark.slow), "test"])
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_batches_follow_the_resolution_schedule(name, split, ingested):
     require(name)
     loader = make_loader(name, ingested, split, batch_size=16, res=32, device="cpu", seed=0, workers=1)
@@ -37,7 +37,8 @@ def test_batches_follow_the_resolution_schedule(name, split, ingested):
     gc.collect()  # FFCV's finalizers run under this module's warning filter
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", slow_backends(BACKENDS))
 def test_test_batches_at_the_build_res_are_unchanged_after_a_detour(name, ingested):
     """Back at the res a loader was built with, the test path gives the very pixels it gave first."""
     require(name)

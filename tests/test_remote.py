@@ -97,6 +97,7 @@ def cached_files(cache, manifest):
     return Path(cache) / manifest["fingerprint"]
 
 
+@pytest.mark.slow
 def test_train_one_epoch_from_an_http_url(served, tmp_path):
     manifest = layout.read_manifest(served)
     with Server(served.parent) as server:
@@ -118,6 +119,7 @@ def fetch_in_child(url, cache, stderr=subprocess.PIPE):
                             stderr=stderr, text=True)
 
 
+@pytest.mark.slow
 def test_a_fetch_killed_midway_resumes_to_the_same_bytes(served, tmp_path):
     manifest = layout.read_manifest(served)
     held = max(manifest["files"], key=lambda n: manifest["files"][n]["bytes"])  # caught in flight
@@ -147,6 +149,7 @@ def test_a_fetch_killed_midway_resumes_to_the_same_bytes(served, tmp_path):
         assert (folder / name).read_bytes() == (served / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_a_file_changed_on_the_server_is_refused_by_its_checksum(served, tmp_path):
     manifest = layout.read_manifest(served)
     tar = served / manifest["splits"]["train"]["shards"][0]["tar"]
@@ -214,6 +217,7 @@ def run_cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_a_missing_client_or_a_read_only_target_is_one_line(ingested, tmp_path):
     try:
         import gcsfs  # noqa: F401
@@ -251,6 +255,7 @@ def s3(monkeypatch):
         fsspec.get_filesystem_class("s3").clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_publish_to_s3_then_train_from_it(ingested, s3, tmp_path):
     assert build.main(["--out", str(ingested), "--publish", "s3://bucket/tiny", "--quiet"]) == 0
     manifest = layout.read_manifest(ingested)

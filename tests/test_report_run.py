@@ -58,6 +58,7 @@ def call(argv):
     return stop.value.code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_every_artifact_is_written(run_dir):
     for name in DRAWN:
         assert (run_dir / name).stat().st_size > 0, name
@@ -73,6 +74,7 @@ def refusal(argv):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_missing_or_damaged_run_is_one_line_and_exit_2(trained, ingested, tmp_path):
     assert "no run there" in refusal([str(tmp_path / "nowhere")])
     assert not (tmp_path / "nowhere").exists()  # nothing made where no run was
@@ -93,6 +95,7 @@ def test_a_missing_or_damaged_run_is_one_line_and_exit_2(trained, ingested, tmp_
         assert says in line and name in line, line
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_that_says_the_run_is_intact(trained, tmp_path, monkeypatch):
     import report.render
     monkeypatch.setattr(report.render, "plot_run", lambda run_dir: enospc())
@@ -106,6 +109,7 @@ def enospc():
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow
 def test_a_run_being_written_is_named_and_left_alone(trained, tmp_path):
     run = tmp_path / "busy"
     shutil.copytree(trained, run)
@@ -116,6 +120,7 @@ def test_a_run_being_written_is_named_and_left_alone(trained, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_grad_norms_are_logged_per_layer_with_every_loss_read(run_dir):
     steps, _ = read_metrics(run_dir)
     logged = [s for s in steps if "grad_norms" in s]
@@ -127,6 +132,7 @@ def test_grad_norms_are_logged_per_layer_with_every_loss_read(run_dir):
     assert all(v > 0 and np.isfinite(v) for s in logged for v in s["grad_norms"].values())
 
 
+@pytest.mark.slow
 def test_per_class_and_suspects_agree_with_the_test_predictions(run_dir, ingested):
     saved = np.load(run_dir / "test_predictions.npz")
     y_true, y_pred, conf = saved["y_true"], saved["y_pred"], saved["confidence"]
@@ -163,8 +169,10 @@ def sizes_by_forward(model, res):
     return sides
 
 
-@pytest.mark.parametrize("strides,kernels,res", [(None, None, 224), ((2, 1, 1), (7, 5, 3), 96),
-                                                  ((6, 2, 1), (15, 3, 3), 224), ((1, 1, 1), (3, 3, 3), 40)])
+@pytest.mark.parametrize("strides,kernels,res", [
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [(None, None, 224), ((2, 1, 1), (7, 5, 3), 96),
+                                                               ((6, 2, 1), (15, 3, 3), 224)]),
+    ((1, 1, 1), (3, 3, 3), 40)])
 def test_layers_md_output_sizes_equal_a_real_forward(strides, kernels, res):
     model = nets.build("flat", 5, strides=strides, kernels=kernels)
     text = layers_markdown(layer_table(model, res), "flat")

@@ -95,7 +95,8 @@ def crops_by_path(path, photos, res):
     return images, ids
 
 
-@pytest.mark.parametrize("path", ["resident-cpu", "resident-gpu-batched", "torch-gpu-batched"])
+@pytest.mark.parametrize("path", ["resident-cpu", *(pytest.param(p, marks=pytest.mark.slow)
+                                                    for p in ("resident-gpu-batched", "torch-gpu-batched"))])
 def test_crop_boxes_follow_torchvision_over_the_whole_photo(path):
     """The crop boxes, read back from crops of coordinate ramps, have torchvision's RandomResizedCrop
     distribution relative to the whole photo (area share, aspect, position; flips half the time), for wide,

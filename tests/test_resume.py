@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from conftest import require
@@ -47,6 +48,7 @@ def kill_in_epoch_1(options, run_dir):
     assert child.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-500:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,augment", [(name, "rrc") for name in BACKENDS] + [("ffcv", "flip"), ("torch", "flip")])
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(name, augment, ingested, tmp_path):
     """Every loader with its default augmentation, and the flip-only one where flips are drawn in worker
@@ -58,3 +60,21 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(name, augmen
     resumed = train.train(train.Config(resume=str(tmp_path / "cut")))
     assert resumed["epochs"] == 3
     assert step_losses(resumed["run_dir"]) == step_losses(full["run_dir"])
+
+
+def test_a_fresh_loader_at_epoch_1_gives_the_batches_of_one_that_ran_epoch_0(ingested):
+    """What resume rests on, without a run: a new loader's epoch is a function of (seed, epoch, sample) alone,
+    augmentation draws included."""
+    from loaders import make_loader
+
+    def loader():
+        return make_loader("torch", ingested, "train", batch_size=16, res=32, device="cpu", seed=0, workers=0,
+                           augment="rrc", with_ids=True)
+
+    ran, fresh = loader(), loader()
+    for _ in ran:
+        pass
+    ran.set_epoch(1)
+    fresh.set_epoch(1)
+    for (a, la, ia), (b, lb, ib) in zip(ran, fresh, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(a, b)

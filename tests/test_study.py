@@ -20,6 +20,7 @@ def tiny(ingested, out, **kw):
                                  bootstrap=50), **kw})
 
 
+@pytest.mark.slow
 def test_every_experiment_writes_tables_and_plots_and_reruns_are_reused(ingested, tmp_path, monkeypatch):
     cfg = tiny(ingested, tmp_path / "study")
     assert study_main(cfg, study_mod.EXPERIMENTS) == 0
@@ -86,6 +87,7 @@ def test_bad_arguments_are_usage_errors(tmp_path):
         study_main(StudyConfig(data=tmp_path, out=tmp_path / "o"), ("nets",))
 
 
+@pytest.mark.slow
 def test_the_study_writes_only_into_its_own_folder_and_retrains_on_other_data(ingested, tmp_path, monkeypatch):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -113,6 +115,7 @@ def test_the_study_writes_only_into_its_own_folder_and_retrains_on_other_data(in
 
 # ----------------------------------------------------------------------------------------------- issue 19
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_continued_and_a_damaged_cache_entry_rebuilt(ingested, tmp_path, monkeypatch):
     """kill -9 past the first checkpoint, then a rerun continues from last.pt (the cache key compares the
     settled config: pieces null vs [] once differed, and the run started again); a damaged cached run is
@@ -169,6 +172,7 @@ def test_an_interrupted_run_is_continued_and_a_damaged_cache_entry_rebuilt(inges
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_one_study_per_out_and_one_dataset_per_study(ingested, tmp_path):
     import shutil
 

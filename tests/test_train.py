@@ -53,6 +53,7 @@ def learned(ingested, tmp_path_factory):
     return train.train(tiny(ingested, runs, "learn", epochs=6, amp="bf16"))
 
 
+@pytest.mark.slow
 def test_a_tiny_run_learns_with_bf16_on_the_cpu(learned):
     steps, epochs = read_metrics(learned["run_dir"])
     chance = 1 / len(json.loads((Path(learned["run_dir"]) / "config.json").read_text())["classes"])
@@ -62,6 +63,7 @@ def test_a_tiny_run_learns_with_bf16_on_the_cpu(learned):
     assert learned["final_loss"] == epochs[-1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_the_run_folder_holds_config_metrics_checkpoint_and_predictions_only(learned, ingested):
     run_dir = Path(learned["run_dir"])
     steps_per_epoch = split_count(ingested, "train") // 16  # full batches only
@@ -84,6 +86,7 @@ def test_the_run_folder_holds_config_metrics_checkpoint_and_predictions_only(lea
     assert learned["images_per_sec"] > 0 and learned["peak_rss_mb"] > 0 and learned["peak_gpu_mb"] is None
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested, tmp_path, learned):
     start = str(Path(learned["run_dir"]) / "last.pt")  # a run that began --init-from resumes too
     full = train.train(tiny(ingested, tmp_path, "full", init_from=start))
@@ -100,6 +103,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(ingested,
     assert resumed["test_acc"] == full["test_acc"] and resumed["final_loss"] == full["final_loss"]
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_checkpoint_weights(ingested, tmp_path, learned):
     # lr 0 leaves the parameters where they started, so they must equal the checkpoint's.
     run = train.train(tiny(ingested, tmp_path, "init", epochs=1, lr=0.0,
@@ -111,6 +115,7 @@ def test_init_from_starts_from_the_checkpoint_weights(ingested, tmp_path, learne
                          init_from=str(Path(learned["run_dir"]) / "last.pt")))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(ingested, tmp_path):
     config = tiny(ingested, tmp_path, "term", epochs=100, log_every=1)
     metrics = Path(config.runs_dir) / config.name / "metrics.jsonl"
@@ -131,6 +136,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(ingested, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is handed back
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_a_clear_message(ingested, tmp_path):
     with pytest.raises(UsageError, match="loss became non-finite at step"):
         train.train(tiny(ingested, tmp_path, "nan", net="flat", res=64, epochs=2, lr=1e12, warmup=0,
@@ -180,6 +186,7 @@ def test_bad_arguments_are_one_usage_error_line(argv, message, tmp_path):
         train.main(argv + ["--runs-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_the_command_line_draws_the_report_unless_no_report(ingested, tmp_path, monkeypatch, capsys):
     import report.render
     drawn = []
@@ -212,6 +219,7 @@ def test_augment_reaches_the_train_loader(ingested, tmp_path, monkeypatch):
     assert [augment for split, augment in made if split == "train"] == ["none", "rrc"]
 
 
+@pytest.mark.slow
 def test_the_cli_reports_a_bad_argument_in_one_line_with_exit_2(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "train.py"), "--net", "vgg"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120)
@@ -220,6 +228,7 @@ def test_the_cli_reports_a_bad_argument_in_one_line_with_exit_2(tmp_path):
                                                 "resnet18"]
 
 
+@pytest.mark.slow
 def test_find_lr_leaves_the_run_bit_identical_and_lr_auto_uses_its_suggestion(ingested, tmp_path):
     plain = train.train(tiny(ingested, tmp_path, "plain", epochs=1))
     swept = train.train(tiny(ingested, tmp_path, "swept", epochs=1, find_lr=True, find_lr_steps=12))
@@ -238,6 +247,7 @@ def test_find_lr_leaves_the_run_bit_identical_and_lr_auto_uses_its_suggestion(in
     assert max(s["lr"] for s in read_metrics(auto["run_dir"])[0]) <= suggested
 
 
+@pytest.mark.slow
 def test_merge_trains_the_merged_classes_as_one(ingested, tmp_path):
     from sklearn.metrics import confusion_matrix
     run = train.train(tiny(ingested, tmp_path, "merged", epochs=1, merge=("People+Celebrities",)))
@@ -259,6 +269,7 @@ def test_merge_trains_the_merged_classes_as_one(ingested, tmp_path):
         merge_classes(["A", "B"], ["A+B"])
 
 
+@pytest.mark.slow
 def test_pretrained_takes_a_fastpix_checkpoint_of_another_class_count(ingested, tmp_path, learned):
     from ingest.build import build
     from ingest.config import IngestConfig

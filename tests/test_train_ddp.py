@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import train
@@ -50,6 +51,7 @@ def torchrun(script, *args):
     return json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's summary; the other rank prints none
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested, tmp_path):
     from torchvision.models import resnet18
     torch.manual_seed(0)
@@ -77,6 +79,7 @@ def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested,
     assert epochs[0]["train_samples"] == 2 * per_rank_steps * 16
 
 
+@pytest.mark.slow
 def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
     script = tmp_path / "rank_dump.py"
     script.write_text(RANK_DUMP)
@@ -104,6 +107,7 @@ def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_one_process_under_torchrun_brings_up_the_process_group(ingested, tmp_path):
     """The 1-GPU NCCL check of `bench.gpu check` runs this with NCCL; here gloo stands in for it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -115,3 +119,14 @@ def test_one_process_under_torchrun_brings_up_the_process_group(ingested, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((tmp_path / "one" / "config.json").read_text())
     assert config["world"] == 1 and config["process_group"] == "gloo"
+
+
+def test_two_ranks_test_every_sample_exactly_once(ingested):
+    """The fast tier's part of 1.: each rank's test loader reads its own block of the split, the two together
+    every sample once (the reduction of their counts is what the runs above check)."""
+    from loaders import make_loader
+    ids = [int(i) for rank in (0, 1) for _, _, batch in make_loader(
+        "torch", ingested, "test", batch_size=16, res=32, device="cpu", rank=rank, world=2, workers=0,
+        with_ids=True) for i in batch]
+    count = json.loads((Path(ingested) / "manifest.json").read_text())["splits"]["test"]["count"]
+    assert sorted(ids) == list(range(count))

@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")]  # FFCV's numba
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", [None, "ffcv"])  # None: train.py's default, dali
 def test_a_tiny_run_trains_every_step_and_tests_every_sample(loader, ingested, tmp_path):
     cfg = train.parse(["--data", str(ingested), "--net", "resnet18", "--res", "32", "--batch-size", "16",
@@ -30,3 +31,17 @@ def test_a_tiny_run_trains_every_step_and_tests_every_sample(loader, ingested, t
     assert all(np.isfinite(s["loss"]) for s in steps) and summary["stopped"] is None
     assert [e["test_samples"] for e in epochs] == [manifest["splits"]["test"]["count"]] * 2
     assert [e["train_samples"] for e in epochs] == [steps_per_epoch * 16] * 2
+
+
+def test_the_default_run_reads_both_splits_through_dali(ingested, tmp_path):
+    """The fast tier's check, without training: a run of train.py's defaults builds its loaders with DALI."""
+    import torch
+    cfg = train.parse(["--data", str(ingested), "--net", "resnet18", "--res", "32", "--batch-size", "16",
+                       "--device", "cpu", "--workers", "1", "--runs-dir", str(tmp_path), "--name", "run"])
+    require(cfg.loader)
+    train.check(cfg)
+    run = train.Run(cfg, 0, 1, torch.device("cpu"))
+    manifest = json.loads((Path(ingested) / "manifest.json").read_text())
+    assert cfg.loader == "dali" and type(run.train_loader).__module__ == "loaders.dali"
+    assert run.train_loader.num_samples == manifest["splits"]["train"]["count"]
+    assert run.test_loader.num_samples == manifest["splits"]["test"]["count"]

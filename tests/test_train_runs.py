@@ -44,12 +44,14 @@ def stopped(ingested, tmp_path_factory):
     return Path(train.train(tiny(ingested, runs, "stopped", max_steps=1))["run_dir"])
 
 
+@pytest.mark.slow
 def test_config_and_checkpoint_record_the_data_fingerprint(stopped, ingested):
     fingerprint = json.loads((ingested / "manifest.json").read_text())["fingerprint"]
     assert json.loads((stopped / "config.json").read_text())["data_fingerprint"] == fingerprint
     assert torch.load(stopped / "last.pt", weights_only=True)["data_fingerprint"] == fingerprint
 
 
+@pytest.mark.slow
 def test_resume_and_init_from_refuse_another_dataset_unless_allowed(ingested, tmp_path):
     data = copy_data(ingested, tmp_path)
     run_dir = Path(train.train(tiny(data, tmp_path / "runs", "a", max_steps=1))["run_dir"])
@@ -65,6 +67,7 @@ def test_resume_and_init_from_refuse_another_dataset_unless_allowed(ingested, tm
     assert torch.load(run_dir / "last.pt", weights_only=True)["data_fingerprint"] == "f" * 64
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_classes_in_one_line_even_when_allowed(ingested, tmp_path):
     data = copy_data(ingested, tmp_path)
     run_dir = Path(train.train(tiny(data, tmp_path / "runs", "a", max_steps=1))["run_dir"])
@@ -77,6 +80,7 @@ def test_resume_refuses_other_classes_in_one_line_even_when_allowed(ingested, tm
         train.train(train.Config(resume=str(run_dir), max_steps=2, allow_other_data=True))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(stopped, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
@@ -88,6 +92,7 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_line(stopped, tmp_path):
         train.train(train.Config(resume=str(run_dir)))
 
 
+@pytest.mark.slow
 def test_a_folder_train_did_not_make_is_never_written_into(ingested, tmp_path):
     foreign = tmp_path / "runs" / "mine"
     foreign.mkdir(parents=True)
@@ -100,6 +105,7 @@ def test_a_folder_train_did_not_make_is_never_written_into(ingested, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_a_run_that_died_before_its_first_checkpoint_starts_again(ingested, tmp_path, monkeypatch):
     def killed(path, **state):
         raise RuntimeError("killed while writing the first checkpoint")
@@ -137,6 +143,7 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(ingested, tmp_
         train.train(tiny(ingested, tmp_path / "runs", "again", max_steps=1))
 
 
+@pytest.mark.slow
 def test_remove_run_deletes_only_what_train_wrote(stopped, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
@@ -154,6 +161,7 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(ingested, tmp_path, monkeypatch):
     runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "full"
 
@@ -239,6 +247,7 @@ def fake_run_folder(path, marker, config=None, **files):
     return sorted(p.name for p in path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("marker", ["", "{\"finished\": fal", "[]", "\0" * 20])
 def test_an_empty_or_damaged_marker_is_one_line_and_nothing_is_touched(ingested, tmp_path, marker):
     run_dir = tmp_path / "runs" / "x"
@@ -250,6 +259,7 @@ def test_an_empty_or_damaged_marker_is_one_line_and_nothing_is_touched(ingested,
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_a_hand_written_marker_never_lets_train_overwrite_the_users_files(ingested, tmp_path):
     """A restart deletes only what a run writes before its first checkpoint, and only from a train.py config."""
     runs = tmp_path / "runs"
@@ -265,6 +275,7 @@ def test_a_hand_written_marker_never_lets_train_overwrite_the_users_files(ingest
     assert json.loads((runs / "cfg" / "config.json").read_text()) == {"title": "my settings"}
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_config_json_that_does_not_match_its_checkpoint(stopped, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
@@ -283,6 +294,7 @@ def test_resume_refuses_a_config_json_that_does_not_match_its_checkpoint(stopped
         train.train(train.Config(resume=str(run_dir)))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_flipped_weight_bytes_is_refused_by_its_digest(stopped, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
@@ -302,6 +314,7 @@ def test_a_checkpoint_with_flipped_weight_bytes_is_refused_by_its_digest(stopped
     (lambda text: "\0" * len(text), "is damaged at line 1"),
     (None, "metrics.jsonl is missing"),
 ])
+@pytest.mark.slow
 def test_a_damaged_metrics_log_stops_resume_in_one_line(stopped, tmp_path, damage, message):
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped, run_dir)
@@ -314,6 +327,7 @@ def test_a_damaged_metrics_log_stops_resume_in_one_line(stopped, tmp_path, damag
         train.train(train.Config(resume=str(run_dir)))
 
 
+@pytest.mark.slow
 def test_resume_needs_only_the_run_folder_and_the_data(ingested, stopped, tmp_path, monkeypatch):
     """--pretrained moved away, a relative --data from another directory, the data moved (--data, by fingerprint)."""
     weights = tmp_path / "imported.pt"
@@ -338,6 +352,7 @@ def test_resume_needs_only_the_run_folder_and_the_data(ingested, stopped, tmp_pa
     assert torch.load(run_dir / "last.pt", weights_only=True)["config"]["data"] == str(moved)
 
 
+@pytest.mark.slow
 def test_a_run_folder_has_one_writer(stopped, ingested, tmp_path):
     """Held by another process (here: this one, through another descriptor), a run folder is refused at once,
     for a new run of that name and for --resume, with nothing written."""
