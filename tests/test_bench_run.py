@@ -2,27 +2,35 @@
 is a ratio to the folder baseline of the same run, and a failing cell becomes a row, not a crash."""
 import csv
 import json
-import subprocess
-import sys
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bench.run import BenchConfig, bench, config_from_args, parse_args, with_ratios
-from cli import UsageError
+from bench.run import BenchConfig, bench, config_from_args, main, parse_args, with_ratios
+from cli import UsageError, run
 
 ROW_FIELDS = ("images_per_sec", "loader_images_per_sec", "data_stall_fraction", "test_acc", "test_acc_ci",
               "macro_precision", "macro_precision_ci", "peak_rss_mb", "peak_gpu_mb", "ratio_to_baseline",
               "loader_ratio_to_baseline")
 
 
-def test_bench_matrix_writes_table_json_csv_png(ingested, tmp_path):
-    out = tmp_path / "bench"
+@pytest.fixture(scope="module")
+def benched(ingested, tmp_path_factory):
+    """One bench of two cells, shared: each cell is a process that trains (read-only: copy before a rerun)."""
+    out = tmp_path_factory.mktemp("benched") / "bench"
     # resnet18: a tenth of flat's weights, so the two cells spend their seconds on the bench, not on checkpoints.
     cfg = BenchConfig(data=ingested, loaders=("folder", "torch"), nets=("resnet18",), epochs=2, batch_size=32,
                       res=64, workers=1, loader_epochs=1, out=out)
     out_dir, rows = bench(cfg, progress=False)
+    return cfg, out_dir, rows
+
+
+@pytest.mark.slow
+def test_bench_matrix_writes_table_json_csv_png(benched):
+    cfg, out_dir, rows = benched
+    out = cfg.out
     assert out_dir == out and [r["cell"] for r in rows] == ["resnet18/folder", "resnet18/torch"]
     for r in rows:
         assert not r.get("error"), r
@@ -45,6 +53,7 @@ def test_bench_matrix_writes_table_json_csv_png(ingested, tmp_path):
     assert list(out.glob("runs/*/metrics.jsonl")) and not list(out.glob("runs/*/last.pt"))  # no weights kept
 
 
+@pytest.mark.slow
 def test_failed_cell_is_a_row_with_the_reason(ingested, tmp_path):
     # res 8 is below what the net accepts: train raises a UsageError in the child, the matrix goes on.
     cfg = BenchConfig(data=ingested, loaders=("folder",), epochs=2, batch_size=32, res=8, out=tmp_path / "b")
@@ -63,7 +72,7 @@ def test_ratios_use_the_same_nets_baseline():
     assert rows[1]["loader_ratio_to_baseline"] == 5.0
 
 
-def test_arguments(tmp_path):
+def test_arguments(tmp_path, capsys):
     cfg = config_from_args(parse_args(["--loaders", "dali", "--quick"]))
     assert cfg.loaders == ("folder", "dali") and cfg.epochs == 2  # baseline always measured alongside
     assert config_from_args(parse_args([])).loaders[0] == "folder"
@@ -71,8 +80,10 @@ def test_arguments(tmp_path):
         config_from_args(parse_args(["--loaders", "nope"]))
     with pytest.raises(UsageError, match="--epochs must be >= 2"):
         config_from_args(parse_args(["--epochs", "1"]))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--data", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "ingest/build.py" in proc.stderr
+    with pytest.raises(SystemExit) as exit_:  # the command as python -m bench runs it (bench/__main__.py)
+        run(main, ["--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and "ingest/build.py" in err
 
 
 def test_a_cells_training_config_is_the_benchs_options_over_trains_defaults():
@@ -99,20 +110,24 @@ def test_a_folder_a_bench_is_claiming_is_busy_not_foreign(tmp_path):
         check_claim(folder, "bench")
 
 
-def test_the_bench_writes_only_into_its_own_results_folder(ingested, tmp_path):
+def test_a_foreign_folder_is_refused_with_nothing_written(ingested, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "table.md").write_text("the user's")
-    cfg = BenchConfig(data=ingested, loaders=("folder",), nets=("resnet18",), epochs=2, batch_size=32, res=32,
-                      workers=1, loader_epochs=1, out=foreign)
+    cfg = BenchConfig(data=ingested, loaders=("folder",), nets=("resnet18",), out=foreign)
     with pytest.raises(UsageError, match="not empty and was not made by the bench"):
         bench(cfg, progress=False)
     assert [p.name for p in foreign.iterdir()] == ["table.md"]
-    # A rerun into its own folder replaces its own cell runs instead of failing on them.
-    out = tmp_path / "bench"
-    for _ in range(2):
-        _, rows = bench(replace(cfg, out=out), progress=False)
-        assert not rows[0].get("error"), rows[0]
+
+
+@pytest.mark.slow
+def test_a_rerun_replaces_its_own_cell_runs_and_refuses_a_users_file(benched, tmp_path):
+    out = tmp_path / "bench"  # a copy of a bench that ran: its own folder, holding its cell runs
+    shutil.copytree(benched[0].out, out)
+    cfg = BenchConfig(data=benched[0].data, loaders=("folder",), nets=("resnet18",), epochs=2, batch_size=32,
+                      res=32, workers=1, loader_epochs=1, out=out)
+    _, rows = bench(cfg, progress=False)
+    assert not rows[0].get("error"), rows[0]
     # ... but a cell run holding a file train.py did not write is refused up front, with nothing deleted (it was
     # deleted, then train.py refused the folder, and the bench exited 0 with an error row).
     run_dir = out / "runs" / "resnet18-folder"

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import train
+from bench.demo import main
+from cli import run
 
 REPO = Path(train.__file__).resolve().parent
 
@@ -18,6 +22,7 @@ def demo(cwd, *args):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_the_demo_generates_ingests_trains_and_benches(tmp_path):
     first = demo(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -30,7 +35,9 @@ def test_the_demo_generates_ingests_trains_and_benches(tmp_path):
     assert "flat/folder" in table and "flat/resident" in table
 
 
-def test_the_demo_rejects_a_too_small_demo_in_one_line(tmp_path):
-    done = demo(tmp_path, "--per-class", "2")
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+def test_the_demo_rejects_a_too_small_demo_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # in this process: the demo above is the run as a user's
+        run(main, ["--data", str(tmp_path / "demo"), "--per-class", "2"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: --per-class must be >= 4 (a test share and a batch of each class), got 2"]
+    assert not (tmp_path / "demo").exists()

@@ -2,16 +2,15 @@
 of its own; the mean over seeds is checked on made-up curves), every promised output with its fields, time to
 target read off the accuracy curves, and one-line errors."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from bench.tta import TtaConfig, config_from_args, plan, summarize, time_to, tta
-from cli import UsageError
+from bench.tta import TtaConfig, config_from_args, main, plan, summarize, time_to, tta
+from cli import UsageError, run
 import train
 
 
+@pytest.mark.slow
 def test_tta_trains_both_recipes_and_writes_table_json_plot(ingested, tmp_path):
     out = tmp_path / "tta"
     cfg = TtaConfig(data=ingested, net="resnet18", loader="resident", epochs=2, batch_size=16, res=32, seeds=(0,),
@@ -60,7 +59,7 @@ def test_plan_interleaves_recipes_per_seed_then_ablates():
                                             ("fast", None, 1), ("fast", "ema", 0), ("fast", "fixres", 0)]
 
 
-def test_arguments(tmp_path):
+def test_arguments(tmp_path, capsys):
     cfg = config_from_args(["--seeds", "0,1,2", "--ablation-seeds", "", "--ablate", "ema"])
     assert cfg.seeds == (0, 1, 2) and cfg.ablation_seeds == () and cfg.ablate == ("ema",)
     with pytest.raises(UsageError, match="not a piece"):
@@ -69,9 +68,10 @@ def test_arguments(tmp_path):
         config_from_args(["--seeds", "0,1", "--ablation-seeds", "2"])
     with pytest.raises(UsageError, match="unknown loader"):
         config_from_args(["--loader", "nope"])
-    proc = subprocess.run([sys.executable, "-m", "bench.tta", "--data", str(tmp_path)], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:  # the command as python -m bench.tta runs it
+        run(main, ["--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
 
 
 def test_one_tta_per_results_folder(ingested, tmp_path):
