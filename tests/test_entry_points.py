@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # Every module that is a command or holds one; bench.__main__ runs `python -m bench` when imported, by design.
 COMMANDS = ("train", "predict", "ingest.build", "ingest.demo", "bench.run", "bench.demo", "bench.ingest",
@@ -43,6 +45,7 @@ def test_importing_an_entry_module_changes_no_path_folder_or_environment(tmp_pat
     assert json.loads(done.stdout.splitlines()[-1]) == {}
 
 
+@pytest.mark.slow
 def test_each_entry_script_runs_by_its_path_from_another_folder_with_its_own_checkout(tmp_path):
     """Its own checkout's modules, not those of whichever fastpix the venv has installed editable (python -v
     names the file each module came from)."""

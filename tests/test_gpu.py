@@ -194,6 +194,7 @@ def test_a_usage_error_is_one_line(argv, tmp_path):
     assert not (REPO / "out").exists()
 
 
+@pytest.mark.slow
 def test_one_entry_point_runs_every_command_without_importing_torch_where_it_needs_none():
     """check and wheels start before anything is installed: their --help must not need torch (or pytest)."""
     for command, needs_torch in (("check", False), ("wheels", False), ("probe", True), ("suite", False)):

@@ -253,7 +253,7 @@ def test_ffcv_stops_on_a_jpeg_that_libjpeg_only_warns_about(ingested, tmp_path):
         read_all("ffcv", data)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: a DataLoader worker starts
 def test_an_unreadable_photo_stops_the_folder_baseline_with_one_line(workers, ingested, tiny_src, tmp_path):
     data, manifest = dataset_copy(ingested, tmp_path)
     source = tmp_path / "src"
