@@ -135,7 +135,7 @@ def test_a_rerun_replaces_its_own_cell_runs_and_refuses_a_users_file(benched, tm
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(UsageError, match=r"resnet18-folder holds NOTES.md, which train.py did not write there: "
                                          r"nothing was deleted; move it out of .* or rerun with another --out"):
-        bench(replace(cfg, out=out), progress=False)
+        bench(cfg, progress=False)
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
