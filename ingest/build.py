@@ -17,15 +17,12 @@ import csv
 import errno
 import functools
 import io
-import multiprocessing
 import os
 import platform
 import resource
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +35,7 @@ if __name__ == "__main__" and not __package__:  # run by its path: import from t
 from cli import Parser, UsageError, add_options, config_from, run  # noqa: E402
 from files import Busy, one_writer, read_json, write_text  # noqa: E402
 from ingest import cache, layout  # noqa: E402
-from ingest.children import ChildDied, said, watch_children  # noqa: E402
+from ingest.children import process_pool, watch_children  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.dedup import dedup  # noqa: E402
 from ingest.journal import claim  # noqa: E402
@@ -192,18 +189,9 @@ def validate_all(cfg, candidates, progress=True):
     """Check every candidate in cfg.workers processes, one progress bar; results in candidate order."""
     tasks = [(cfg, rel, label) for rel, label in candidates]
     chunk = max(1, min(16, len(tasks) // (cfg.workers * 8)))
-    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit broken
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        with watch_children("validation"), pool:
-            return list(tqdm(pool.map(check, tasks, chunksize=chunk), total=len(tasks), desc="validate",
-                             unit="img", disable=not progress))
-    except (BrokenProcessPool, ValueError) as err:
-        # the pool noticed the death first: BrokenProcessPool, or, while it was still starting workers, a
-        # ValueError from spawning with the pipes it had just closed
-        if isinstance(err, BrokenProcessPool) or pool._broken:
-            raise ChildDied(said("validation", "(a worker)", "died")) from None
-        raise
+    with process_pool(cfg.workers, "validation") as pool:
+        return list(tqdm(pool.map(check, tasks, chunksize=chunk), total=len(tasks), desc="validate",
+                         unit="img", disable=not progress))
 
 
 def _formats(log):

@@ -6,9 +6,12 @@ signal, it interrupts the main thread with ChildDied (one line: which child, whi
 children are found in /proc and their status read without reaping them (waitid WNOWAIT), so the pools that
 own them still see what they expect."""
 import contextlib
+import multiprocessing
 import os
 import signal
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from cli import UsageError
 
@@ -83,3 +86,27 @@ def watch_children(what, every=0.5):
         stop.set()
         watcher.join()
         signal.signal(signal.SIGUSR2, previous)
+
+
+@contextlib.contextmanager
+def process_pool(workers, what):
+    """A stage's pool of `workers` spawned processes (spawn, not fork: the caller may hold threads, torch's or
+    DALI's, that a forked child would inherit broken), watched by watch_children: a worker's death is ChildDied,
+    one line. On any exception the stage's workers are ended before the pool waits for them: CPython 3.11's
+    pool, broken by a death while it still starts workers one per task, can wait forever for a worker it
+    started after it broke (seen: the ingest hung in the pool's shutdown after its first worker was killed)."""
+    others = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with watch_children(what):
+            yield pool
+    except BaseException as err:
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.terminate()
+        # the pool noticed the death first: BrokenProcessPool, or, while it was still starting workers, a
+        # ValueError from spawning with the pipes it had just closed
+        if isinstance(err, BrokenProcessPool) or (isinstance(err, ValueError) and pool._broken):
+            raise ChildDied(said(what, "(a worker)", "died")) from None
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)

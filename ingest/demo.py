@@ -13,10 +13,8 @@ is which kind of junk, for the tests. `python ingest/demo.py --out DIR [--per-cl
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ if __name__ == "__main__" and not __package__:  # run by its path: import from t
 from cli import Parser, UsageError, run  # noqa: E402
 from files import one_writer, read_json, write_bytes, write_json  # noqa: E402
 from ingest import layout  # noqa: E402
+from ingest.children import process_pool  # noqa: E402
 
 CLASSES = ("Abstract", "Animals", "Black and White", "Celebrities", "City and Architecture", "Commercial",
            "Concert", "Family", "Fashion", "Film", "Fine Art", "Food", "Journalism", "Landscapes", "Macro",
@@ -252,7 +251,7 @@ def _generate(out, cfg, workers, progress):
         (out / name).mkdir(parents=True, exist_ok=True)
     jobs, junk = _plan(cfg, out)
     workers = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(workers, "the demo") as pool:
         bar = tqdm(pool.map(_write_photo, jobs, chunksize=8), total=len(jobs), desc="demo", unit="img",
                    disable=not progress)
         for _ in bar:

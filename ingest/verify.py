@@ -10,14 +10,13 @@ Shards are checked in worker processes, one file per task.
 """
 import csv
 import hashlib
-import multiprocessing
 import os
 import struct
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
 
 from cli import UsageError
 from ingest import layout
+from ingest.children import process_pool
 from ingest.jpeg import decode_size
 
 RESIDENT_COPIES = "resident-*.pt"  # loaders.resident_cache.PATTERN, without importing torch when there are none
@@ -187,4 +186,4 @@ class _InProcess:
 def _pool(workers, tasks):
     if workers <= 1 or tasks <= 1:
         return _InProcess()
-    return ProcessPoolExecutor(min(workers, tasks), mp_context=multiprocessing.get_context("spawn"))
+    return process_pool(min(workers, tasks), "verify")
