@@ -211,8 +211,8 @@ def read_all(name, data, split="test", workers=1):
     return sum(len(labels) for _, labels in loader)
 
 
-@pytest.mark.parametrize("name,workers", slow_backends([("torch", 0), ("torch", 1), ("ffcv", 1), ("dali", 1)]) + [
-    pytest.param("resident", 1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,workers", slow_backends([("torch", 0), ("ffcv", 1), ("dali", 1)]) + [
+    pytest.param("torch", 1, marks=pytest.mark.slow), pytest.param("resident", 1, marks=pytest.mark.slow)])
 def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, ingested, tmp_path):
     require(name)
     data, manifest = dataset_copy(ingested, tmp_path)
@@ -225,7 +225,8 @@ def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, 
 
 
 # resident reads the shards only while it is built
-@pytest.mark.parametrize("name", slow_backends(["torch", "ffcv", "dali"]))
+@pytest.mark.slow  # each case stops a loader mid-pass: torch waits up to 5 s for its worker to end
+@pytest.mark.parametrize("name", ["torch", "ffcv", "dali"])
 def test_data_ingested_again_under_a_running_loader_is_said_to_be_replaced_not_damaged(name, ingested, tmp_path):
     """Issue 19 item 16: a loader that meets bytes that no longer decode after the manifest changed under it
     says the data was replaced (and to restart), not that a shard is damaged."""

@@ -28,7 +28,8 @@ def shapes_per_epoch(loader, schedule):
 
 
 @pytest.mark.parametrize("split", [pytest.param("train", marks=pytest.mark.slow), "test"])
-@pytest.mark.parametrize("name", slow_backends(BACKENDS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "torch" else name
+                                  for name in slow_backends(BACKENDS)])  # torch: 10 s of worker start and stop
 def test_batches_follow_the_resolution_schedule(name, split, ingested):
     require(name)
     loader = make_loader(name, ingested, split, batch_size=16, res=32, device="cpu", seed=0, workers=1)
