@@ -8,7 +8,7 @@ after every epoch, an atomic checkpoint every epoch (and on Ctrl-C / SIGTERM), D
 loop calls lives in training/, one job a module (see training/__init__.py).
 
 Everything a run produces lives in runs/<name>/: config.json, metrics.jsonl, last.pt, test_predictions.npz
-(label, prediction, confidence per test sample), lr_find.json (with --find-lr) and the marker .fastpix-run; only
+(label, prediction, confidence per test sample), lr_find.json (with --find-lr or --lr auto) and the marker .fastpix-run; only
 rank 0 writes. The command line then draws the run's plots and pictures from those files (`python -m report`,
 report/render.py; --no-report skips it); train() called as a function draws nothing. A run writes only into a
 folder it made (the marker says so) and deletes only its own files. config.json and every checkpoint record the
@@ -122,8 +122,8 @@ class Config:
                          "for time to accuracy; see docs/training.md, Recipes)", choices=RECIPES)
     pieces: tuple | None = option(None, "with --recipe fast, the pieces to use (default: all of "
                                   f"{','.join(FAST_DEFAULT)})", parse=names)
-    find_lr: bool = option(False, "LR range test first, on a copy (the run is unchanged): lr_find.png and "
-                           "lr_find.json with the suggested LR in the run folder; --lr auto implies it")
+    find_lr: bool = option(False, "LR range test first, on a copy (the run is unchanged): lr_find.json with the "
+                           "suggested LR in the run folder (the report draws lr_find.png); --lr auto implies it")
     find_lr_steps: int = option(200, f"steps of the LR range test's exponential sweep (at least {MIN_SWEEP}: "
                                 "fewer cannot show where the loss falls)", minimum=MIN_SWEEP)
     merge: tuple = option((), "train classes A and B as one class named A+B (repeatable; labels remapped on the "
@@ -535,13 +535,17 @@ def main(argv=None):
     args = parse_args(argv)
     summary = train(config_from(Config, args))
     if int(os.environ.get("RANK", "0")) == 0:
-        if not config_from(Command, args).no_report:
-            from report.render import render  # here: importing train loads no plotting (matplotlib's backend)
-            render(summary["run_dir"], device=args.device)
         print(json.dumps(summary, default=str))
         if summary["stopped"] == "signal":
             print(f"stopped by a signal; continue with: python train.py --resume {summary['run_dir']}",
                   file=sys.stderr)
+        if not config_from(Command, args).no_report:
+            from report.render import render  # here: importing train loads no plotting (matplotlib's backend)
+            try:
+                render(summary["run_dir"], device=args.device)
+            except UsageError as err:  # the run is whole: a report that fails costs its pictures, not the run
+                print(f"warning: the run is whole, but its report was not drawn: {err}; draw it with: "
+                      f"python -m report {summary['run_dir']}", file=sys.stderr)
     return 130 if summary["stopped"] == "signal" else 0
 
 

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cli import UsageError
-from files import WRITER_NOTE, one_writer, write_json, write_text
+from files import WRITER_NOTE, one_writer, temp_of, write_json, write_text
 
 RESULTS_ROOT = Path("results")
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "scikit-learn", "pillow", "webdataset")
@@ -46,8 +46,8 @@ def check_claim(folder, kind):
     folder, marker = Path(folder), f".fastpix-{kind}"
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file: pick another --out")
-    ours = {WRITER_NOTE, marker} | {f".{name}.tmp" for name in (WRITER_NOTE, marker)}  # and atomic_path's temps
-    if folder.is_dir() and any(p.name.rstrip("0123456789") not in ours for p in folder.iterdir()) \
+    ours = {WRITER_NOTE, marker}  # and atomic_path's temps of them: a writer mid-claim is busy, not foreign
+    if folder.is_dir() and any(p.name not in ours and temp_of(p.name) not in ours for p in folder.iterdir()) \
             and not (folder / marker).is_file():
         raise UsageError(f"--out {folder} is not empty and was not made by the {kind}: pick another --out")
     return folder, marker

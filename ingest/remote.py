@@ -286,7 +286,7 @@ def check_target(fs, root, url, names):
 @contextlib.contextmanager
 def publish_marker(fs, root, url):
     """Hold the target for one publish: PUBLISH_MARKER is created there first, exclusively where the store can
-    (S3's If-None-Match, O_EXCL on a local disk; fsspec checks first elsewhere), and removed at the end. A
+    (S3's If-None-Match, O_EXCL on a local disk, where fsspec only looks first), and removed at the end. A
     marker whose process died on this host is taken over, saying so; any other is a one-line refusal that
     names its holder and how to clear it."""
     path = remote_path(root, PUBLISH_MARKER)
@@ -294,7 +294,7 @@ def publish_marker(fs, root, url):
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
     for _ in range(2):
         try:
-            fs.pipe_file(path, json.dumps(mine).encode(), mode="create")
+            create_exclusively(fs, path, json.dumps(mine).encode())
             break
         except FileExistsError:
             holder = read_marker(fs, path)
@@ -314,6 +314,16 @@ def publish_marker(fs, root, url):
     finally:
         if (read_marker(fs, path) or {}).get("token") == mine["token"]:  # never another publish's marker
             fs.rm_file(path)
+
+
+def create_exclusively(fs, path, data):
+    """Write a new file `path`, or raise FileExistsError: one atomic step on a local disk (O_EXCL) and on S3
+    (s3fs's If-None-Match); fsspec's other filesystems look first, then write."""
+    if "file" not in fs.protocol:
+        return fs.pipe_file(path, data, mode="create")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def read_marker(fs, path):

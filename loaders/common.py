@@ -228,7 +228,9 @@ class WorkerLoader(torch.utils.data.DataLoader):
     collector otherwise runs the finalizers of garbage it inherited, and a DALI pipeline's (Executor2's
     destructor, waiting on a condition whose threads the child does not have) blocks that worker forever at
     0 % CPU while the training process waits for its batch: the whole-suite hang of issue 19, seen with
-    py-spy in both workers. Collecting once per worker start costs milliseconds."""
+    py-spy in both workers. Collecting once per worker start costs milliseconds. It overrides DataLoader's
+    _get_iterator, where every iterator (and so every fork of workers) is made: a private method, read in
+    torch 2.14 (here) and 2.11 (.ci/compat's)."""
 
     def _get_iterator(self):
         if self.num_workers > 0:

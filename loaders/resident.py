@@ -43,8 +43,8 @@ from ingest.layout import SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders import resident_cache
 from loaders.base import Loader
-from loaders.common import (Normalizer, crop_coordinates, epoch_seed, manifest_digest, random_flips, rank_ids,
-                            WorkerLoader, resized_crop, sample_crops, test_resize)
+from loaders.common import (Normalizer, WorkerLoader, crop_coordinates, epoch_seed, manifest_digest, random_flips,
+                            rank_ids, resized_crop, sample_crops, test_resize)
 from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS

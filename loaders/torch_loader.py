@@ -27,9 +27,9 @@ from torchvision.transforms import RandomResizedCrop, v2
 
 from ingest.shards import ShardIndex
 from loaders.base import Loader
-from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, batched_resized_crop,
-                            drawing_from, epoch_seed, padded_canvas, random_flips, resized_crop, sample_crops,
-                            WorkerLoader, sample_seed, test_resize, undecodable)
+from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, WorkerLoader,
+                            batched_resized_crop, drawing_from, epoch_seed, padded_canvas, random_flips, resized_crop,
+                            sample_crops, sample_seed, test_resize, undecodable)
 
 
 READS = ("webdataset",)  # the formats loaders.base.prepare checks at start-up

@@ -11,6 +11,7 @@ from torch import nn
 import nets
 from cli import UsageError
 from ingest.layout import read_manifest
+from ingest.remote import local_folder
 from training.device import autocast, resolve_amp
 from training.labels import merge_classes
 from training.runfolder import CHECKPOINT, check_same_run, read_checkpoint
@@ -80,7 +81,7 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu"), flag="
         raise UsageError(f"{weights} was trained on other classes than the run {run_dir}")
     if not checkpoint:  # the run's own last.pt was trained with config.json's settings
         check_same_run(named, cfg, state.get("config") or {})
-    data = Path(data or cfg["data"])
+    data = Path(local_folder(data or cfg["data"], cfg.get("cache_dir") or None))  # a URL: its node-local cache
     ingested = check_dataset(data, state, cfg, classes, weights)
     net = nets.build(cfg["net"], len(classes), strides=cfg.get("strides"), kernels=cfg.get("kernels"),
                      dropout=cfg.get("dropout", 0.0), batchnorm=cfg.get("batchnorm", False))

@@ -25,6 +25,7 @@ import train
 from cli import UsageError
 from files import one_writer, write_json
 from ingest import build, layout, remote
+from report.render import render
 
 REPO = Path(train.__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,13 +104,14 @@ def test_train_one_epoch_from_an_http_url(served, tmp_path):
     with Server(served.parent) as server:
         summary = train.train(train.Config(**TRAIN, data=f"{server.url}/tiny", cache_dir=str(tmp_path / "cache"),
                                            runs_dir=str(tmp_path / "runs"), name="http"))
-    assert summary["epochs"] == 1
+        drawn = render(summary["run_dir"], progress=False)  # what train.py's command line does next
+    assert summary["epochs"] == 1 and "confusion.png" in drawn and "samples.png" in drawn
     folder = cached_files(tmp_path / "cache", manifest)
     for name, info in manifest["files"].items():
         assert layout.file_sha256(folder / name) == info["sha256"], name
     assert (folder / layout.MANIFEST).read_bytes() == (served / layout.MANIFEST).read_bytes()
-    assert sorted(server.requests) == sorted([layout.MANIFEST] * 2 + list(manifest["files"])), \
-        "each file fetched once; the manifest read by the train and by the test loader"
+    assert sorted(server.requests) == sorted([layout.MANIFEST] * 3 + list(manifest["files"])), \
+        "each file fetched once; the manifest read by the train, by the test loader and by the report"
 
 
 def fetch_in_child(url, cache, stderr=subprocess.PIPE):

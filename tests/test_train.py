@@ -197,6 +197,18 @@ def test_the_command_line_draws_the_report_unless_no_report(ingested, tmp_path, 
     assert train.main(argv + ["--name", "not-drawn", "--no-report"]) == 0 and len(drawn) == 1
     assert train.parse(["--no-report"]) == train.Config()  # not the run's option: config.json never holds it
 
+    def fails(run_dir, device):  # a report that cannot draw (a moved dataset, a full disk) costs the pictures only
+        raise UsageError("the disk is full")
+
+    monkeypatch.setattr(report.render, "render", fails)
+    capsys.readouterr()
+    assert train.main(argv + ["--name", "undrawn"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["run_dir"] == str(tmp_path / "undrawn")
+    said = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert said == [f"warning: the run is whole, but its report was not drawn: the disk is full; draw it with: "
+                    f"python -m report {tmp_path / 'undrawn'}"]
+
 
 def test_augment_reaches_the_train_loader(ingested, tmp_path, monkeypatch):
     """--augment is make_loader's augment for the train split (the default: rrc); make_loader itself gives the

@@ -67,13 +67,15 @@ def peer_lost(rank, world, run_dir, epoch):
     except RuntimeError as err:  # gloo's, rethrown by DDP's backward hook, is a plain RuntimeError
         import torch.distributed as dist
 
-        if world <= 1 or not (isinstance(err, dist.DistError) or PEER_GONE.search(str(err))):
+        # a network error, or what gloo and NCCL say of a gone peer; not every DistError (an NCCL CUDA error or an
+        # out-of-memory in a collective keeps its traceback)
+        if world <= 1 or not (isinstance(err, dist.DistNetworkError) or PEER_GONE.search(str(err))):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         address = re.search(r"\[([^\]]+)\]:\d+", str(err))
         note = {"rank": rank, "host": socket.gethostname(), "peer": address[1] if address else None,
                 "epoch": epoch(), "run_dir": str(run_dir)}
-        if os.environ.get(LOST_NOTE):
+        if os.environ.get(LOST_NOTE):  # appended, not files.py's atomic replace: every worker adds its own line
             with contextlib.suppress(OSError), open(os.environ[LOST_NOTE], "a") as f:
                 f.write(json.dumps(note) + "\n")
         lost = f"its peer at {note['peer']}" if note["peer"] else "a peer"
