@@ -397,11 +397,14 @@ def check_one_dataset(study, fingerprint):
     """One study's tables, summary and report compare runs on one dataset: an --out holding a study of other
     data (by the fingerprint its config.json records, or its cached runs do) is refused in one line."""
     out = Path(study.out)
-    for path in [out / "config.json", *sorted((out / "runs").glob("*.json"))]:
-        try:
-            other = read_json(path).get("data_fingerprint")
-        except (OSError, ValueError, AttributeError):
-            continue  # a damaged file says nothing here; a damaged cached run is rebuilt when it is read
+    try:
+        recorded = [(out / "config.json", read_json(out / "config.json").get("data_fingerprint"))]
+    except (OSError, ValueError, AttributeError):
+        recorded = []  # a damaged file says nothing here
+    # cached runs by their checked content only: a damaged one is rebuilt when it is read, never a refusal
+    recorded += [(path, (read_cached_run(path) or {}).get("data_fingerprint"))
+                 for path in sorted((out / "runs").glob("*.json"))]
+    for path, other in recorded:
         if other and other != fingerprint:
             raise UsageError(f"--out {out} holds a study of dataset {other[:12]} ({path} says so), but {study.data} "
                              f"is dataset {fingerprint[:12]} (by its manifest.json): a study compares runs on one "

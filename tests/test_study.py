@@ -137,7 +137,9 @@ def test_an_interrupted_run_is_continued_and_a_damaged_cache_entry_rebuilt(inges
                              cwd=os.path.dirname(train.__file__), env={**os.environ, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        deadline = time.monotonic() + 300  # no silent wait: a child stuck before its checkpoint fails the test
         while child.poll() is None and not (run_dir / "last.pt").is_file():
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.02)
         child.send_signal(signal.SIGKILL)
     finally:
