@@ -1,7 +1,7 @@
 """Loader-only bench: images/s of every backend x {train, test}, against the `folder` baseline, each library's
 own recommended pipeline and the fastest decoder, all measured in the same run on the same cores.
 
-`python -m bench.loaders [--data DIR] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 3] [--backends ...]
+`python -m bench.loaders [--data DIR|URL] [--res 224] [--batch-size 256] [--epochs 3] [--rounds 3] [--backends ...]
 [--augments rrc,none]`
 Each (backend, split, augment) runs in a fresh process (so its peak RSS is its own, and a crashing backend costs one
 row): build the loader (time reported: DALI pipeline build, resident decode or cache load), one warm-up epoch
@@ -336,7 +336,9 @@ def parse(argv):
     from loaders import BACKENDS
     from loaders.common import check_augment
     p = Parser(prog="python -m bench.loaders", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="an ingested dataset")
+    p.add_argument("--data", default=str(DEFAULT_OUT),
+                   help="an ingested dataset: a folder, or the URL of a published one (fetched into --cache-dir)")
+    p.add_argument("--cache-dir", default=None, help="where a URL's dataset is cached (default ~/.cache/fastpix)")
     p.add_argument("--res", type=int, default=224, help="output resolution, px")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one")
@@ -390,10 +392,12 @@ def main(argv=None):
     from bench.results_folder import environment, machine_label, new_results_dir, write_config
     from files import write_json, write_text
     from ingest.layout import read_manifest
+    from ingest.remote import local_folder
     from loaders import BACKENDS
     from loaders.common import resolve_device
 
-    manifest = read_manifest(args.data)
+    data = Path(local_folder(args.data, args.cache_dir))  # a URL: fetched once, here, then read locally
+    manifest = read_manifest(data)
     device = str(resolve_device(args.device))
     out = args.out or new_results_dir("loaders")
     out.mkdir(parents=True, exist_ok=True)
@@ -412,11 +416,11 @@ def main(argv=None):
         options = dict(settings, augment=augment, samples_png=sheet and str(sheet))
         if args.in_process:
             try:
-                row = measure(backend, args.data, split, **options)
+                row = measure(backend, data, split, **options)
             except Exception as err:  # one failing backend costs one row, as in a fresh process
                 row = {"backend": backend, "split": split, "augment": augment, "error": f"{type(err).__name__}: {err}"}
         else:
-            row = isolated(backend, args.data, split, **options)
+            row = isolated(backend, data, split, **options)
         runs[(backend, split, augment)].append({**row, "load_avg_1min": os.getloadavg()[0]})
     rows = add_ratios([merge_rounds(runs[cell]) for cell in rows_to_run])
     env = environment()

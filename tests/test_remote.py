@@ -8,6 +8,7 @@ missing client, a full disk and a read-only --publish target are one line each; 
 training from it.
 """
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -96,6 +97,21 @@ def served(ingested, tmp_path):
 
 def cached_files(cache, manifest):
     return Path(cache) / manifest["fingerprint"]
+
+
+def test_the_loader_bench_reads_a_dataset_from_a_url(served, tmp_path):
+    from bench import loaders as loader_bench
+    manifest, out = layout.read_manifest(served), tmp_path / "results"
+    with Server(served.parent) as server:
+        assert loader_bench.main(["--data", f"{server.url}/tiny", "--cache-dir", str(tmp_path / "cache"), "--backends",
+                                  "folder", "--splits", "test", "--in-process", "--quick", "--res", "32",
+                                  "--batch-size", "16", "--workers", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    folder = [r for r in report["rows"] if r["backend"] == "folder"]
+    assert len(folder) == 1 and "error" not in folder[0] and folder[0]["samples"] == manifest["splits"]["test"]["count"]
+    assert json.loads((out / "config.json").read_text())["config"]["data"] == f"{server.url}/tiny"
+    assert layout.file_sha256(cached_files(tmp_path / "cache", manifest) / "test.csv") == \
+        manifest["files"]["test.csv"]["sha256"]
 
 
 @pytest.mark.slow
