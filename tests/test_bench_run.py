@@ -2,6 +2,7 @@
 is a ratio to the folder baseline of the same run, and a failing cell becomes a row, not a crash."""
 import csv
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -146,3 +147,18 @@ def test_one_bench_per_results_folder(ingested, tmp_path):
         with pytest.raises(Busy, match=r"bench is being written by pid \d+ .*: wait for it to end, or stop it"):
             bench(cfg, progress=False)
     assert not list(cfg.out.iterdir())  # nothing written: not even the marker
+
+
+def test_a_cell_run_held_by_its_users_resume_is_not_replaced(ingested, tmp_path):
+    """A rerun replaces each cell's run of the earlier bench, but not one a train.py --resume holds: the cell
+    fails with the one line naming the holder (its row's error), nothing deleted."""
+    from bench.run import run_cell
+    from files import Busy, one_writer
+    from tests.test_train_runs import a_run_folder
+    run_dir = a_run_folder(tmp_path / "bench" / "runs" / "flat-folder")
+    cfg = BenchConfig(data=ingested, loaders=("folder",), epochs=2, batch_size=32, res=64, out=tmp_path / "bench")
+    with one_writer(run_dir):
+        with pytest.raises(Busy, match=f"runs/flat-folder is being written by pid {os.getpid()} "):
+            run_cell(cfg, "flat", "folder", tmp_path / "bench")
+        assert (run_dir / "config.json").is_file() and (run_dir / ".fastpix-run").is_file()
+

@@ -1,6 +1,7 @@
 """The study end to end in a tiny configuration: every experiment writes its table, summary and plots, and
 a rerun reuses the finished runs instead of training again."""
 import json
+import os
 import re
 
 import pytest
@@ -205,3 +206,16 @@ def test_one_study_per_out_and_one_dataset_per_study(ingested, tmp_path):
                                          f"but {other} is dataset eeeeeeeeeeee .*: .* pick another --out"):
         study_main(tiny(other, out), ("transfer",))
     assert json.loads((out / "config.json").read_text())["data_fingerprint"] == manifest["fingerprint"]
+
+
+def test_a_run_held_by_its_users_resume_is_not_replaced(ingested, tmp_path):
+    """The study replaces a stale run of its own, but not while a train.py --resume holds it: one line naming
+    the holder, nothing deleted (it held only --out, and deleted the files the resume was writing)."""
+    from files import Busy, one_writer
+    from tests.test_train_runs import a_run_folder
+    run_dir = a_run_folder(tmp_path / "study" / "train" / "flat")  # another config: the study would start it afresh
+    with one_writer(run_dir):
+        with pytest.raises(Busy, match=f"train/flat is being written by pid {os.getpid()} "):
+            study_mod.run(tiny(ingested, tmp_path / "study"), "flat", net="flat")
+        assert (run_dir / "config.json").is_file() and (run_dir / ".fastpix-run").is_file()
+

@@ -157,6 +157,28 @@ def test_remove_run_deletes_only_what_train_wrote(stopped, tmp_path):
     assert not run_dir.exists()
 
 
+def a_run_folder(run_dir):
+    """A run train.py stopped before its first checkpoint, as its files look on disk (no training needed)."""
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / runfolder.RUN_MARKER, {"finished": False})
+    write_json(run_dir / "config.json", {"config": {"net": "flat"}})
+    return run_dir
+
+
+def test_remove_run_leaves_a_held_run_alone_and_names_its_holder(tmp_path):
+    """A user's train.py --resume holds the run folder: the bench or the study replacing that run at the same
+    moment is refused, naming it, with nothing deleted."""
+    from files import Busy, one_writer
+    run_dir = a_run_folder(tmp_path / "run")
+    before = sorted(p.name for p in run_dir.iterdir())
+    with one_writer(run_dir):
+        with pytest.raises(Busy, match=f"{run_dir} is being written by pid {os.getpid()} "):
+            runfolder.remove_run(run_dir)
+        assert sorted(p.name for p in run_dir.iterdir() if p.name != ".fastpix-writer") == before
+    runfolder.remove_run(run_dir)
+    assert not run_dir.exists()
+
+
 def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

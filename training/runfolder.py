@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
-from files import WRITER_NOTE, atomic_path, temp_of
+from files import WRITER_NOTE, atomic_path, one_writer, temp_of
 from ingest.layout import MANIFEST
 from ingest.remote import is_url
 
@@ -65,7 +65,7 @@ def new_run_dir(run_dir):
     """Clear the folder of a new run when it holds a restartable run (call it holding the folder)."""
     if check_new_run_dir(run_dir):
         print(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", file=sys.stderr)
-        remove_run(run_dir, RESTART_FILES)
+        delete_run_files(run_dir)
 
 
 def listing(run_dir):
@@ -107,20 +107,29 @@ def check_only_ours(run_dir, names, fix):
         read_run_config(run_dir, f"nothing was deleted; move it out of {run_dir} or {fix}")
 
 
-def remove_run(run_dir, names=RUN_FILES):
-    """Delete a run train.py made: its own files only, then the folder if nothing else is left in it; refused,
-    with nothing deleted, when the folder holds anything else. For callers (bench, the study) that replace a
-    run of theirs with a new one of the same name."""
+def remove_run(run_dir):
+    """Delete a run train.py made, for callers (bench, the study) that replace a run of theirs with a new one of
+    the same name: its own files only, then the folder if nothing else is left in it; refused, with nothing
+    deleted, when the folder holds anything else. The run folder is held meanwhile (files.one_writer): holding
+    only their results folder, they deleted the files of a train.py --resume writing that run; now one of the
+    two is refused in one line (files.Busy) naming the other."""
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_MARKER).is_file():
+    if not (run_dir / RUN_MARKER).is_file():  # before holding it: the holder's note goes into runs only
         raise UsageError(f"{run_dir} was not made by train.py: move it away, it will not be deleted")
-    check_only_ours(run_dir, names, "rerun with another --out")
+    with one_writer(run_dir):
+        check_only_ours(run_dir, RUN_FILES, "rerun with another --out")
+        delete_run_files(run_dir)
+    with contextlib.suppress(OSError):  # only when empty (someone may have taken it since)
+        run_dir.rmdir()
+
+
+def delete_run_files(run_dir):
+    """Every file of a run and the temp files a killed write left, the marker last: a crash midway leaves a
+    folder that is still a run of ours. Call it holding the folder, its contents checked (check_only_ours)."""
     for path in own_temp_files(run_dir):
         path.unlink()
-    for name in RUN_FILES:  # the marker last: a crash midway leaves a folder that is still a run of ours
+    for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    if not any(run_dir.iterdir()):
-        run_dir.rmdir()
 
 
 def own_temp_files(run_dir):
