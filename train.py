@@ -154,10 +154,10 @@ def check(cfg):
 
 # ----------------------------------------------------------------------------------------------- Setup
 
-def make_model(cfg, num_classes, device):
-    """The net; a resumed transfer run takes its pretrained layers from its own checkpoint, which holds every
-    weight, so it resumes after the --pretrained file has moved."""
-    pretrained = (Path(cfg.resume) / CHECKPOINT if cfg.resume else cfg.pretrained) if cfg.pretrained else None
+def make_model(cfg, num_classes, device, resumed=None):
+    """The net; a resumed transfer run takes its pretrained layers from its own checkpoint (`resumed`, read and
+    checked once), which holds every weight, so it resumes after the --pretrained file has moved."""
+    pretrained = (resumed if cfg.resume else cfg.pretrained) if cfg.pretrained else None
     model = nets.build(cfg.net, num_classes, strides=cfg.strides, kernels=cfg.kernels, dropout=cfg.dropout,
                        batchnorm=cfg.batchnorm, pretrained=pretrained, freeze=cfg.freeze)
     smallest = min(cfg.res, train_res(cfg, 0))
@@ -260,8 +260,9 @@ class Run:
         # --merge: labels are remapped on the device, by indexing (no sync, no re-ingest).
         self.label_map = torch.tensor(label_map, device=device) if cfg.merge else None
 
+        resumed = self.read_resumed(manifest) if cfg.resume else None
         seed_everything(cfg.seed)
-        self.model = make_model(cfg, len(self.classes), device)
+        self.model = make_model(cfg, len(self.classes), device, resumed)
         if cfg.init_from:
             state = read_checkpoint("--init-from", cfg.init_from)
             if isinstance(state, dict) and "model" in state:  # a fastpix checkpoint; a bare state dict knows no data
@@ -299,7 +300,7 @@ class Run:
         self.weights = [(name.removesuffix(".weight"), p) for name, p in self.model.named_parameters()
                         if p.requires_grad and p.ndim > 1]  # conv and linear weights: the layers grad_norms logs
         if cfg.resume:
-            self.restore(manifest)
+            self.restore(resumed)
         elif self.writer:
             self.dir.mkdir(parents=True, exist_ok=True)
             with self.writing("config.json"):
@@ -336,7 +337,9 @@ class Run:
     def autocast(self):
         return autocast(self.device, self.amp)
 
-    def restore(self, manifest):
+    def read_resumed(self, manifest):
+        """The run's checkpoint, read once and checked (its digest, that it is this run's, on this data, with
+        as many processes), before anything is built from it."""
         ckpt = read_checkpoint("--resume", self.dir / CHECKPOINT)
         if not isinstance(ckpt, dict) or not {"model", "optimizer", "rng", "global_step"} <= ckpt.keys():
             raise UsageError(f"--resume {self.dir}: {CHECKPOINT} is not a fastpix training checkpoint")
@@ -346,6 +349,10 @@ class Run:
         if len(ckpt["rng"]) != self.world:
             raise UsageError(f"{self.dir} ran on {len(ckpt['rng'])} processes: resume it with as many, not "
                              f"{self.world}")
+        return ckpt
+
+    def restore(self, ckpt):
+        """Continue exactly where the checkpoint (read_resumed's) left off."""
         try:
             self.model.load_state_dict(ckpt["model"])
             if self.ema is not None:

@@ -3,7 +3,7 @@
 alexnet / flat / narrow are the 500px study's AlexNet family, trained from scratch; resnet18 is
 torchvision's, for transfer learning from local ImageNet weights. `pretrained` (any net) takes every layer but
 the head from local weights: ImageNet's for resnet18, or a fastpix run's checkpoint of the same net and any
-class count (nets/transfer.py).
+class count (nets/transfer.py), a file or a checkpoint its caller has read already.
 """
 from cli import UsageError
 

@@ -375,6 +375,20 @@ def test_resume_needs_only_the_run_folder_and_the_data(ingested, stopped, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_damaged_checkpoint_of_a_pretrained_run_is_the_damage_line_on_resume(stopped, ingested, tmp_path):
+    """A transfer run's resume takes its pretrained layers from its own last.pt: read once, checked, so damage
+    there is the checkpoint's line, not a complaint about --pretrained weights the user never gave."""
+    weights = tmp_path / "imported.pt"
+    shutil.copy(stopped / "last.pt", weights)
+    run_dir = Path(train.train(tiny(ingested, tmp_path / "runs", "transfer", pretrained=str(weights),
+                                    max_steps=1))["run_dir"])
+    intact = (run_dir / "last.pt").read_bytes()
+    (run_dir / "last.pt").write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(UsageError, match=f"^--resume {run_dir}/last.pt is not a readable checkpoint"):
+        train.train(train.Config(resume=str(run_dir), max_steps=2))
+
+
+@pytest.mark.slow
 def test_a_run_folder_has_one_writer(stopped, ingested, tmp_path):
     """Held by another process (here: this one, through another descriptor), a run folder is refused at once,
     for a new run of that name and for --resume, with nothing written."""
