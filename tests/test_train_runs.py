@@ -331,6 +331,47 @@ def test_a_checkpoint_with_flipped_weight_bytes_is_refused_by_its_digest(stopped
         train.train(train.Config(resume=str(run_dir)))
 
 
+def checkpoint_state(device="cpu"):
+    """A small state shaped like a checkpoint's: a channels_last weight, a counter, an empty tensor, bf16 momentum,
+    per-rank RNG tuples, plain values."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(4, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    return dict(model={"conv.weight": conv.to(device), "bn.num_batches_tracked": torch.tensor(7, device=device),
+                       "empty": torch.zeros(0, device=device)},
+                optimizer={"state": {0: {"momentum_buffer": torch.randn(5, generator=gen).bfloat16().to(device)}},
+                           "param_groups": [{"lr": 0.1, "params": [0]}]},
+                rng=[(torch.arange(10, dtype=torch.uint8), 3)], epoch=2, config={"net": "flat", "strides": None},
+                flags=torch.tensor([True, False], device=device))
+
+
+def test_a_checkpoint_is_written_and_verified_as_before(tmp_path):
+    """One host copy serves the digest and torch.save: on the CPU the file is what torch.save wrote before, byte
+    for byte, and the digest is the one checkpoints were saved with (this state's, computed by the code before),
+    so older checkpoints still verify."""
+    digest = "a30b445b85061324c933b0c0178f4a5ae6d5f7678eff81a6f9e530fbd0d581cc"
+    assert runfolder.state_digest(checkpoint_state()) == digest
+    runfolder.save_checkpoint(tmp_path / "last.pt", **checkpoint_state())
+    before = io.BytesIO()
+    torch.save({**checkpoint_state(), "sha256": digest}, before)
+    assert (tmp_path / "last.pt").read_bytes() == before.getvalue()
+    assert runfolder.read_checkpoint("--resume", tmp_path / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts device-to-host copies: needs a GPU")
+def test_a_checkpoint_copies_the_gpus_tensors_to_the_host_once(tmp_path, monkeypatch):
+    copied = []
+    for cls in (torch.Tensor, torch.UntypedStorage):  # Tensor.cpu (the digest's), storage.cpu (torch.save's)
+        real = cls.cpu
+        monkeypatch.setattr(cls, "cpu", lambda self, real=real: copied.append(self.device.type != "cpu") or real(self))
+    state = checkpoint_state("cuda")
+    runfolder.save_checkpoint(tmp_path / "last.pt", **state)
+    on_gpu = [state["model"]["conv.weight"], state["model"]["bn.num_batches_tracked"], state["model"]["empty"],
+              state["optimizer"]["state"][0]["momentum_buffer"], state["flags"]]
+    assert sum(copied) == len(on_gpu)  # was twice as many
+    saved = runfolder.read_checkpoint("--resume", tmp_path / "last.pt")
+    assert torch.equal(saved["model"]["conv.weight"], on_gpu[0].cpu())
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda text: text.replace("\n", "\nnot json\n", 1), "is damaged at line 2 \\(not a metrics record\\)"),
     (lambda text: "\0" * len(text), "is damaged at line 1"),

@@ -233,9 +233,23 @@ def state_digest(obj, h=None):
     return h.hexdigest()
 
 
+def on_host(obj):
+    """A (nested) state with its tensors in host memory: one copy of a GPU's tensors that the digest and torch.save
+    both read (each copied them before, twice the device-to-host traffic of every checkpoint). A tensor already
+    there is itself (Tensor.cpu), so a CPU run's checkpoint is written byte for byte as before."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {key: on_host(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_host(value) for value in obj)
+    return obj
+
+
 def save_checkpoint(path, **state):
     """Atomically, with the digest of its own content (state_digest); a failed write raises its own OSError
     (ENOSPC on a full disk)."""
+    state = on_host(state)
     state["sha256"] = state_digest(state)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         out = KeepsWriteError(f)
