@@ -66,6 +66,12 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def as_read_back(obj):
+    """`obj` as read_json reads back what write_json wrote (tuples as lists, Paths and anything unknown as str):
+    how a saved config and one in memory compare equal."""
+    return json.loads(json.dumps(_plain(obj), default=str))
+
+
 def checksum_of(obj):
     """sha256 of a JSON object's canonical form without its own `checksum` field: derived JSON files carry it
     (`seal`) so that a damaged, hand-edited or foreign copy is noticed rather than trusted."""

@@ -26,7 +26,7 @@ are bench/comparison_plots.py's and the report is report/study_report.py's.
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bench import train_config
 from bench.results_folder import environment, fmt, fmt_ci, held, machine_label, markdown_table, write_config
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
-from files import checksum_of, read_json, seal, sealed, write_json, write_text
+from files import as_read_back, checksum_of, read_json, seal, sealed, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
 from training.device import DEVICES
@@ -105,7 +105,7 @@ def run(study, name, **overrides):
     cfg = train_config(study, exclude=NOT_EVERY_RUN, name=name, runs_dir=str(runs_dir),
                        **{"augment": "none", **overrides})  # the study's own pipeline, unless a run says otherwise
     train.check(cfg)  # settled as train.py records it, so that the key compares what is trained with what was
-    wanted = {"config": _plain_config(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
+    wanted = {"config": as_read_back(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
     cache = Path(study.out) / "runs" / f"{name}.json"
     cached = read_cache(cache, checksum_of(wanted))
     if cached is not None:
@@ -148,12 +148,6 @@ def read_cached_run(path):
     except (OSError, ValueError):
         return None
     return entry if sealed(entry) else None
-
-
-def _plain_config(cfg):
-    """The config as it reads back from JSON (tuples as lists), so cached and new compare equal."""
-    import json
-    return json.loads(json.dumps(asdict(cfg), default=str))
 
 
 def row(setting, result):

@@ -108,3 +108,18 @@ def test_a_waiting_writer_says_whom_it_waits_for_then_gets_the_folder(tmp_path):
     out, err = _try_writer(folder, wait=True)
     holder.join()
     assert out == "got it\n" and f"held by pid {os.getpid()}" in err
+
+
+def test_as_read_back_is_what_read_json_gives_for_what_write_json_wrote(tmp_path):
+    """How the study's cache and --resume compare a config in memory with the one saved: tuples, Paths and
+    anything else json does not know (a dtype) come back as read_json reads them."""
+    @dataclass
+    class Settings:
+        strides: tuple = ((4, 1, 1), (2, 1, 1))
+        data: Path = Path("/data/x")
+        dtype: object = float
+        merge: tuple = ()
+
+    files.write_json(tmp_path / "settings.json", {"config": Settings()})
+    assert files.as_read_back({"config": Settings()}) == files.read_json(tmp_path / "settings.json")
+    assert files.as_read_back(Settings())["strides"] == [[4, 1, 1], [2, 1, 1]]

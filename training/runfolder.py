@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
-from files import WRITER_NOTE, atomic_path, one_writer, temp_of
+from files import WRITER_NOTE, as_read_back, atomic_path, one_writer, temp_of
 from ingest.layout import MANIFEST
 from ingest.remote import is_url
 
@@ -183,8 +183,7 @@ def check_same_run(named, config, saved):
     trained with (`saved`, the checkpoint's), else one line starting with `named`: an edited config.json or another
     run's last.pt would otherwise fail deep inside load_state_dict, or worse, go on with settings the weights
     never saw."""
-    theirs = json.loads(json.dumps(saved, default=str))
-    ours = json.loads(json.dumps(config, default=str))
+    theirs, ours = as_read_back(saved), as_read_back(config)
     for key in sorted(ours.keys() & theirs.keys() - set(RESUMED_ANEW)):
         if ours[key] != theirs[key]:
             raise UsageError(f"{named}: config.json does not match {CHECKPOINT} ({key} is {ours[key]!r} "
