@@ -21,12 +21,12 @@ import warnings
 import torch
 from tqdm import tqdm
 
+from digests import hash_tensor
 from files import atomic_path
 
 PATTERN = "resident-*.pt"
 KEEP_FREE_BYTES = 2e9  # a copy is not written where it would leave less free on the disk (a share of the disk's
 # size refused every copy on CI's 271 GB disk with 25 GB free)
-HASH_CHUNK = 1 << 26  # bytes hashed per step: progress shows, and no step holds the GIL long
 
 
 def path_for(data_dir, split, size, positions):
@@ -39,12 +39,9 @@ def content_digest(tensors, desc=None):
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if desc else True) as progress:
         for name in sorted(tensors):
-            tensor = tensors[name].contiguous()
+            tensor = tensors[name]
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            data = tensor.view(-1).view(torch.uint8).numpy()
-            for start in range(0, len(data), HASH_CHUNK):
-                digest.update(data[start:start + HASH_CHUNK])
-                progress.update(min(HASH_CHUNK, len(data) - start))
+            hash_tensor(digest, tensor, progress)
     return digest.hexdigest()
 
 

@@ -394,3 +394,14 @@ def test_verify_names_another_datasets_disk_cache_copied_in(ingested, tmp_path):
     with pytest.warns(UserWarning, match="was made from other data or settings: decoding the split again"):
         assert not loader(data, "test", cache=True).from_cache
     assert verify(data)[0] == []  # the rebuilt copy is this folder's
+
+
+def test_the_disk_copys_digest_is_the_one_older_copies_were_written_with():
+    """The digest's hashing is shared with the checkpoints' (digests.hash_tensor); a copy written before must
+    still verify (this one computed by the code before), strided tensors by their values in C order."""
+    from loaders.resident_cache import content_digest
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"images": torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=gen),
+               "labels": torch.tensor([2, 0, 1]), "ids": torch.arange(3)[::2]}
+    assert content_digest(tensors) == "e7ab368b2cd80e93e71225961eb500212970292e0df10529ae2a485558fd01bf"
+

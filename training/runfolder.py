@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
+from digests import hash_tensor
 from files import WRITER_NOTE, as_read_back, atomic_path, one_writer, temp_of
 from ingest.layout import MANIFEST
 from ingest.remote import is_url
@@ -215,9 +216,8 @@ def state_digest(obj, h=None):
     flat's 573 MB of weights and momentum here (sha256 at 300-500 MB/s on 2 shared cores), at each save and resume."""
     h = hashlib.sha256() if h is None else h
     if torch.is_tensor(obj):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        h.update(f"tensor {t.dtype} {tuple(obj.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        h.update(f"tensor {obj.dtype} {tuple(obj.shape)};".encode())
+        hash_tensor(h, obj.cpu())  # on the host already when saved (on_host) or read (map_location)
     elif isinstance(obj, dict):
         h.update(f"dict {len(obj)};".encode())
         for key in sorted(obj, key=repr):
