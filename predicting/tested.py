@@ -48,6 +48,9 @@ class TestedRun:
     model: AsTested  # eval mode, fp32, on the device
     checkpoint: Path
     data: Path  # the run's ingested dataset (its test photos are export's parity check)
+    config: dict  # config.json's "config": the settings the run trained with
+    world: int  # how many processes trained it
+    data_classes: list  # the dataset's classes, before --merge
     metrics_sha256: str | None = None  # the checkpoint's record of metrics.jsonl (None before it was recorded)
 
     def autocast(self, device):
@@ -66,6 +69,8 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu"), flag="
     try:
         saved = json.loads(config_path.read_text())
         cfg, classes = saved["config"], list(saved["classes"])
+        if not isinstance(cfg, dict):
+            raise TypeError("no config object")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{named}: config.json is damaged ({type(err).__name__})") from None
     path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
@@ -82,21 +87,21 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu"), flag="
     if not checkpoint:  # the run's own last.pt was trained with config.json's settings
         check_same_run(named, cfg, state.get("config") or {})
     data = Path(local_folder(data or cfg["data"], cfg.get("cache_dir") or None))  # a URL: its node-local cache
-    ingested = check_dataset(data, state, cfg, classes, weights)
+    manifest = read_manifest(data)
+    ingested = check_dataset(manifest, data, state, cfg, classes, weights)
     net = nets.build(cfg["net"], len(classes), strides=cfg.get("strides"), kernels=cfg.get("kernels"),
                      dropout=cfg.get("dropout", 0.0), batchnorm=cfg.get("batchnorm", False))
     load_tested_weights(net, state, weights)
     model = AsTested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
     amp = saved.get("amp", "off")
     amp = resolve_amp("auto" if amp == "fp16" and device.type != "cuda" else amp, device)
-    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data,
-                     state.get("metrics_sha256"))
+    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data, cfg,
+                     saved.get("world", 1), manifest["classes"], state.get("metrics_sha256"))
 
 
-def check_dataset(data, state, cfg, classes, checkpoint):
-    """The ingest settings of the run's dataset, which must be the one the weights saw (`checkpoint` names the
-    weights in the line that says otherwise)."""
-    manifest = read_manifest(data)
+def check_dataset(manifest, data, state, cfg, classes, checkpoint):
+    """The ingest settings of the run's dataset (`manifest`, read from `data`), which must be the one the weights
+    saw (`checkpoint` names the weights in the line that says otherwise)."""
     trained_on = state.get("data_fingerprint")
     if trained_on and manifest["fingerprint"] != trained_on:
         raise UsageError(f"{checkpoint} was trained on dataset {trained_on[:12]}, but {data} is dataset "

@@ -33,7 +33,7 @@ from report.runlog import METRICS, metrics_digest, read_metrics
 from training.evaluate import test_examples
 from training.labels import merge_classes
 from training.recipe import train_res
-from training.runfolder import CHECKPOINT, RUN_MARKER, read_marker, read_run_config
+from training.runfolder import CHECKPOINT, RUN_MARKER, read_marker
 
 PREDICTIONS = "test_predictions.npz"
 STAGES = 5  # curves, predictions, layers and filters, samples, feature maps and predictions.png
@@ -53,12 +53,11 @@ def render(run_dir, data="", device="auto", progress=True):
 
 
 def draw(run_dir, data, device, progress):
-    saved = read_run_config(run_dir, "put back the run's own config.json")
-    cfg = SimpleNamespace(**saved["config"])
     tested = load_run(run_dir, data=data, device=device, flag="")  # last.pt checked against config.json, the data
+    cfg = SimpleNamespace(**tested.config)
     epochs = check_metrics(run_dir, tested.metrics_sha256)
     classes, written = tested.classes, []
-    label_map = torch.tensor(merge_classes(layout.read_manifest(tested.data)["classes"], cfg.merge)[1])
+    label_map = torch.tensor(merge_classes(tested.data_classes, cfg.merge)[1])
     relabel = lambda labels: label_map.to(labels.device)[labels]  # noqa: E731
     bar = tqdm(total=STAGES, desc=f"report {run_dir.name}", leave=False, disable=not progress)
 
@@ -89,7 +88,7 @@ def draw(run_dir, data, device, progress):
     stage("layers and filters")
 
     loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=0,
-                       world=saved.get("world", 1), workers=cfg.workers, augment=cfg.augment,
+                       world=tested.world, workers=cfg.workers, augment=cfg.augment,
                        cache_dir=cfg.cache_dir or None)
     train_loader = make_loader(cfg.loader, tested.data, "train", **loader_args)
     if cfg.pieces:
