@@ -125,11 +125,37 @@ def torch_train_crops(ingested, res):
 
 
 def test_torch_train_crops_are_torchvisions(ingested):
-    """Where the box is under twice the output side (always, at RES from 64 px), TrainCrop decodes fully and
-    gives the pixels of torchvision's transforms from the same draws, within a level."""
+    """Where the box is under twice the output side (always, at RES from 64 px), TrainCrop decodes the box
+    alone (the full decode's pixels there) and gives the pixels of torchvision's transforms from the same
+    draws, within a level."""
     for ours, theirs, reduced in torch_train_crops(ingested, RES):
         assert not reduced
         assert (ours - theirs).abs().max() <= 1  # the same box, flip and resampling filter
+
+
+@pytest.mark.parametrize("roi", [True, False])  # False: a stack without nvImageCodec (no DALI)
+def test_torch_roi_decode_is_the_full_decode_in_its_box(roi, ingested, monkeypatch):
+    """decode_region (libjpeg-turbo's crop and skip of scanlines) gives exactly decode's pixels in the box, for
+    boxes at the corners, edges and odd offsets and the whole photo."""
+    import torch
+
+    from loaders import torch_loader
+    from loaders.torch_loader import decode, decode_region
+
+    if roi:
+        pytest.importorskip("nvidia.nvimgcodec")
+    else:
+        monkeypatch.setattr(torch_loader, "nvimgcodec", None)
+
+    for jpeg in list(stored_jpegs(ingested, "train").values())[:12]:
+        data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+        full = decode(data)
+        _, H, W = full.shape
+        for top, left, h, w in [(0, 0, H, W), (0, 0, 1, 1), (H - 9, W - 13, 9, 13), (1, 3, H // 2 + 1, W - 5),
+                                (H // 3, W // 3, H // 3, W // 3), (5, 0, 17, W), (0, 7, H, 19)]:
+            region = decode_region(data, (top, left, h, w))
+            assert region.shape == (3, h, w)
+            assert torch.equal(region, full[:, top:top + h, left:left + w]), (top, left, h, w)
 
 
 REDUCED_MEAN_BOUND = 3.0  # levels, mean absolute error over the crops that took the reduced decode

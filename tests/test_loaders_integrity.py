@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from cli import UsageError
 from conftest import has_beton, require, require_beton, slow_backends
 from ingest import layout
+from ingest.shards import ShardIndex
 from loaders import make_loader
 from tests.test_loaders import BACKENDS
 
@@ -176,13 +178,14 @@ def test_digests_are_read_once_per_file_version(ingested, tmp_path, monkeypatch)
     assert hashed == ["test-00000.tar"]
 
 
-def corrupt_jpeg(data, sample, pattern):
-    """Overwrite a quarter of test sample `sample`'s JPEG bytes, in its shard and in the beton alike; every file
-    keeps its size, so only reading the bytes can tell. "noise" breaks the entropy-coded data so that libjpeg
-    gives up; "zeros" only makes it warn and carry on with a grey smear; "garbage" overwrites all of them
-    (header included: no decoder carries on)."""
-    tar = data / "test-00000.tar"
-    offset, size = layout.read_index(data / "test-00000.idx")[sample]["jpg"]  # test shards are in id order
+def corrupt_jpeg(data, sample, pattern, split="test"):
+    """Overwrite a quarter of `split` sample `sample`'s JPEG bytes, in its shard and in the beton alike; every
+    file keeps its size, so only reading the bytes can tell. "noise" breaks the entropy-coded data so that
+    libjpeg gives up; "zeros" only makes it warn and carry on with a grey smear; "garbage" overwrites all of
+    them (header included: no decoder carries on). Returns the shard."""
+    index = ShardIndex(data, split)
+    position = int(np.flatnonzero(index.ids == sample)[0])
+    tar, offset, size = Path(index.tar(position)), int(index.offset[position]), int(index.size[position])
     raw = tar.read_bytes()
     jpeg = raw[offset:offset + size]
     start, stop = (0, size) if pattern == "garbage" else (size // 3, size // 3 + size // 4)
@@ -191,16 +194,17 @@ def corrupt_jpeg(data, sample, pattern):
     bad += jpeg[stop:]
     tar.write_bytes(raw[:offset] + bad + raw[offset + size:])
     if has_beton(data):
-        beton = data / "test.beton"
+        beton = data / f"{split}.beton"
         raw = beton.read_bytes()
         at = raw.index(jpeg)
         beton.write_bytes(raw[:at] + bad + raw[at + size:])
+    return tar
 
 
-def past_the_digest(data, manifest):
+def past_the_digest(data, manifest, split="test"):
     """Record the damaged files' digests in the manifest, as if the damage came after the start-up check read
     them: what is left to catch it is the decoder."""
-    for name in ("test-00000.tar", "test.beton")[:2 if has_beton(data) else 1]:
+    for name in (f"{split}-00000.tar", f"{split}.beton")[:2 if has_beton(data) else 1]:
         manifest["files"][name]["sha256"] = layout.file_sha256(data / name)
     write_manifest(data, manifest)
 
@@ -222,6 +226,23 @@ def test_a_jpeg_that_does_not_decode_stops_the_run_with_one_line(name, workers, 
         read_all(name, data, workers=workers)
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"test sample 3 in {data / ('test.beton' if name == 'ffcv' else 'test-00000.tar')} does not decode: run python ingest/build.py --verify --out {data}")
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_a_train_crop_that_does_not_decode_stops_the_run_with_one_line(workers, ingested, tmp_path):
+    """torch's train crops decode their region alone (loaders.torch_loader.decode_region), with a decoder that
+    answers bytes it cannot read with nothing rather than an exception: the same one line all the same."""
+    data, manifest = dataset_copy(ingested, tmp_path)
+    sample = int(ShardIndex(data, "train").ids[0])
+    tar = corrupt_jpeg(data, sample, "garbage", split="train")
+    past_the_digest(data, manifest, split="train")
+    # res 48 from the 64 px store: no box is twice the output side, so every crop takes the region decode
+    loader = make_loader("torch", data, "train", batch_size=4, res=48, device="cpu", workers=workers)
+    with pytest.raises(UsageError) as err:
+        sum(len(labels) for _, labels in loader)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"train sample {sample} in {tar} does not decode: run python "
+                                                f"ingest/build.py --verify --out {data}")
 
 
 # resident reads the shards only while it is built
