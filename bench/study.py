@@ -34,7 +34,7 @@ from tqdm import tqdm
 from bench import train_config
 from bench.results_folder import environment, fmt, fmt_ci, held, machine_label, markdown_table, write_config
 from cli import Parser, UsageError, add_options, check_options, config_from, names, option, seed_option
-from files import as_read_back, checksum_of, read_json, seal, sealed, write_json, write_text
+from files import as_read_back, read_json, seal, sealed, write_json, write_text
 from ingest.layout import DEFAULT_OUT, read_manifest
 from report.runlog import read_metrics
 from training.device import DEVICES
@@ -107,7 +107,7 @@ def run(study, name, **overrides):
     train.check(cfg)  # settled as train.py records it, so that the key compares what is trained with what was
     wanted = {"config": as_read_back(cfg), "data_fingerprint": read_manifest(study.data)["fingerprint"]}
     cache = Path(study.out) / "runs" / f"{name}.json"
-    cached = read_cache(cache, checksum_of(wanted))
+    cached = read_cache(cache, wanted)
     if cached is not None:
         return cached
     run_dir = runs_dir / name
@@ -122,7 +122,7 @@ def run(study, name, **overrides):
             remove_run(run_dir)
         summary = train.train(cfg)
     steps, epochs = read_metrics(summary["run_dir"])
-    result = {**wanted, "key": checksum_of(wanted), "summary": summary,
+    result = {**wanted, "summary": summary,
               "loss": {"step": [s["step"] for s in steps], "loss": [s["loss"] for s in steps]},
               "epochs": [{k: e[k] for k in ("epoch", "train_acc", "test_acc", "test_acc_ci", "images_per_sec")}
                          for e in epochs]}
@@ -130,14 +130,16 @@ def run(study, name, **overrides):
     return result
 
 
-def read_cache(path, key):
-    """A cached run's result when it is intact and derived from `key`; None when missing or stale, or damaged: that
-    is said in one line, and the caller rebuilds it from its run folder, never trusting it."""
+def read_cache(path, wanted):
+    """A cached run's result when it is intact and made for `wanted` (its settled config and the data's
+    fingerprint, sealed in it; older entries also hold their sha256 as "key", which is not needed); None when
+    missing or stale, or damaged: that is said in one line, and the caller rebuilds it from its run folder, never
+    trusting it."""
     entry = read_cached_run(path)
     if entry is None and Path(path).is_file():
         tqdm.write(f"study: {path} is damaged (not JSON, or its checksum does not match its content): rebuilding it "
                    "from its run")
-    return entry if entry is not None and entry.get("key") == key else None
+    return entry if entry is not None and all(entry.get(k) == v for k, v in wanted.items()) else None
 
 
 def read_cached_run(path):

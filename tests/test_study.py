@@ -219,3 +219,27 @@ def test_a_run_held_by_its_users_resume_is_not_replaced(ingested, tmp_path):
             study_mod.run(tiny(ingested, tmp_path / "study"), "flat", net="flat")
         assert (run_dir / "config.json").is_file() and (run_dir / ".fastpix-run").is_file()
 
+
+
+def test_a_cached_run_is_reused_by_its_sealed_settings_with_or_without_the_older_key(ingested, tmp_path, monkeypatch):
+    """The cache entry holds the settled config and the data's fingerprint, sealed: what it is reused by. The
+    sha256 of those two that entries also stored ("key") is derivable, so it is no longer written; an older
+    entry that has it is still reused, and one of other settings is not."""
+    import train
+    from files import checksum_of, read_json, seal, write_json
+    trained = []
+    monkeypatch.setattr(train, "train", lambda c: trained.append(c.name) or {"run_dir": str(tmp_path), "epochs": 1})
+    monkeypatch.setattr(study_mod, "read_metrics", lambda run_dir: (
+        [{"step": 0, "loss": 1.5}], [{"epoch": 0, "train_acc": 0.5, "test_acc": 0.4, "test_acc_ci": [0.3, 0.5],
+                                      "images_per_sec": 9.0}]))
+    cfg = tiny(ingested, tmp_path / "study")
+    first = study_mod.run(cfg, "flat", net="flat")
+    cache = tmp_path / "study" / "runs" / "flat.json"
+    assert "key" not in read_json(cache)
+    assert study_mod.run(cfg, "flat", net="flat")["summary"] == first["summary"]
+    older = {k: v for k, v in read_json(cache).items() if k != "checksum"}
+    write_json(cache, seal({**older, "key": checksum_of({k: older[k] for k in ("config", "data_fingerprint")})}))
+    assert study_mod.run(cfg, "flat", net="flat")["summary"] == first["summary"]
+    assert trained == ["flat"]
+    study_mod.run(tiny(ingested, tmp_path / "study", bootstrap=60), "flat", net="flat")
+    assert trained == ["flat", "flat"]
