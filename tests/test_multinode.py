@@ -52,6 +52,9 @@ def finished(child, timeout=600):
     """(stdout, stderr) of a launch that must succeed; it is killed if it overstays."""
     try:
         out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        raise AssertionError(f"the launch overstayed {timeout} s: {child.communicate()[1][-3000:]}") from None
     finally:
         stop(child)
     assert child.returncode == 0, err[-3000:]
@@ -154,6 +157,58 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(on
     for rank in (0, 1):
         a, b = weights(one_prefix, rank), weights(tmp_path / "elastic-rank", rank)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_nodes_restarted_apart_meet_again_and_resume_exactly(one_node, ingested, tmp_path):
+    """Node 1's worker killed with -9 mid-epoch: torchrun counts a restart on node 1 only, so the nodes' restart
+    counts differ; launched through training.launch (a fresh store per round) they meet again and the run ends
+    with the uninterrupted run's losses and weights (with the counts as store prefix it never took a step)."""
+    one_dir, one_prefix, script = one_node
+    steps_per_epoch = len(step_losses(one_dir)) // 2
+    port, nodes, children = free_port(), [tmp_path / f"node{i}" for i in (0, 1)], []
+    metrics = tmp_path / "runs" / "apart" / "metrics.jsonl"  # a resume reads the run on every rank: shared storage
+    try:
+        for i, node in enumerate(nodes):
+            node.mkdir()
+            children.append(launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend",
+                                    "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "apart",
+                                    "--max-restarts", "1"], script, tmp_path / "apart-rank", *OPTIONS, "--data",
+                                   ingested, "--runs-dir", tmp_path / "runs", "--name", "apart", cwd=node,
+                                   module="training.launch"))
+            if i == 0:
+                time.sleep(1)  # node 0 hosts the rendezvous store, as the endpoint's node does on real nodes
+        victim = rank_process(children[1], 1, timeout=300)
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) > steps_per_epoch + 2):
+            assert all(c.poll() is None for c in children) and time.monotonic() < deadline, \
+                [c.communicate()[1][-3000:] for c in children if c.poll() is not None]
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        errs = [finished(child)[1] for child in children]
+    finally:
+        for child in children:
+            stop(child)
+
+    assert "torchrun restart 1: continuing" in errs[0], errs[0][-3000:]
+    assert step_losses(metrics.parent) == step_losses(one_dir)
+    for rank in (0, 1):
+        a, b = weights(one_prefix, rank), weights(tmp_path / "apart-rank", rank)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_nodes_that_may_restart_need_a_fresh_store_per_round(monkeypatch):
+    """torch's shared store with restart-count prefixes cannot bring nodes restarted apart together again: such a
+    run is refused in one line naming torch's switch, which training.launch sets (training/device.py)."""
+    from cli import UsageError
+    from training.device import SHARED_STORE_SWITCH, restart_store
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    with pytest.raises(UsageError, match=f"needs {SHARED_STORE_SWITCH}=1 .* python -m training.launch"):
+        restart_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what the agents say once the switch is set
+    assert restart_store() == {}
 
 
 @pytest.mark.slow

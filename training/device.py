@@ -37,12 +37,25 @@ def start_distributed(device_option):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+SHARED_STORE_SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"  # torch's own: =1, a fresh store per rendezvous round
+
+
 def restart_store():
     """Under torchrun's agent store, the process group's store with its keys under this restart's own prefix.
     torch 2.14 reuses the agent's store across restarts without one, so a restarted group read its dead
-    predecessors' addresses and gloo failed to connect (seen here); torch up to 2.3 added this very prefix."""
+    predecessors' addresses and gloo failed to connect (seen here); torch up to 2.3 added this very prefix.
+
+    The prefix is the agent's restart count, which only one node's ranks share: torchrun counts a restart only
+    where a worker failed, so two nodes restarted after one lost a worker had different prefixes and never met
+    (seen: no step in the 10 minutes after the kill). Several nodes that may restart therefore need torch's own
+    switch, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (each round's rank 0 then hosts a fresh store: no stale keys);
+    training.launch sets it, and without it such a run is refused before it starts."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        raise UsageError(f"torchrun on several nodes with --max-restarts needs {SHARED_STORE_SWITCH}=1 in every "
+                         "node's environment (torch's shared store cannot bring nodes restarted a different number "
+                         "of times together again), or launch with python -m training.launch, which sets it")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dict(store=dist.PrefixStore(f"/fastpix/attempt_{attempt}", store), rank=int(os.environ["RANK"]),

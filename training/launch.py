@@ -5,7 +5,8 @@ When a node dies, the survivors' workers fail at their next collective (each say
 training.elastic.peer_lost), torchrun restarts them and waits at the rendezvous for the missing node for its
 `join_timeout` (600 s by default; `--rdzv-conf join_timeout=S`). If the node never comes back, torchrun ends
 with a RendezvousTimeoutError traceback; this launcher ends with the line that says which node was lost (the
-address the survivors lost), the timeout it waited and how to resume the run, exit code 2.
+address the survivors lost), the timeout it waited and how to resume the run, exit code 2. It also gives each
+rendezvous round a fresh store (training.device.restart_store), which several nodes need to restart together.
 """
 import json
 import os
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from cli import UsageError, run
+from training.device import SHARED_STORE_SWITCH
 from training.elastic import LOST_NOTE
 
 DEFAULT_JOIN_TIMEOUT = 600  # torch.distributed.elastic's c10d rendezvous
@@ -28,6 +30,7 @@ def main(argv=None):
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
     notes = Path(tempfile.mkdtemp(prefix="fastpix-launch-"))
     os.environ[LOST_NOTE] = str(notes / "lost.jsonl")  # the workers inherit it
+    os.environ.setdefault(SHARED_STORE_SWITCH, "1")  # nodes that restart apart meet again (device.restart_store)
     try:
         torchrun.run(args)
     except RendezvousTimeoutError:
