@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nets
-from files import atomic_path, one_writer, write_json
+from files import atomic_path, checksum_of, one_writer, write_json
 from cli import (Parser, UsageError, add_options, check_options, config_from, ints, names, option, run,
                  seed_option)
 from ingest import layout
@@ -309,7 +309,8 @@ class Run:
                     "config": asdict(cfg), "amp": self.amp, "device": str(device), "world": world,
                     "process_group": dist.get_backend() if dist.is_initialized() else None,
                     "classes": self.classes, "data_fingerprint": self.fingerprint,
-                    "steps_per_epoch": self.steps_per_epoch, "lr": lr, "torch": torch.__version__})
+                    "steps_per_epoch": self.steps_per_epoch, "lr": lr, "torch": torch.__version__,
+                    **({"lr_find_sha256": checksum_of(sweep)} if sweep else {})})
                 if sweep:  # python -m report draws lr_find.png from it
                     write_json(self.dir / "lr_find.json", sweep)
 

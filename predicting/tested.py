@@ -48,8 +48,7 @@ class TestedRun:
     model: AsTested  # eval mode, fp32, on the device
     checkpoint: Path
     data: Path  # the run's ingested dataset (its test photos are export's parity check)
-    config: dict  # config.json's "config": the settings the run trained with
-    world: int  # how many processes trained it
+    saved: dict  # config.json as train.py wrote it ("config": the settings the run trained with, "world", ...)
     data_classes: list  # the dataset's classes, before --merge
     metrics_sha256: str | None = None  # the checkpoint's record of metrics.jsonl (None before it was recorded)
 
@@ -95,8 +94,8 @@ def load_run(run_dir, checkpoint="", data="", device=torch.device("cpu"), flag="
     model = AsTested(net, flip="flip_tta" in (cfg.get("pieces") or ())).eval().to(device)
     amp = saved.get("amp", "off")
     amp = resolve_amp("auto" if amp == "fp16" and device.type != "cuda" else amp, device)
-    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data, cfg,
-                     saved.get("world", 1), manifest["classes"], state.get("metrics_sha256"))
+    return TestedRun(run_dir.resolve().name, classes, cfg["res"], amp, ingested, model, path, data, saved,
+                     manifest["classes"], state.get("metrics_sha256"))
 
 
 def check_dataset(manifest, data, state, cfg, classes, checkpoint):

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cli import UsageError
-from files import one_writer, write_text
+from files import checksum_of, one_writer, write_text
 from ingest import layout
 from loaders import make_loader
 from loaders.common import resolve_device
@@ -54,7 +54,7 @@ def render(run_dir, data="", device="auto", progress=True):
 
 def draw(run_dir, data, device, progress):
     tested = load_run(run_dir, data=data, device=device, flag="")  # last.pt checked against config.json, the data
-    cfg = SimpleNamespace(**tested.config)
+    cfg = SimpleNamespace(**tested.saved["config"])
     epochs = check_metrics(run_dir, tested.metrics_sha256)
     classes, written = tested.classes, []
     label_map = torch.tensor(merge_classes(tested.data_classes, cfg.merge)[1])
@@ -68,7 +68,7 @@ def draw(run_dir, data, device, progress):
     plot_run(run_dir)
     written += [name for name in ("loss.png", "grad_norms.png", "accuracy.png") if (run_dir / name).is_file()]
     if (run_dir / "lr_find.json").is_file():
-        sweep = read_sweep(run_dir / "lr_find.json")
+        sweep = read_sweep(run_dir / "lr_find.json", tested.saved.get("lr_find_sha256"))
         plot_lr_find(sweep["lr"], sweep["loss"], sweep["smoothed"], sweep["suggested_lr"], run_dir / "lr_find.png")
         written.append("lr_find.png")
     stage("curves")
@@ -88,7 +88,7 @@ def draw(run_dir, data, device, progress):
     stage("layers and filters")
 
     loader_args = dict(batch_size=cfg.batch_size, res=cfg.res, device=str(device), seed=cfg.seed, rank=0,
-                       world=tested.world, workers=cfg.workers, augment=cfg.augment,
+                       world=tested.saved.get("world", 1), workers=cfg.workers, augment=cfg.augment,
                        cache_dir=cfg.cache_dir or None)
     train_loader = make_loader(cfg.loader, tested.data, "train", **loader_args)
     if cfg.pieces:
@@ -120,16 +120,19 @@ def check_metrics(run_dir, digest):
     return epochs
 
 
-def read_sweep(path):
-    """lr_find.json as train.py wrote it, or one line."""
+def read_sweep(path, recorded):
+    """lr_find.json as train.py wrote it for this run, or one line: `recorded` is the checksum config.json keeps of
+    it (files.checksum_of), which another run's sweep does not match either (None: a run from before it was kept,
+    whose file is checked by its shape alone)."""
     try:
         sweep = json.loads(path.read_text())
         if all(isinstance(sweep[key], list) for key in ("lr", "loss", "smoothed")) and \
-                float(sweep["suggested_lr"]) > 0:
+                float(sweep["suggested_lr"]) > 0 and recorded in (None, checksum_of(sweep)):
             return sweep
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    raise UsageError(f"{path} is damaged: put back the run's own file, or delete it (lr_find.png is then not drawn)")
+    raise UsageError(f"{path} is damaged or another run's: put back the run's own file, or delete it (lr_find.png "
+                     "is then not drawn)")
 
 
 def read_predictions(run_dir, data, label_map, last):

@@ -16,6 +16,8 @@ import gc
 import io
 import json
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ import cli
 from ingest.build import build
 from ingest.build import main as ingest_main
 from ingest.config import IngestConfig
+from ingest.remote import PUBLISH_MARKER
 from loaders import BACKENDS, make_loader
 
 from conftest import TINY_STORE, import_error
@@ -49,14 +52,20 @@ READERS_OF = {
     "metrics": ("run", "metrics.jsonl", ("resume", "render")),
     "config": ("run", "config.json", ("resume", "render")),
     "predictions": ("run", "test_predictions.npz", ("render",)),
+    "lr-find": ("run", "lr_find.json", ("render",)),  # the LR range test's sweep (--find-lr)
     "marker": ("run", ".fastpix-run", ("train", "render")),
     "study-cache": ("study", "runs/flat.json", ("study", "report")),
     "fetch-marker": ("cache", ".fastpix-cache.json", ("url",)),  # --data URL's node-local cache: whose files
     "fetch-record": ("cache", ".verified.json", ("url",)),  # ... and its record of the files it checked
     "sidecar": ("export", "model.onnx.json", ("example",)),  # predict.py --export's; docs/predict.md's example
+    "publish-marker": ("publish", ".fastpix-publish.json", ("publish",)),  # left at a --publish target by a
+    # publish that died (a pid that no longer runs on this host)
 }
 # derived files whose absence is normal: rebuilt on use
 REBUILT = ("ingest-cache", "resident-cache", "verified", "fetch-record")
+# files a reader goes without, drawing less (kind: what it no longer draws); the publish marker is gone when no
+# publish runs
+OPTIONAL = {"lr-find": "lr_find.png"}
 CELLS = [(kind, damage, reader) for kind, (_, _, readers) in READERS_OF.items() for reader in readers
          for damage in DAMAGES]
 
@@ -75,7 +84,11 @@ def train_argv(data, runs_dir, name, seed):
     return ["--net", "resnet18", "--loader", "torch", "--data", str(data), "--runs-dir", str(runs_dir), "--name",
             name, "--seed", str(seed), "--res", str(RES), "--batch-size", str(BATCH), "--epochs", "2",
             "--warmup", "0.5", "--amp", "off", "--device", "cpu", "--workers", "0", "--bootstrap", "20",
-            "--log-every", "1", "--no-report"]
+            "--log-every", "1", "--no-report", "--find-lr", "--find-lr-steps", "5"]
+
+
+def publish_argv(world):
+    return ["--out", str(world.data), "--publish", f"file://{world.publish}", "--quiet"]
 
 
 def study_argv(data, out, seed):
@@ -87,14 +100,16 @@ def study_argv(data, out, seed):
 class World:
     """A dataset (`data`, with every derived file made: the resident cache, the memoised checks), a run of 2
     epochs (`run`; seed 0's stopped 1 step into its second epoch, resumable), a study with one cached run
-    (`study`), the dataset fetched as a file:// URL into a node-local cache (`cache`) and the run exported to ONNX
-    (`export`), all in `root`, made with `seed`; `snapshot`/`restore` keep a pristine copy beside it."""
+    (`study`), the dataset fetched as a file:// URL into a node-local cache (`cache`), the run exported to ONNX
+    (`export`) and the dataset published to a file:// URL (`publish`) by a publish that died there, leaving its
+    marker, all in `root`, made with `seed`; `snapshot`/`restore` keep a pristine copy beside it."""
 
     def __init__(self, root, src, seed):
         self.root, self.src, self.seed = Path(root), src, seed
         self.data, self.runs, self.study = self.root / "data", self.root / "runs", self.root / "study"
         self.run = self.runs / "r"
         self.cache, self.export, self.url = self.root / "cache", self.root / "export", f"file://{self.data}"
+        self.publish = self.root / "publish"
         self.saved = self.root.with_name(self.root.name + "-pristine")
 
     def make(self, ingested):
@@ -120,12 +135,20 @@ class World:
         local_folder(self.url, self.cache, progress=False)
         code, _, err = call(predict.main, ["--run", str(self.run), "--export", str(self.export / "model.onnx")])
         assert code == 0, err[-3000:]
+        code, _, err = call(ingest_main, publish_argv(self))
+        assert code == 0, err[-3000:]
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # its pid runs no more: the marker is that of a publish that died
+        (self.publish / PUBLISH_MARKER).write_text(json.dumps({
+            "pid": dead.pid, "host": socket.gethostname(), "command": "python ingest/build.py --publish",
+            "since": "2026-12-06 12:00:00", "token": f"{self.seed}" * 32}))
         self.snapshot()
         return self
 
     def path(self, kind):
         where, rel, _ = READERS_OF[kind]
         folder = {"data": self.data, "run": self.run, "study": self.study, "export": self.export,
+                  "publish": self.publish,
                   "cache": self.cache / json.loads((self.data / "manifest.json").read_text())["fingerprint"]}[where]
         if kind == "resident-cache":
             return next(self.data.glob("resident-train-*.pt"))
@@ -344,9 +367,26 @@ def drawn(world):
     return {p.name: p.read_bytes() for p in world.run.iterdir() if p.name not in before}
 
 
-def read_render(world, kind):
-    assert drawn(world) == world.drawn, f"python -m report drew other files than from the undamaged run: it used " \
+def read_render(world, kind, how):
+    want = {name: data for name, data in world.drawn.items() if how != "delete" or name != OPTIONAL.get(kind)}
+    assert drawn(world) == want, f"python -m report drew other files than from the undamaged run: it used " \
         f"the damaged {kind}"
+
+
+def read_publish(world, kind):
+    """ingest/build.py --publish to a target where a publish died: what it leaves there is the dataset, whole,
+    and no marker."""
+    from ingest import layout
+
+    code, out, err = call(ingest_main, publish_argv(world))
+    refused(code, out, err, "--publish")
+    assert code == 0, err[-3000:]
+    manifest = layout.read_manifest(world.data)
+    assert sorted(p.name for p in world.publish.iterdir()) == sorted([*manifest["files"], layout.MANIFEST]), \
+        f"the publish left other files than the dataset's: it used the damaged {kind}"
+    for name, info in manifest["files"].items():
+        assert layout.file_sha256(world.publish / name) == info["sha256"], f"{name} at the target is not the " \
+            f"dataset's: the publish used the damaged {kind}"
 
 
 def report_text(world):
@@ -437,7 +477,7 @@ def test_a_damaged_file_is_repaired_or_refused_in_one_line(kind, how, reader, wo
              "resume": lambda: read_resume(world, kind), "train": lambda: read_train(world, kind),
              "study": lambda: read_study(world, kind), "report": lambda: read_report(world, kind),
              "url": lambda: read_url(world, kind), "example": lambda: read_example(world, kind),
-             "render": lambda: read_render(world, kind)}[reader]()
+             "render": lambda: read_render(world, kind, how), "publish": lambda: read_publish(world, kind)}[reader]()
     except Refused as stop:
         line = str(stop)
         assert any(name in line for name in names), f"{reader} stopped without naming {path.name}: {line}"
