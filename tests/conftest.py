@@ -78,6 +78,15 @@ def require(backend):
         pytest.skip(f"{module} cannot be imported: {error}")
 
 
+def pytest_collection_finish(session):
+    """Leave what the test modules imported out of every later garbage collection (gc.freeze): torch, DALI, FFCV
+    and matplotlib are half a million objects, which each full collection walked, 0.3-1 s a time here. A full
+    collection runs before every DataLoader forks its workers (loaders.common.WorkerLoader), after each DALI test
+    (below) and before each damage-matrix cell: hundreds in a session. What a test makes is still collected."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def free_dali_pipelines(request):
     """After a test of DALI, collect its pipelines now: one sits in a reference cycle, and its threads run on
