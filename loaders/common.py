@@ -38,6 +38,7 @@ import hashlib
 import math
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -228,12 +229,13 @@ class WorkerLoader(torch.utils.data.DataLoader):
     collector otherwise runs the finalizers of garbage it inherited, and a DALI pipeline's (Executor2's
     destructor, waiting on a condition whose threads the child does not have) blocks that worker forever at
     0 % CPU while the training process waits for its batch: the whole-suite hang of issue 19, seen with
-    py-spy in both workers. Collecting once per worker start costs milliseconds. It overrides DataLoader's
+    py-spy in both workers. Only a process that has loaded DALI collects: a full collection walks every object
+    torch and the rest imported (0.3-1 s here), at every worker start. It overrides DataLoader's
     _get_iterator, where every iterator (and so every fork of workers) is made: a private method, read in
     torch 2.14 (here) and 2.11 (.ci/compat's)."""
 
     def _get_iterator(self):
-        if self.num_workers > 0:
+        if self.num_workers > 0 and "nvidia.dali" in sys.modules:
             gc.collect()
         return super()._get_iterator()
 

@@ -225,3 +225,20 @@ def test_gpu_batches_stay_on_the_gpu(name, ingested):
     images, labels = next(iter(make_loader(name, ingested, "train", batch_size=4, res=RES, device="cuda")))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dali", [False, True])
+def test_workers_fork_after_a_garbage_collection_only_where_dali_is_loaded(dali, monkeypatch):
+    """The collection keeps a DALI pipeline's garbage from being finalized in a forked worker (the hang of issue
+    19); without DALI in the process there is none to keep, and a collection cost 0.3-1 s at every worker start."""
+    import sys
+    import types
+    from loaders.common import WorkerLoader
+    if dali:
+        monkeypatch.setitem(sys.modules, "nvidia.dali", types.ModuleType("nvidia.dali"))
+    else:
+        monkeypatch.delitem(sys.modules, "nvidia.dali", raising=False)
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or 0)
+    assert [b.tolist() for b in WorkerLoader(range(4), batch_size=2, num_workers=1)] == [[0, 1], [2, 3]]
+    assert len(collections) == dali
