@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,14 @@ def kill_in_epoch_1(options, run_dir):
 @pytest.mark.parametrize("name,augment", [(name, "rrc") for name in BACKENDS] + [("ffcv", "flip"), ("torch", "flip")])
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(name, augment, ingested, tmp_path):
     """Every loader with its default augmentation, and the flip-only one where flips are drawn in worker
-    processes (torch) and numba threads (ffcv)."""
+    processes (torch) and numba threads (ffcv). The run to be killed starts first and the uninterrupted one trains
+    here meanwhile: the child's start (torch's import, FFCV's numba compilation) is most of its time."""
     require(name)
     options = dict(OPTIONS, loader=name, augment=augment, data=str(ingested), runs_dir=str(tmp_path))
-    full = train.train(train.Config(**options, name="full"))
-    kill_in_epoch_1(dict(options, name="cut"), tmp_path / "cut")
+    with ThreadPoolExecutor(1) as watcher:
+        cut = watcher.submit(kill_in_epoch_1, dict(options, name="cut"), tmp_path / "cut")
+        full = train.train(train.Config(**options, name="full"))
+        cut.result()
     resumed = train.train(train.Config(resume=str(tmp_path / "cut")))
     assert resumed["epochs"] == 3
     assert step_losses(resumed["run_dir"]) == step_losses(full["run_dir"])
