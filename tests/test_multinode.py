@@ -34,8 +34,9 @@ OPTIONS = ["--net", "resnet18", "--loader", "resident", "--res", "32", "--batch-
 
 def launch(launcher, script, *args, cwd, module="torch.distributed.run"):
     """Start `python -m MODULE LAUNCHER script args` (torchrun, or training.launch) in `cwd`, in a session of its
-    own so that `stop` ends its workers too; the caller ends it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get(
+    own so that `stop` ends its workers too, with its temporary files in `cwd` (a launch killed with -9 leaves
+    them); the caller ends it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(cwd), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get(
         "PYTHONPATH")])))
     return subprocess.Popen([sys.executable, "-m", module, *launcher, str(script), *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
