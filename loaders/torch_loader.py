@@ -113,9 +113,9 @@ class TrainCrop:
     `<split>.csv` before decoding. Where the box is at least twice the output side both ways, libjpeg-turbo
     decodes at 1/2, 1/4 or 1/8 scale inside the IDCT (PIL's draft: a quarter of the pixels or fewer) and PIL
     resizes the box from that (antialiased bilinear, the box in fractional pixels of the reduced image). Else
-    libjpeg-turbo decodes the box alone (decode_region: the pixels of the full decode there, 0.55 ms per
-    image instead of 0.73 ms at the seed's 256 px, measured on one core) and loaders.common.resized_crop
-    resizes it. The reduced decode is not the full decode resized: tests/test_loaders_agreement.py bounds the
+    libjpeg-turbo decodes the box alone (decode_region: the pixels of the full decode there; 0.54 ms of CPU
+    per image instead of 0.67 at the seed's 256 px, docs/loaders.md) and loaders.common.resized_crop resizes
+    it. The reduced decode is not the full decode resized: tests/test_loaders_agreement.py bounds the
     difference."""
 
     def __init__(self, res):
