@@ -27,12 +27,6 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
-os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")  # read at import: a photo that fails is our one line, not its log
-try:
-    from nvidia import nvimgcodec  # DALI's dependency
-except ImportError:  # a stack without DALI (the GPU machine's, .ci/compat): decode_region decodes the whole photo
-    nvimgcodec = None
-
 from ingest.shards import ShardIndex
 from loaders.base import Loader
 from loaders.common import (RRC_RATIO, RRC_SCALE, EpochSampler, Normalizer, PerRes, WorkerLoader,
@@ -64,9 +58,23 @@ def decode(data):
 
 
 @functools.cache
+def region_codec():
+    """nvImageCodec (DALI's dependency), imported on first use rather than with this module (importing a loader
+    changes nothing), its log silenced (read at its import: a photo that fails is our one line, not its log);
+    None on a stack without DALI (the GPU machine's, .ci/compat), where decode_region decodes the whole photo."""
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    return nvimgcodec
+
+
+@functools.cache
 def roi_decoder(pid):
     """This process's nvImageCodec decoder, CPU only (libjpeg-turbo) and in the calling thread, and its
     parameters: one per pid, as a forked DataLoader worker must not use its parent's."""
+    nvimgcodec = region_codec()
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False,  # as decode_jpeg: stored photos are upright
                                      color_spec=nvimgcodec.ColorSpec.SRGB, sample_format=nvimgcodec.SampleFormat.I_RGB)
     return nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
@@ -83,6 +91,7 @@ def decode_region(data, box):
     of DALI, its libjpeg-turbo 3.1 linked in; without it, the whole photo is decoded and cut). Damage outside
     the box goes unseen, as with DALI's ROI decode. Raises RuntimeError where the bytes do not decode."""
     top, left, height, width = box
+    nvimgcodec = region_codec()
     if nvimgcodec is None:
         return decode(data)[:, top:top + height, left:left + width]
     stream = nvimgcodec.CodeStream(data.numpy()).get_sub_code_stream(

@@ -145,7 +145,7 @@ def test_torch_roi_decode_is_the_full_decode_in_its_box(roi, ingested, monkeypat
     if roi:
         pytest.importorskip("nvidia.nvimgcodec")
     else:
-        monkeypatch.setattr(torch_loader, "nvimgcodec", None)
+        monkeypatch.setattr(torch_loader, "region_codec", lambda: None)
 
     for jpeg in list(stored_jpegs(ingested, "train").values())[:12]:
         data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
