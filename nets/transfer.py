@@ -42,10 +42,14 @@ def load_pretrained(model, source, net):
 
 
 def read_state(path):
-    """--pretrained's file as torch reads it; one line when it is missing or unreadable."""
+    """--pretrained's file as torch reads it; one line when it is missing or unreadable, or when it is a fastpix
+    checkpoint whose content no longer matches its digest (checked as --resume checks it)."""
+    from training.runfolder import check_digest
+
     if not path.is_file():
         raise UsageError(f"--pretrained {path}: no such file (fastpix never downloads weights; save them there first)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the same user mistake
         raise UsageError(f"--pretrained {path} is not a readable torch state dict ({type(err).__name__})") from None
+    return check_digest(state, f"--pretrained {path}")

@@ -93,5 +93,13 @@ def test_transfer_errors_are_one_line(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="not a readable torch state dict"):
         nets.build("resnet18", 4, pretrained=garbage)
+    from training.runfolder import save_checkpoint
+    run = tmp_path / "last.pt"  # a fastpix run's checkpoint, one weight changed after it was saved
+    save_checkpoint(run, model=resnet18(weights=None).state_dict(), config={"net": "resnet18"})
+    saved = torch.load(run, weights_only=True)
+    saved["model"]["conv1.weight"][0, 0, 0, 0] += 1
+    torch.save(saved, run)
+    with pytest.raises(UsageError, match=f"^--pretrained {run} is damaged: its content no longer matches"):
+        nets.build("resnet18", 4, pretrained=run)
     with pytest.raises(UsageError, match="needs --pretrained"):
         nets.build("resnet18", 4, freeze=True)

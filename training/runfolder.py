@@ -283,6 +283,12 @@ def read_checkpoint(flag, path):
     except Exception as err:  # any unreadable file is the same user mistake
         raise UsageError(f"{named} is not a readable checkpoint ({type(err).__name__}): it is damaged or "
                          "not a fastpix checkpoint") from None
+    return check_digest(state, named)
+
+
+def check_digest(state, named):
+    """A checkpoint's contents without its digest, or one line when they no longer match it (a state without
+    one, from before digests or not fastpix's, is returned as it is)."""
     if isinstance(state, dict) and "sha256" in state:
         saved = state.pop("sha256")
         if saved != state_digest(state):
