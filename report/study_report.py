@@ -12,6 +12,8 @@ from pathlib import Path
 from cli import UsageError
 from files import write_text
 from ingest import layout
+from report.render import read_sweep
+from training.runfolder import read_run_config
 
 SECTIONS = ("Data", "Sample sheet", "Nets", "Strides", "Filter sizes", "Regularisation", "Learning rate",
             "Optimizers", "Transfer", "Predictions and suspects", "Merged classes", "Throughput",
@@ -135,7 +137,9 @@ def write_report(study, env, machine, done):
     if not found:
         r.add("No LR range test yet (the optimizers experiment runs one per optimizer).", "")
     for name in found:
-        lr = json.loads((r.out / "train" / name / "lr_find.json").read_text())["suggested_lr"]
+        run_dir = r.out / "train" / name
+        recorded = read_run_config(run_dir, "put back the run's own config.json").get("lr_find_sha256")
+        lr = read_sweep(run_dir / "lr_find.json", recorded)["suggested_lr"]  # checked as the run's own drawing is
         r.figure(Path("train") / name / "lr_find.png", f"{name}: LR range test (loss against an exponentially "
                  f"growing LR); suggested LR {lr:.2g} (lowest smoothed loss / 10).")
 

@@ -78,6 +78,12 @@ def test_every_experiment_writes_tables_and_plots_and_reruns_are_reused(ingested
     study_main(tiny(ingested, out, kernels=((11, 5, 3), (7, 5, 3))), ("kernels",))
     assert trained == ["flat-kernels-7-5-3"]
 
+    # The report reads a drawn run's LR range test again: a changed one is one line, not another suggested LR.
+    path = out / "train" / "flat-from-sgd-adam" / "lr_find.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "suggested_lr": 1e-9}))
+    with pytest.raises(UsageError, match="lr_find.json is damaged or another run's"):
+        study_main(cfg, ("optimizers",))
+
 
 def test_bad_arguments_are_usage_errors(tmp_path):
     with pytest.raises(UsageError):
