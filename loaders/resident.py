@@ -15,9 +15,10 @@ would leave the disk short), so the next run skips decoding; on the CPU it is me
 
 Train batches: a permutation drawn from (seed, epoch), then RandomResizedCrop + flip with torchvision's
 box distribution over each whole photo (loaders.common.sample_crops, drawn per batch from the same
-generator). On the CPU each crop is one antialiased v2 resize of a view of the store, spread over a thread
-pool (torch releases the GIL): ~3.5x the batched grid_sample over a float canvas there (2 threads,
-interleaved in one process on shared cores). On a GPU every output pixel's four neighbours are gathered from
+generator). On the CPU each crop is one antialiased resize of a copy of its box in the store, written into
+its slot of the batch, spread over a thread pool whose threads run torch on one core each (torch releases
+the GIL): ~3.5x the batched grid_sample over a float canvas there (2 threads, interleaved in one process on
+shared cores). On a GPU every output pixel's four neighbours are gathered from
 the store's flat buffer at once (Store.resized_crops): no per-sample kernels or copies, no host sync, bilinear
 without antialiasing (a box is at most ~1.5x the output side at this store size).
 
@@ -28,7 +29,6 @@ The guard counts that tensor too.
 """
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -43,8 +43,8 @@ from ingest.layout import SPLITS
 from ingest.shards import ShardIndex, csv_columns
 from loaders import resident_cache
 from loaders.base import Loader
-from loaders.common import (Normalizer, WorkerLoader, crop_coordinates, epoch_seed, manifest_digest, random_flips,
-                            rank_ids, resized_crop, sample_crops, test_resize)
+from loaders.common import (Normalizer, WorkerLoader, crop_coordinates, epoch_seed, manifest_digest,
+                            one_thread_pool, random_flips, rank_ids, resized_crop, sample_crops, test_resize)
 from loaders.torch_loader import ShardSamples, collate_bytes, decode, decode_jpegs_on_gpu
 
 MEMORY_SHARE = 0.8  # the data may take this share of free memory; the rest is for the model and the OS
@@ -277,7 +277,7 @@ class ResidentLoader(Loader):
         self.normalize = Normalizer(device)
         self.on_gpu = device.type == "cuda"
         self.threads = threads or torch.get_num_threads()
-        self.pool = None if self.on_gpu else ThreadPoolExecutor(self.threads)
+        self.pool = None if self.on_gpu else one_thread_pool(self.threads)
         self._sizes = store.sizes.to(device)
 
     def set_res(self, res):
@@ -303,7 +303,7 @@ class ResidentLoader(Loader):
 
         def crop(part):
             for slot, k, box, flip in part:
-                out[slot] = resized_crop(self.store.photo(k), box, flip, self.res)
+                resized_crop(self.store.photo(k), box, flip, self.res, out=out[slot])
 
         for done in [self.pool.submit(crop, jobs[i::self.threads]) for i in range(self.threads)]:
             done.result()

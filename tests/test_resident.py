@@ -127,6 +127,24 @@ def test_crop_boxes_follow_torchvision_over_the_whole_photo(path):
             assert (a - b).abs().max() < 0.07, (size, name, a, b)
 
 
+def test_crop_threads_run_torch_ops_on_one_core_each(ingested):
+    """The CPU crop threads run their own torch ops (a crop's copy, its flip) on one intra-op thread each, and
+    the training process keeps its count: with torch's count of 2 in each of 2 crop threads, every such op
+    opened an OpenMP team of its own, 4 threads on 2 cores whose barriers took 46 % of py-spy's samples at the
+    seed's scale (docs/loaders.md)."""
+    import threading
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rrc = loader(ingested, "train")
+        everyone = threading.Barrier(rrc.threads)  # so that every thread of the pool answers once
+        counts = [rrc.pool.submit(lambda: everyone.wait() * 0 + torch.get_num_threads()) for _ in range(rrc.threads)]
+        assert rrc.threads == 2 and [count.result(timeout=60) for count in counts] == [1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("res", [56, 28, 32])  # S = 64: no resize; 32: a 2x downscale; 37: odd S - res
 def test_test_path_is_pil_resize_and_center_crop(ingested, res):
     """Against PIL on the stored JPEG. Tolerance: torchvision's antialiased bilinear resize is PIL's filter,
