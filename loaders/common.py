@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -233,12 +234,21 @@ class WorkerLoader(torch.utils.data.DataLoader):
     py-spy in both workers. Only a process that has loaded DALI collects: a full collection walks every object
     torch and the rest imported (0.3-1 s here), at every worker start. It overrides DataLoader's
     _get_iterator, where every iterator (and so every fork of workers) is made: a private method, read in
-    torch 2.14 (here) and 2.11 (.ci/compat's)."""
+    torch 2.14 (here) and 2.11 (.ci/compat's).
+
+    It also keeps each iterator's index queues alive for as long as the iterator (weakref.finalize holds them
+    from outside any garbage): an iterator freed by the cycle collector (a run's loaders, an exception's
+    traceback) otherwise found its queues already closed, since the collector calls their finalizers, weak
+    references, before the iterator's __del__, so its workers never got their stop and each ran out
+    DataLoader's 5 s join timeout (10.4 s for 2 workers in one collection, measured)."""
 
     def _get_iterator(self):
         if self.num_workers > 0 and "nvidia.dali" in sys.modules:
             gc.collect()
-        return super()._get_iterator()
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            weakref.finalize(iterator, tuple, iterator._index_queues)
+        return iterator
 
 
 class EpochSampler(torch.utils.data.Sampler):
