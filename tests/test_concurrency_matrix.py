@@ -2,8 +2,10 @@
 winner (exit 0, whole and consistent output) and one clear refusal (exit 2, one stderr line naming the
 holder's pid), never an interleaving.
 
-The overlap is made certain, not left to timing: the first writer is started, and once it holds the folder
-(its files.WRITER_NOTE appears) it is paused (SIGSTOP) while the second runs to its end, then continued.
+The overlap is made certain, not left to timing: both writers are started at once (their cold starts of torch
+overlap), and once one of them holds the folder (its files.WRITER_NOTE, naming its pid, appears) that one is
+paused (SIGSTOP) while the other runs to its end, then continued. A second writer that needs the first's
+output (a resume needs a checkpoint) starts only once the first, paused, has it.
 """
 import json
 import os
@@ -21,7 +23,7 @@ from files import WRITER_NOTE
 from conftest import TINY_STORE
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD_TIMEOUT = 180  # s for the first writer to take its folder (a cold start of torch under load)
+HOLD_TIMEOUT = 180  # s for a writer to take its folder (a cold start of torch under load)
 
 
 def train_argv(data, runs_dir, name, epochs=2):
@@ -46,42 +48,53 @@ def finish(proc, timeout=600):
     return proc.returncode, out, err
 
 
-def wait_for(proc, ready, what):
-    """Poll until `ready()` holds while `proc` runs; fail (ending it) if it ends or times out first."""
+def holder_of(folder, procs, ready):
+    """The one of `procs` whose pid the folder's WRITER_NOTE names, once `ready()` (if given) holds too; fail
+    (ending them) if every one of them ends, or the wait times out, first."""
     deadline = time.monotonic() + HOLD_TIMEOUT
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            code, out, err = finish(proc, timeout=5) if proc.poll() is None else (proc.returncode, *proc.communicate())
-            pytest.fail(f"the first writer never {what} (exit {code}): {err[-2000:]}")
+    while True:
+        try:
+            pid = json.loads((Path(folder) / WRITER_NOTE).read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            pid = None
+        holder = next((p for p in procs if p.pid == pid), None)
+        if holder is not None and (ready is None or ready()):
+            return holder
+        if all(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            ended = [finish(p, timeout=5) for p in procs]
+            pytest.fail(f"no writer held {folder}: {[(code, err[-2000:]) for code, _, err in ended]}")
         time.sleep(0.05)
 
 
 def overlap(first_argv, second_argv, folder, ready=None):
-    """Start the first writer; once it holds `folder` (and `ready()`, if given), pause it, run the second to its
-    end, continue the first. Returns the first's pid, its (code, out, err) and the second's."""
-    first = start(first_argv)
+    """Start both writers at once, or, when the second needs `ready()`, the second once the first holds `folder`
+    and `ready()`; pause the holder, run the other to its end, continue the holder. Returns the holder's pid, its
+    (code, out, err) and the other's."""
+    procs = [start(first_argv)] + ([] if ready else [start(second_argv)])
     try:
-        wait_for(first, lambda: (Path(folder) / WRITER_NOTE).is_file() and (ready is None or ready()),
-                 f"held {folder}")
-        first.send_signal(signal.SIGSTOP)
+        holder = holder_of(folder, procs, ready)
+        holder.send_signal(signal.SIGSTOP)
         try:
-            assert (Path(folder) / WRITER_NOTE).is_file(), "the first writer let go of the folder before its pause"
-            second = finish(start(second_argv))
+            assert (Path(folder) / WRITER_NOTE).is_file(), "the holder let go of the folder before its pause"
+            if ready:
+                procs.append(start(second_argv))
+            other = finish(next(p for p in procs if p is not holder))
         finally:
-            first.send_signal(signal.SIGCONT)
-        return first.pid, finish(first), second
+            holder.send_signal(signal.SIGCONT)
+        return holder.pid, finish(holder), other
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
-def assert_one_winner(holder_pid, first, second):
-    code, out, err = first
-    assert code == 0, f"the first writer failed: {err[-3000:]}"
-    code, out, err = second
+def assert_one_winner(holder_pid, holder, other):
+    code, out, err = holder
+    assert code == 0, f"the writer that held the folder failed: {err[-3000:]}"
+    code, out, err = other
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, f"the second writer was not refused in one line (exit {code}): {err[-3000:]}"
+    assert code == 2 and len(lines) == 1, f"the other writer was not refused in one line (exit {code}): {err[-3000:]}"
     assert lines[0].startswith("error:") and f"pid {holder_pid}" in lines[0], lines[0]
 
 
