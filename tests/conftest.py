@@ -104,3 +104,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(ingested, tmp_path_factory):
+    """One DDP run under torchrun, one node, 2 processes, 2 epochs (tests.test_train_ddp.DDP_OPTIONS), each rank's
+    last parameters dumped: the uninterrupted run that test_train_ddp's resume and test_multinode's nodes and
+    restarts must reproduce. Read-only. (run folder, rank dump prefix, the dumping script)."""
+    from tests.test_train_ddp import DDP_OPTIONS, RANK_DUMP, torchrun
+    tmp = tmp_path_factory.mktemp("two-processes")
+    script = tmp / "rank_dump.py"
+    script.write_text(RANK_DUMP)
+    run = torchrun(script, tmp / "full-rank", *DDP_OPTIONS, "--data", ingested, "--runs-dir", tmp, "--name", "full")
+    return tmp / "full", tmp / "full-rank", script

@@ -23,13 +23,10 @@ import torch
 
 import train
 from report.runlog import read_metrics
-from tests.test_train_ddp import RANK_DUMP
+from tests.test_train_ddp import DDP_OPTIONS
 
 REPO = Path(train.__file__).resolve().parent
 LOSS_BOUND = 1e-6  # two nodes vs one: the same sums in the same order on one machine, so in practice 0
-OPTIONS = ["--net", "resnet18", "--loader", "resident", "--res", "32", "--batch-size", "8", "--epochs", "2",
-           "--lr", "0.05", "--workers", "1", "--amp", "off", "--device", "cpu", "--bootstrap", "20",
-           "--log-every", "1"]
 
 
 def launch(launcher, script, *args, cwd, module="torch.distributed.run"):
@@ -76,21 +73,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def one_node(ingested, tmp_path_factory):
-    """The reference: one node, 2 processes, 2 epochs; (run folder, rank dump prefix, script)."""
-    tmp = tmp_path_factory.mktemp("one-node")
-    script = tmp / "rank_dump.py"
-    script.write_text(RANK_DUMP)
-    child = launch(["--standalone", "--nproc-per-node", "2"], script, tmp / "one-rank", *OPTIONS, "--data",
-                   ingested, "--runs-dir", tmp, "--name", "one", cwd=tmp)
-    finished(child)
-    return tmp / "one", tmp / "one-rank", script
-
-
 @pytest.mark.slow
-def test_two_nodes_train_one_run_like_one_node_with_two_processes(one_node, ingested, tmp_path):
-    one_dir, one_prefix, script = one_node
+def test_two_nodes_train_one_run_like_one_node_with_two_processes(two_process_run, ingested, tmp_path):
+    one_dir, one_prefix, script = two_process_run
     steps_per_epoch = len(step_losses(one_dir)) // 2
     max_steps = steps_per_epoch + 2  # into the second epoch: its shuffle and an end-of-epoch checkpoint seen
     port, nodes = free_port(), [tmp_path / f"node{i}" for i in (0, 1)]
@@ -100,7 +85,7 @@ def test_two_nodes_train_one_run_like_one_node_with_two_processes(one_node, inge
             node.mkdir()
             children.append(launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend",
                                     "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"],
-                                   script, tmp_path / "two-rank", *OPTIONS, "--data", ingested, "--runs-dir",
+                                   script, tmp_path / "two-rank", *DDP_OPTIONS, "--data", ingested, "--runs-dir",
                                    "runs", "--name", "two", "--max-steps", max_steps, cwd=node))
         for child in children:
             finished(child)
@@ -136,11 +121,11 @@ def rank_process(launcher, rank, timeout=120):
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(one_node, ingested, tmp_path):
-    one_dir, one_prefix, script = one_node
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(two_process_run, ingested, tmp_path):
+    one_dir, one_prefix, script = two_process_run
     steps_per_epoch = len(step_losses(one_dir)) // 2
     child = launch(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"], script, tmp_path / "elastic-rank",
-                   *OPTIONS, "--data", ingested, "--runs-dir", tmp_path, "--name", "elastic", cwd=tmp_path)
+                   *DDP_OPTIONS, "--data", ingested, "--runs-dir", tmp_path, "--name", "elastic", cwd=tmp_path)
     try:
         victim = rank_process(child, 1)
         metrics = tmp_path / "elastic" / "metrics.jsonl"
@@ -161,11 +146,11 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(on
 
 
 @pytest.mark.slow
-def test_two_nodes_restarted_apart_meet_again_and_resume_exactly(one_node, ingested, tmp_path):
+def test_two_nodes_restarted_apart_meet_again_and_resume_exactly(two_process_run, ingested, tmp_path):
     """Node 1's worker killed with -9 mid-epoch: torchrun counts a restart on node 1 only, so the nodes' restart
     counts differ; launched through training.launch (a fresh store per round) they meet again and the run ends
     with the uninterrupted run's losses and weights (with the counts as store prefix it never took a step)."""
-    one_dir, one_prefix, script = one_node
+    one_dir, one_prefix, script = two_process_run
     steps_per_epoch = len(step_losses(one_dir)) // 2
     port, nodes, children = free_port(), [tmp_path / f"node{i}" for i in (0, 1)], []
     metrics = tmp_path / "runs" / "apart" / "metrics.jsonl"  # a resume reads the run on every rank: shared storage
@@ -174,7 +159,7 @@ def test_two_nodes_restarted_apart_meet_again_and_resume_exactly(one_node, inges
             node.mkdir()
             children.append(launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend",
                                     "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "apart",
-                                    "--max-restarts", "1"], script, tmp_path / "apart-rank", *OPTIONS, "--data",
+                                    "--max-restarts", "1"], script, tmp_path / "apart-rank", *DDP_OPTIONS, "--data",
                                    ingested, "--runs-dir", tmp_path / "runs", "--name", "apart", cwd=node,
                                    module="training.launch"))
             if i == 0:
@@ -226,7 +211,7 @@ def test_a_node_that_never_comes_back_ends_the_launch_in_one_line(ingested, tmp_
             children.append(launch(["--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--rdzv-backend",
                                     "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost",
                                     "--max-restarts", "1", "--rdzv-conf", "join_timeout=5"],
-                                   REPO / "train.py", *OPTIONS, "--data", ingested, "--runs-dir",
+                                   REPO / "train.py", *DDP_OPTIONS, "--data", ingested, "--runs-dir",
                                    "runs", "--name", "lost", cwd=node, module="training.launch"))
             if i == 0:
                 time.sleep(1)  # node 0 hosts the rendezvous store, as the endpoint's node does on real nodes

@@ -39,6 +39,10 @@ class Dumped(train.Run):  # after every epoch: the last one's parameters stay
 train.Run = Dumped
 train.run(train.main, argv + ["--no-report"])
 """
+# What the shared 2-process run (conftest.two_process_run) and the runs compared with it train.
+DDP_OPTIONS = ["--net", "resnet18", "--loader", "resident", "--res", "32", "--batch-size", "8", "--epochs", "2",
+               "--lr", "0.05", "--workers", "1", "--amp", "off", "--device", "cpu", "--bootstrap", "20",
+               "--log-every", "1"]
 
 
 def torchrun(script, *args):
@@ -80,30 +84,27 @@ def test_two_gloo_processes_cover_the_test_set_once_and_agree_with_one(ingested,
 
 
 @pytest.mark.slow
-def test_two_processes_sync_gradients_and_resume_exactly(ingested, tmp_path):
-    script = tmp_path / "rank_dump.py"
-    script.write_text(RANK_DUMP)
-    common = ["--net", "resnet18", "--loader", "resident", "--data", ingested, "--res", "32", "--batch-size", "8",
-              "--epochs", "2", "--lr", "0.05", "--workers", "1", "--amp", "off", "--device", "cpu",
-              "--bootstrap", "50", "--log-every", "1", "--runs-dir", tmp_path]
-    full = torchrun(script, tmp_path / "full-rank", *common, "--name", "full")
-    rank0, rank1 = (torch.load(tmp_path / f"full-rank{r}.pt", weights_only=True) for r in (0, 1))
-    cfg = train.parse([str(a) for a in common])
+def test_two_processes_sync_gradients_and_resume_exactly(two_process_run, ingested, tmp_path):
+    full_dir, full_prefix, script = two_process_run
+    rank0, rank1 = (torch.load(f"{full_prefix}{r}.pt", weights_only=True) for r in (0, 1))
+    common = [*DDP_OPTIONS, "--data", str(ingested), "--runs-dir", str(tmp_path)]
+    cfg = train.parse(common)
     seed_everything(cfg.seed)  # the weights both runs started from
     classes = json.loads((Path(ingested) / "manifest.json").read_text())["classes"]
     start = dict(train.make_model(cfg, len(classes), torch.device("cpu")).named_parameters())
     assert any(not torch.equal(rank0[k], start[k]) for k in rank0), "the run did not train"
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged: gradients were not synced"
 
-    steps_per_epoch = len(read_metrics(full["run_dir"])[0]) // 2
+    steps_per_epoch = len(read_metrics(full_dir)[0]) // 2
     cut = torchrun(script, tmp_path / "cut-rank", *common, "--name", "cut", "--max-steps", steps_per_epoch + 1)
     assert cut["stopped"] == "max_steps"
     resumed = torchrun(script, tmp_path / "resumed-rank", "--resume", cut["run_dir"])
     assert resumed["epochs"] == 2
-    full_steps, resumed_steps = (read_metrics(r["run_dir"])[0] for r in (full, resumed))
+    full_steps, resumed_steps = (read_metrics(d)[0] for d in (full_dir, resumed["run_dir"]))
     assert [s["loss"] for s in resumed_steps] == [s["loss"] for s in full_steps]
     for r in (0, 1):
-        a, b = (torch.load(tmp_path / f"{run}-rank{r}.pt", weights_only=True) for run in ("full", "resumed"))
+        a, b = (torch.load(f"{prefix}{r}.pt", weights_only=True)
+                for prefix in (full_prefix, tmp_path / "resumed-rank"))
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
