@@ -170,13 +170,15 @@ class Normalizer:
     output cycles through `ring` reused buffers, and the arithmetic runs on rows of W x C values against
     constants tiled along the row: one cast-copy and one addcmul, 21 ms instead of 136 ms per batch on 2
     cores (measured). A buffer is rewritten `ring` batches later; on a GPU the caching allocator already
-    reuses memory, so every batch gets its own."""
+    reuses memory, so every batch gets its own. `output` + `into` split a call, for a loader that normalises
+    each image into its slot of the batch while the image is still in cache (resident's crop threads)."""
 
     def __init__(self, device, ring=3):
         self.device, self.ring = torch.device(device), ring
         self._buffers, self._turn, self._rows = [], 0, {}
 
-    def _output(self, shape):
+    def output(self, shape):
+        """The float channels_last buffer for a batch of `shape` (the next of the ring on the CPU)."""
         if self.device.type != "cpu":
             return torch.empty(shape, device=self.device, memory_format=torch.channels_last)
         n, rest = shape[0], tuple(shape[1:])
@@ -198,8 +200,11 @@ class Normalizer:
         return self._rows[width]
 
     def __call__(self, images):
+        return self.into(self.output(images.shape), images)
+
+    def into(self, out, images):
+        """`images` normalised into `out` (channels_last, their shape), which is returned."""
         n, c, h, w = images.shape
-        out = self._output(images.shape)
         out.permute(0, 2, 3, 1).copy_(images.permute(0, 2, 3, 1))  # cast + layout in one pass
         rows = out.permute(0, 2, 3, 1).view(n * h, w * c)  # a view: out is channels_last
         scale, shift = self._constants(w)
