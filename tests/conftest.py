@@ -115,5 +115,5 @@ def two_process_run(ingested, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two-processes")
     script = tmp / "rank_dump.py"
     script.write_text(RANK_DUMP)
-    run = torchrun(script, tmp / "full-rank", *DDP_OPTIONS, "--data", ingested, "--runs-dir", tmp, "--name", "full")
+    torchrun(script, tmp / "full-rank", *DDP_OPTIONS, "--data", ingested, "--runs-dir", tmp, "--name", "full")
     return tmp / "full", tmp / "full-rank", script
