@@ -97,6 +97,16 @@ def free_dali_pipelines(request):
         gc.collect()
 
 
+@pytest.fixture(scope="module")
+def small_flat_head():
+    """flat with a narrow head, in this process and the processes it starts, for a test module that trains or
+    builds flat without examining it (tests/small_heads.py says why and what stays the same). Module-scoped so
+    that a module's shared worlds and runs are made with it too."""
+    from small_heads import small_heads
+    with small_heads("flat"):
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on 2 shared cores, with loader workers beside it, more threads are slower."""

@@ -17,7 +17,7 @@ from loaders import make_loader
 from training import recipe
 from training.resume import seed_everything
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "small_flat_head")
 
 
 def tiny(ingested, runs, name, **overrides):

@@ -13,6 +13,8 @@ from cli import UsageError
 from ingest import layout
 from report.study_report import SECTIONS
 
+pytestmark = pytest.mark.usefixtures("small_flat_head")  # the study's flat runs, with a narrow head
+
 
 def tiny(ingested, out, **kw):
     return StudyConfig(**{**dict(data=ingested, out=out, loader="torch", device="cpu", epochs=1, batch_size=16,

@@ -1,7 +1,8 @@
 """train.py on the tiny ingested demo through make_loader('resident'): it learns, writes its run folder,
 resumes exactly, starts from a checkpoint, stops cleanly on SIGTERM and on a non-finite loss, and rejects
 bad arguments in one line. ResNet-18 at 32 px is the cheapest net to train here; the AlexNet family's
-shapes are pinned in test_nets.py, and the non-finite-loss run goes through the flat net's training path."""
+shapes are pinned in test_nets.py, and the non-finite-loss run goes through the flat net's training path (with
+a narrow head: tests/small_heads.py)."""
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from training.recipe import lr_factor
 REPO = Path(train.__file__).resolve().parent
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "small_flat_head")
 
 
 def tiny(ingested, runs, name, **overrides):

@@ -1,0 +1,44 @@
+"""The AlexNet family with a narrow head, for tests that train or build those nets without examining the head.
+
+flat's 4,096-wide head is 73M of its 75M parameters (narrow's, 35M of 36M): each build spent seconds in kaiming
+init, each step in the head's backward and update, and each checkpoint (weights + momentum: ~600 MB for flat,
+~290 MB for narrow) in writing, hashing and copying. With a head of FC the conv layers are the net's own, so
+feature-map sizes, grid tables, filters and per-layer gradient norms read the same. flat's own shapes are
+pinned in test_nets.py and its layer tables in test_report_run.py, which keep flat's own head.
+
+`small_heads(*names)` narrows them in this process and, through PYTHONPATH, in every process started under it
+(small_heads_site/sitecustomize.py narrows them there when nets.alexnet is imported): the demo, the bench's
+cells and the concurrency matrix's study pair train flat in processes of their own.
+"""
+import contextlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+FC = 64  # wide enough for the tiny set to be learnt above chance, as the tests that train flat check
+SITE = Path(__file__).resolve().parent / "small_heads_site"
+NAMES = "FASTPIX_TESTS_SMALL_HEADS"  # the nets a child narrows, comma-separated
+
+
+def narrow(layouts, names):
+    for name in names:
+        layouts[name] = replace(layouts[name], fc=FC)
+
+
+@contextlib.contextmanager
+def small_heads(*names):
+    from nets import alexnet
+    saved_layouts, saved_env = dict(alexnet.LAYOUTS), {k: os.environ.get(k) for k in ("PYTHONPATH", NAMES)}
+    narrow(alexnet.LAYOUTS, names)
+    path = saved_env["PYTHONPATH"]
+    os.environ.update({NAMES: ",".join(names), "PYTHONPATH": os.pathsep.join(
+        [str(SITE), str(SITE.parent), *([path] if path else [])])})
+    try:
+        yield
+    finally:
+        alexnet.LAYOUTS.update(saved_layouts)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
