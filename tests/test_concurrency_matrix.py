@@ -23,6 +23,7 @@ from files import WRITER_NOTE
 from conftest import TINY_STORE
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("small_flat_head")  # the study pair's flat with a small head
 HOLD_TIMEOUT = 180  # s for a writer to take its folder (a cold start of torch under load)
 
 

@@ -15,8 +15,11 @@ from cli import run
 REPO = Path(train.__file__).resolve().parent
 
 
+pytestmark = pytest.mark.usefixtures("small_flat_head")  # the demo's flat, and its bench's, with a narrow head
+
+
 def demo(cwd, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]]), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "bench.demo", "--data", "data/demo", "--per-class", "4",
                            "--res", "64", "--loader", "resident", "--bench-loaders", "folder,resident", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
