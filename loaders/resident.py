@@ -16,11 +16,11 @@ would leave the disk short), so the next run skips decoding; on the CPU it is me
 Train batches: a permutation drawn from (seed, epoch), then RandomResizedCrop + flip with torchvision's
 box distribution over each whole photo (loaders.common.sample_crops, drawn per batch from the same
 generator). On the CPU each crop is one antialiased resize of a copy of its box in the store, written into
-its slot of the batch, spread over a thread pool whose threads run torch on one core each (torch releases
-the GIL): ~3.5x the batched grid_sample over a float canvas there (2 threads, interleaved in one process on
-shared cores). On a GPU every output pixel's four neighbours are gathered from
-the store's flat buffer at once (Store.resized_crops): no per-sample kernels or copies, no host sync, bilinear
-without antialiasing (a box is at most ~1.5x the output side at this store size).
+its slot of the batch and normalised there, spread over a thread pool whose threads run torch on one core each
+(torch releases the GIL): ~3.5x the batched grid_sample over a float canvas there (2 threads, interleaved in
+one process on shared cores). On a GPU every output pixel's four neighbours are gathered from the store's flat
+buffer at once (Store.resized_crops): no per-sample kernels or copies, no host sync, bilinear without
+antialiasing (a box is at most ~1.5x the output side at this store size).
 
 With augment flip or none the train batches are the test crops (+ random flips): every photo's crop at the
 current res is cut from the store once, as one uint8 N x 3 x res x res tensor (again after a set_res to
