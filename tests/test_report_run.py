@@ -29,6 +29,15 @@ DRAWN = ("loss.png", "grad_norms.png", "accuracy.png", "lr_find.png", "confusion
          "layers.md", "filters.png", "samples.png", "feature_maps.png", "predictions.png")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def small_narrow_head():
+    """The run below is the narrow net's with a small head (tests/small_heads.py): a ~10 MB checkpoint to copy for
+    each damage, not ~290 MB. flat's layer tables below keep flat's own head."""
+    from small_heads import small_heads
+    with small_heads("narrow"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def trained(ingested, tmp_path_factory):
     """The run as train() leaves it (with an LR range test, so that lr_find.png is drawn too), kept pristine:
