@@ -21,9 +21,10 @@ ROW_FIELDS = ("images_per_sec", "loader_images_per_sec", "data_stall_fraction", 
 def benched(ingested, tmp_path_factory):
     """One bench of two cells, shared: each cell is a process that trains (read-only: copy before a rerun)."""
     out = tmp_path_factory.mktemp("benched") / "bench"
-    # resnet18: a tenth of flat's weights, so the two cells spend their seconds on the bench, not on checkpoints.
+    # resnet18 at 32 px, the cheapest training here (test_train.py), so the two cells spend their seconds on the
+    # bench, not on the net.
     cfg = BenchConfig(data=ingested, loaders=("folder", "torch"), nets=("resnet18",), epochs=2, batch_size=32,
-                      res=64, workers=1, loader_epochs=1, out=out)
+                      res=32, workers=1, loader_epochs=1, out=out)
     out_dir, rows = bench(cfg, progress=False)
     return cfg, out_dir, rows
 
