@@ -99,7 +99,7 @@ def free_dali_pipelines(request):
 
 @pytest.fixture(scope="module")
 def small_flat_head():
-    """flat with a narrow head, in this process and the processes it starts, for a test module that trains or
+    """flat with a small head, in this process and the processes it starts, for a test module that trains or
     builds flat without examining it (tests/small_heads.py says why and what stays the same). Module-scoped so
     that a module's shared worlds and runs are made with it too."""
     from small_heads import small_heads

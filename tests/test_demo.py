@@ -15,7 +15,7 @@ from cli import run
 REPO = Path(train.__file__).resolve().parent
 
 
-pytestmark = pytest.mark.usefixtures("small_flat_head")  # the demo's flat, and its bench's, with a narrow head
+pytestmark = pytest.mark.usefixtures("small_flat_head")  # the demo's flat, and its bench's, with a small head
 
 
 def demo(cwd, *args):

@@ -13,7 +13,7 @@ from cli import UsageError
 from ingest import layout
 from report.study_report import SECTIONS
 
-pytestmark = pytest.mark.usefixtures("small_flat_head")  # the study's flat runs, with a narrow head
+pytestmark = pytest.mark.usefixtures("small_flat_head")  # the study's flat runs, with a small head
 
 
 def tiny(ingested, out, **kw):

@@ -2,7 +2,7 @@
 resumes exactly, starts from a checkpoint, stops cleanly on SIGTERM and on a non-finite loss, and rejects
 bad arguments in one line. ResNet-18 at 32 px is the cheapest net to train here; the AlexNet family's
 shapes are pinned in test_nets.py, and the non-finite-loss run goes through the flat net's training path (with
-a narrow head: tests/small_heads.py)."""
+a small head: tests/small_heads.py)."""
 import json
 import os
 import signal

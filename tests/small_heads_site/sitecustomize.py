@@ -1,5 +1,5 @@
 """Run by Python at the start of every process whose PYTHONPATH holds this folder (tests/small_heads.py puts it
-there): narrows the heads it names once nets.alexnet is imported, without importing torch where nothing else
+there): shrinks the heads it names once nets.alexnet is imported, without importing torch where nothing else
 does."""
 import importlib.abc
 import importlib.machinery
