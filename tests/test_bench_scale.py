@@ -9,6 +9,8 @@ from bench import scale
 from cli import UsageError
 from ingest import layout
 
+pytestmark = pytest.mark.usefixtures("small_flat_head")  # its train.py processes' flat, with a small head
+
 
 @pytest.mark.slow
 def test_scale_measures_every_figure_in_a_scratch_copy(ingested, tmp_path):
