@@ -69,7 +69,7 @@ OPTIONAL = {"lr-find": "lr_find.png"}
 CELLS = [(kind, damage, reader) for kind, (_, _, readers) in READERS_OF.items() for reader in readers
          for damage in DAMAGES]
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.usefixtures("one_thread", "small_flat_head"), pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")]
 
 
@@ -161,7 +161,7 @@ class World:
         shutil.copytree(self.root, self.saved, symlinks=True)
 
     def restore(self):
-        """Back to the pristine copy, copying only what differs: the study's checkpoint alone is ~570 MB."""
+        """Back to the pristine copy, copying only what differs: the checkpoints are most of the world's bytes."""
         saved = {p.relative_to(self.saved): p for p in self.saved.rglob("*") if p.is_file()}
         for path in sorted(self.root.rglob("*"), reverse=True):  # files before their folders
             if path.is_file() and path.relative_to(self.root) not in saved:
@@ -215,8 +215,8 @@ def call(main, argv):
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="session")
-def worlds(tiny_src, ingested, tmp_path_factory):
+@pytest.fixture(scope="module")
+def worlds(tiny_src, ingested, tmp_path_factory, small_flat_head):
     """(the world cells damage, the other world "other" takes its files from) with pristine copies."""
     base = tmp_path_factory.mktemp("damage")
     world = World(base / "w0", tiny_src, 0).make(ingested)
