@@ -6,7 +6,6 @@ Loaders here use workers=0 (the decode runs in-process: tiny data, no worker sta
 the cache is what is tested, so the shared `ingested` fixture stays as it was.
 """
 import io
-import json
 import shutil
 from pathlib import Path
 
