@@ -120,6 +120,19 @@ def rank_process(launcher, rank, timeout=120):
     raise AssertionError(f"no rank {rank} process appeared in {timeout} s")
 
 
+def kill_rank(launcher, rank, launchers):
+    """SIGKILL the worker of `rank` that `launcher` runs now (found at the kill: one found earlier may have been
+    restarted since). A worker that ended by itself fails the test with what every launch said."""
+    try:
+        rank_process(launcher, rank).send_signal(signal.SIGKILL)
+    except psutil.NoSuchProcess:
+        for child in launchers:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+        said = "\n".join(child.communicate()[1][-3000:] for child in launchers)
+        raise AssertionError(f"rank {rank}'s worker ended by itself before the kill:\n{said}") from None
+
+
 @pytest.mark.slow
 def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(two_process_run, ingested, tmp_path):
     one_dir, one_prefix, script = two_process_run
@@ -127,13 +140,12 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(tw
     child = launch(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"], script, tmp_path / "elastic-rank",
                    *DDP_OPTIONS, "--data", ingested, "--runs-dir", tmp_path, "--name", "elastic", cwd=tmp_path)
     try:
-        victim = rank_process(child, 1)
         metrics = tmp_path / "elastic" / "metrics.jsonl"
         while child.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >
                                             steps_per_epoch + 2):  # one epoch record, then into the second epoch
             time.sleep(0.02)
         assert child.poll() is None, f"the run ended before a rank was killed: {child.communicate()[1][-3000:]}"
-        victim.send_signal(signal.SIGKILL)
+        kill_rank(child, 1, [child])
         _, err = finished(child)
     finally:
         stop(child)
@@ -164,13 +176,12 @@ def test_two_nodes_restarted_apart_meet_again_and_resume_exactly(two_process_run
                                    module="training.launch"))
             if i == 0:
                 time.sleep(1)  # node 0 hosts the rendezvous store, as the endpoint's node does on real nodes
-        victim = rank_process(children[1], 1, timeout=300)
         deadline = time.monotonic() + 300
         while not (metrics.exists() and len(metrics.read_text().splitlines()) > steps_per_epoch + 2):
             assert all(c.poll() is None for c in children) and time.monotonic() < deadline, \
                 [c.communicate()[1][-3000:] for c in children if c.poll() is not None]
             time.sleep(0.02)
-        victim.send_signal(signal.SIGKILL)
+        kill_rank(children[1], 1, children)
         errs = [finished(child)[1] for child in children]
     finally:
         for child in children:
