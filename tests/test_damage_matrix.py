@@ -227,6 +227,8 @@ def worlds(tiny_src, ingested, tmp_path_factory, small_flat_head):
     world.report = report_text(world)
     world.classified = classified(world)
     world.restore()
+    gc.collect()
+    gc.freeze()  # the worlds and what making them imported, out of each cell's collection (conftest says why)
     return world, other
 
 
