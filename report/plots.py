@@ -14,10 +14,11 @@ from report.runlog import read_metrics  # noqa: E402
 DPI = 110
 
 
-def save(fig, path):
-    """Write the figure as a PNG atomically (a reader never sees half a file) and free it."""
+def save(fig, path, tight=True):
+    """Write the figure as a PNG atomically (a reader never sees half a file) and free it. `tight` crops it to what
+    it draws, at the cost of drawing it twice: a figure that fills its canvas (a montage) goes without."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
 
 
