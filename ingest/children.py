@@ -104,11 +104,12 @@ def process_pool(workers, what):
         for worker in set(multiprocessing.active_children()) - others:
             worker.terminate()
         # the pool noticed the death first: BrokenProcessPool, or, while it was still starting workers, a
-        # ValueError from spawning with the pipes it had just closed. Only the private _broken tells that
-        # ValueError from another: the public probe, submit, raises BrokenProcessPool on a broken pool but starts
-        # a worker on one that is not, which is what must not happen here; without it (another CPython) the
-        # ValueError stays a traceback, never a hang.
-        if isinstance(err, BrokenProcessPool) or (isinstance(err, ValueError) and getattr(pool, "_broken", False)):
+        # ValueError or an OSError ("handle is closed", seen once in a whole-suite run) from spawning with the
+        # pipes it had just closed. Only the private _broken tells those from others: the public probe, submit,
+        # raises BrokenProcessPool on a broken pool but starts a worker on one that is not, which is what must not
+        # happen here; without it (another CPython) they stay a traceback, never a hang.
+        if isinstance(err, BrokenProcessPool) or (isinstance(err, (ValueError, OSError))
+                                                  and getattr(pool, "_broken", False)):
             raise ChildDied(said(what, "(a worker)", "died")) from None
         raise
     finally:

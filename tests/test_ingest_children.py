@@ -80,3 +80,17 @@ def test_a_killed_child_stops_the_ingest_with_one_line_and_a_rerun_finishes(tiny
     assert took < 30, f"{took:.0f} s"  # seconds (the watchdog looks twice a second), on a busy shared machine
     build(tiny_cfg(tiny_src, out), **SILENT)  # the lock was released, and the rerun completes
     assert outputs(out) == outputs(ingested)
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value(s) in fds_to_keep"), OSError("handle is closed")])
+def test_a_pool_broken_while_it_still_starts_workers_is_one_line(error):
+    """What the validation worker above raised once in a whole-suite run: its pool, broken by the kill while it
+    was still starting workers, failed to start the next with the pipes it had just closed (OSError, or
+    ValueError), before the watcher's ChildDied. The pool's own flag (set before it closes them) makes it the
+    one line."""
+    from ingest.children import ChildDied, process_pool
+
+    with pytest.raises(ChildDied, match="stopped: its child process"):
+        with process_pool(1, "validation") as pool:
+            pool._broken = "A child process terminated abruptly"  # what CPython's manager thread sets first
+            raise error
