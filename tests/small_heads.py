@@ -17,10 +17,10 @@ from pathlib import Path
 
 FC = 64  # still far wider than the 6 classes it separates; flat then has 2.4M parameters, a ~19 MB checkpoint
 SITE = Path(__file__).resolve().parent / "small_heads_site"
-NAMES = "FASTPIX_TESTS_SMALL_HEADS"  # the nets a child narrows, comma-separated
+NAMES = "FASTPIX_TESTS_SMALL_HEADS"  # the nets whose heads a child shrinks, comma-separated
 
 
-def narrow(layouts, names):
+def shrink(layouts, names):
     for name in names:
         layouts[name] = replace(layouts[name], fc=FC)
 
@@ -29,7 +29,7 @@ def narrow(layouts, names):
 def small_heads(*names):
     from nets import alexnet
     saved_layouts, saved_env = dict(alexnet.LAYOUTS), {k: os.environ.get(k) for k in ("PYTHONPATH", NAMES)}
-    narrow(alexnet.LAYOUTS, names)
+    shrink(alexnet.LAYOUTS, names)
     path = saved_env["PYTHONPATH"]
     os.environ.update({NAMES: ",".join(names), "PYTHONPATH": os.pathsep.join(
         [str(SITE), str(SITE.parent), *([path] if path else [])])})

@@ -16,8 +16,8 @@ class SmallHeads(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            from small_heads import NAMES, narrow
-            narrow(module.LAYOUTS, os.environ[NAMES].split(","))
+            from small_heads import NAMES, shrink
+            shrink(module.LAYOUTS, os.environ[NAMES].split(","))
         spec.loader.exec_module = exec_module
         return spec
 
