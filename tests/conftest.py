@@ -93,6 +93,27 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# Files whose tests share a session fixture: two_process_run, a torchrun of 2 processes, is made once for both.
+SHARED_WORKER = {"tests/test_multinode.py": "tests/test_train_ddp.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (setup.cfg's -n) hands out whole test files (--dist loadfile), so a module's fixtures (the
+    damage matrix's worlds, a module's shared runs) are made once; files in SHARED_WORKER go to one worker.
+    (xdist's own loadgroup cannot do this: with pytest 9 it leaves every test in a group of its own.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            file = super()._split_scope(nodeid)
+            return SHARED_WORKER.get(file, file)
+
+    return FileScheduling(config, log)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     """At the end of each test module, once its module fixtures are gone, freeze what is left (see

@@ -43,7 +43,9 @@ class Outcomes:
 def pytest_args(quick, extra):
     """The command line: the chosen modules, in parallel where pytest-xdist is there, each test bounded where
     pytest-timeout is (a hang then costs one test, not the whole check)."""
-    args = ["-q", "-p", "no:cacheprovider", "-rfEs", "--rootdir", str(REPO), "-c", str(REPO / "setup.cfg")]
+    # -o addopts: not setup.cfg's -n, which needs pytest-xdist; its workers are chosen here.
+    args = ["-q", "-p", "no:cacheprovider", "-rfEs", "--rootdir", str(REPO), "-c", str(REPO / "setup.cfg"),
+            "-o", "addopts="]
     cores = len(os.sched_getaffinity(0))
     if importlib.util.find_spec("xdist") and cores >= 4 and not quick:
         args += ["-n", str(min(WORKERS_MAX, cores // 2))]
