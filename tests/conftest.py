@@ -1,4 +1,5 @@
-"""Shared test data, generated once per session and kept tiny so the whole suite stays fast on 2 cores.
+"""Shared test data, generated once per session (per pytest-xdist worker) and kept tiny so the whole suite stays
+fast on 2 cores.
 
 `tiny_src`: a demo source folder (6 classes x 12 photos, long side 120-300 px, plus the demo's junk; which
 file is which junk is in `tiny_src / ".demo.json"`). `ingested`: that folder ingested at store size 64.
